@@ -1,0 +1,3 @@
+"""rts_thaw: multimodal instance segmentation of Arctic retrogressive thaw slumps."""
+
+__version__ = "0.1.0"
