@@ -1,0 +1,278 @@
+"""Chip datasets: COCO chip folders and the GeoAI Arctic Challenge .npz release.
+
+COCO chip folders (one folder per split)::
+
+    ROOT/<split>/annotations.json      COCO instances (polygons or RLE)
+    ROOT/<split>/<modality>/<file>     one folder per modality, identical file names
+    ROOT/<split>/images/<file>         (alternatively) a single folder: RGB only
+
+Challenge release::
+
+    ROOT/train/images/*.npz            array `image`, H x W x 8 (band order below)
+    ROOT/train/annotations/instances_train.json
+    ROOT/test/images/*.npz             unlabelled
+    ROOT/metadata/test_manifest.csv    image_id,file_name of the test chips
+
+Splits without their own folder (val) are carved from train by a hash of the
+image id, so the choice is stable across runs and machines.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torch.utils.data import Dataset
+
+from rts_thaw.data.sample import make_sample
+
+CHALLENGE_BANDS = ("red", "green", "blue", "ndvi", "relative_elevation", "shaded_relief", "nir", "ndwi")
+CHALLENGE_BAND_MAP = {
+    "rgb": ["red", "green", "blue"],
+    "ndvi": ["ndvi"],
+    "dem": ["relative_elevation", "shaded_relief"],
+    "nir": ["nir"],
+    "ndwi": ["ndwi"],
+}
+
+
+class ChipError(ValueError):
+    """A chip dataset file is missing or malformed (the message names the file)."""
+
+
+def _in_val(image_id, val_fraction: float) -> bool:
+    digest = hashlib.sha1(str(image_id).encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < val_fraction
+
+
+def _load_coco(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            coco = json.load(f)
+    except OSError as err:
+        raise ChipError(f"{path}: cannot read COCO annotations ({err.strerror})") from err
+    except json.JSONDecodeError as err:
+        raise ChipError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(coco, dict) or "images" not in coco:
+        raise ChipError(f"{path}: a COCO instance file needs an 'images' list")
+    coco.setdefault("annotations", [])
+    return coco
+
+
+def decode_segmentation(segm, height: int, width: int, where: str) -> np.ndarray:
+    """A COCO segmentation (polygons, compressed or uncompressed RLE) as a uint8 mask."""
+    try:
+        if isinstance(segm, list):
+            rles = mask_utils.frPyObjects(segm, height, width)
+            rle = mask_utils.merge(rles)
+        elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
+            rle = mask_utils.frPyObjects(segm, height, width)
+        elif isinstance(segm, dict):
+            rle = dict(segm)
+            if isinstance(rle["counts"], str):
+                rle["counts"] = rle["counts"].encode()
+        else:
+            raise TypeError(f"unknown segmentation type {type(segm).__name__}")
+        mask = mask_utils.decode(rle)
+    except Exception as err:
+        raise ChipError(f"{where}: cannot decode segmentation ({err})") from err
+    if mask.shape[:2] != (height, width):
+        raise ChipError(f"{where}: segmentation is {mask.shape[:2]}, image is {(height, width)}")
+    return mask.astype(np.uint8)
+
+
+class _ChipDataset(Dataset):
+    """Common part: COCO-style image records + annotations -> samples."""
+
+    source = "chips"
+
+    def __init__(self, images: list[dict], annotations: dict[int, list], modalities, norm_stats, augment,
+                 min_instance_area: int, where: Path):
+        self.images, self.annotations = images, annotations
+        self.modalities = list(modalities)
+        self.norm_stats, self.augment = norm_stats, augment
+        self.min_instance_area, self.where = min_instance_area, where
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read_raw(self, index: int, modalities: list[str] | None = None):
+        raise NotImplementedError  # each chip format reads its own files
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.images[index]
+        images, valid = self.read_raw(index)
+        h, w = valid.shape
+        masks = [
+            decode_segmentation(a["segmentation"], h, w, f"{self.where}: annotation {a.get('id')} of image {record['id']}")
+            for a in self.annotations.get(record["id"], []) if not a.get("iscrowd", 0)
+        ]
+        stacked = np.stack(masks) if masks else np.zeros((0, h, w), dtype=np.uint8)
+        meta = {"image_id": int(record["id"]), "scene_id": str(record.get("file_name", record["id"])),
+                "window": (0, 0, h, w), "transform": None, "crs": None, "source": self.source}
+        # Areas come from the masks; the COCO `area` field is not trusted.
+        return make_sample(images, valid, stacked, meta, self.norm_stats, self.augment, self.min_instance_area)
+
+
+def _read_image_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """[C,H,W] float32 and validity of one chip file (PNG/JPG or GeoTIFF)."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        with rasterio.open(path) as src:
+            data = src.read().astype(np.float32)
+            valid = (src.read_masks(1) > 0) & np.isfinite(data).all(axis=0)
+    else:
+        with Image.open(path) as img:
+            array = np.asarray(img, dtype=np.float32)
+        data = array[None] if array.ndim == 2 else np.moveaxis(array[..., :3] if array.shape[-1] == 4 else array, -1, 0)
+        valid = np.ones(data.shape[1:], dtype=bool)
+    return np.nan_to_num(data), valid
+
+
+class CocoChipDataset(_ChipDataset):
+    source = "coco_chips"
+
+    def __init__(self, annotation_file: Path, image_dirs: dict[str, Path], modalities, image_ids=None,
+                 norm_stats=None, augment=None, min_instance_area: int = 10):
+        coco = _load_coco(annotation_file)
+        images = [im for im in coco["images"] if image_ids is None or im["id"] in image_ids]
+        missing_dirs = [m for m in modalities if m not in image_dirs]
+        if missing_dirs:
+            raise ChipError(f"{annotation_file.parent}: no image folder for modalities {missing_dirs} (has {sorted(image_dirs)})")
+        for m in modalities:
+            absent = [im["file_name"] for im in images if not (image_dirs[m] / im["file_name"]).exists()]
+            if absent:
+                raise ChipError(f"{annotation_file}: references {len(absent)} image(s) missing from {image_dirs[m]}, e.g. {absent[:3]}")
+        by_image: dict[int, list] = {}
+        for a in coco["annotations"]:
+            by_image.setdefault(a["image_id"], []).append(a)
+        super().__init__(images, by_image, modalities, norm_stats, augment, min_instance_area, annotation_file)
+        self.image_dirs = image_dirs
+        self.channels = {}
+        if images:
+            first, _ = self.read_raw(0)
+            self.channels = {m: a.shape[0] for m, a in first.items()}
+
+    def read_raw(self, index: int, modalities: list[str] | None = None):
+        record = self.images[index]
+        images, valid = {}, None
+        for m in modalities or self.modalities:
+            path = self.image_dirs[m] / record["file_name"]
+            data, ok = _read_image_file(path)
+            if valid is not None and ok.shape != valid.shape:
+                raise ChipError(f"{path}: {m} chip is {ok.shape}, other modalities are {valid.shape}")
+            valid = ok if valid is None else valid & ok
+            images[m] = data
+        for data in images.values():
+            data[:, ~valid] = 0.0
+        return images, valid
+
+
+def coco_chip_split(root: Path, split: str, modalities, val_fraction: float = 0.2, **kwargs) -> CocoChipDataset:
+    root = Path(root)
+    folder = root / split
+    image_ids = None
+    if not folder.exists() and split == "val":  # no val folder: hold out part of train
+        folder = root / "train"
+        coco = _load_coco(folder / "annotations.json")
+        image_ids = {im["id"] for im in coco["images"] if _in_val(im["id"], val_fraction)}
+    elif split == "train" and not (root / "val").exists():
+        coco = _load_coco(folder / "annotations.json")
+        image_ids = {im["id"] for im in coco["images"] if not _in_val(im["id"], val_fraction)}
+    if not (folder / "annotations.json").exists():
+        raise ChipError(f"{folder / 'annotations.json'}: no COCO annotations for split {split!r}")
+    if (folder / "images").is_dir():
+        image_dirs = {"rgb": folder / "images"}
+    else:
+        image_dirs = {p.name: p for p in folder.iterdir() if p.is_dir()}
+    return CocoChipDataset(folder / "annotations.json", image_dirs, modalities, image_ids, **kwargs)
+
+
+def _npz_image_shape(path: Path) -> tuple[int, ...]:
+    """The shape of the `image` array of an .npz, from its header (no data read)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if "image.npy" not in names:
+                raise ChipError(f"{path}: no 'image' array (has {[n.removesuffix('.npy') for n in names]})")
+            with zf.open("image.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, _ = read_header(f)
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        if isinstance(err, ChipError):
+            raise
+        raise ChipError(f"{path}: not a readable .npz file ({err})") from err
+    return shape
+
+
+class ChallengeNpzDataset(_ChipDataset):
+    source = "arctic_challenge"
+
+    def __init__(self, files: list[Path], images: list[dict], annotations: dict[int, list], modalities,
+                 band_map=None, norm_stats=None, augment=None, min_instance_area: int = 10, where: Path | None = None):
+        band_map = band_map or CHALLENGE_BAND_MAP
+        unknown = [m for m in modalities if m not in band_map]
+        if unknown:
+            raise ChipError(f"{where}: modalities {unknown} are not in the challenge band map {sorted(band_map)}")
+        self.band_index = {m: [CHALLENGE_BANDS.index(b) for b in band_map[m]] for m in modalities}
+        for path in files:
+            shape = _npz_image_shape(path)
+            if len(shape) != 3 or shape[2] != len(CHALLENGE_BANDS):
+                raise ChipError(f"{path}: 'image' has shape {shape}, expected H x W x {len(CHALLENGE_BANDS)} ({', '.join(CHALLENGE_BANDS)})")
+        super().__init__(images, annotations, modalities, norm_stats, augment, min_instance_area, where)
+        self.files = files
+        self.channels = {m: len(idx) for m, idx in self.band_index.items()}
+
+    def read_raw(self, index: int, modalities: list[str] | None = None):
+        with np.load(self.files[index]) as npz:
+            array = np.asarray(npz["image"], dtype=np.float32)
+        images = {m: np.ascontiguousarray(np.moveaxis(array[..., self.band_index[m]], -1, 0)) for m in modalities or self.modalities}
+        valid = np.all([np.isfinite(a).all(axis=0) for a in images.values()], axis=0)
+        for data in images.values():
+            data[:, ~valid] = 0.0
+            np.nan_to_num(data, copy=False)
+        return images, valid
+
+
+def challenge_split(root: Path, split: str, modalities, val_fraction: float = 0.2, band_map=None, **kwargs) -> ChallengeNpzDataset:
+    root = Path(root)
+    if split == "test":
+        manifest = root / "metadata" / "test_manifest.csv"
+        if not manifest.exists():
+            raise ChipError(f"{manifest}: the test manifest is missing")
+        with open(manifest, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if rows and not {"image_id", "file_name"} <= set(rows[0]):
+            raise ChipError(f"{manifest}: needs columns image_id,file_name (has {list(rows[0])})")
+        images = [{"id": int(r["image_id"]), "file_name": r["file_name"]} for r in rows]
+        annotations, where = {}, manifest
+    elif split in ("train", "val"):
+        where = root / "train" / "annotations" / "instances_train.json"
+        coco = _load_coco(where)
+        keep = (lambda i: _in_val(i, val_fraction)) if split == "val" else (lambda i: not _in_val(i, val_fraction))
+        images = [im for im in coco["images"] if keep(im["id"])]
+        annotations = {}
+        for a in coco["annotations"]:
+            annotations.setdefault(a["image_id"], []).append(a)
+    else:
+        raise ChipError(f"{root}: the challenge release has no split {split!r} (train, val, test)")
+    folder = root / ("test" if split == "test" else "train") / "images"
+    files = [folder / Path(im["file_name"]).name for im in images]
+    absent = [str(p) for p in files if not p.exists()]
+    if absent:
+        raise ChipError(f"{where}: references {len(absent)} missing .npz file(s), e.g. {absent[:3]}")
+    return ChallengeNpzDataset(files, images, annotations, modalities, band_map, where=where, **kwargs)
+
+
+def index_file(root: Path, source: str) -> Path:
+    """The file whose state identifies a chip dataset (for statistics caching)."""
+    if source == "coco_chips":
+        return Path(root) / "train" / "annotations.json"
+    return Path(root) / "train" / "annotations" / "instances_train.json"

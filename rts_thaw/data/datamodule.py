@@ -1,0 +1,215 @@
+"""The LightningDataModule: one class for every data source, configured by Hydra
+(`conf/data/*.yaml`), serving batches of the contract in docs/architecture.md."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from rts_thaw.data import chips, geotiff
+from rts_thaw.data.collate import collate_samples
+from rts_thaw.data.normalization import NormStats, RunningStats
+from rts_thaw.data.transforms import Augment
+
+SOURCES = ("geotiff", "coco_chips", "arctic_challenge")
+
+
+def _plain(value):
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+class RTSDataModule(L.LightningDataModule):
+    """Aligned multimodal tiles / chips with instance targets.
+
+    Args:
+        source: "geotiff" (a scene list file), "coco_chips" (a folder of split
+            folders) or "arctic_challenge" (the challenge release folder).
+        path: the scene list file or the dataset folder.
+        modalities: the modalities to serve, e.g. ["rgb", "ndvi", "nir"]. For GeoTIFF
+            scenes the tile grid is always the RGB raster's, whichever are served.
+        norm_stats: statistics to use instead of computing them (a NormStats or its
+            dict, e.g. from a checkpoint); `set_norm_stats` does the same later.
+        stats_cache_dir: where computed statistics are cached; default next to the data.
+        seed: the order in which training tiles are shuffled.
+        val_fraction: for chip sources without a val split, the share of train
+            images (by a hash of the image id, so stable) held out for validation.
+    """
+
+    def __init__(
+        self,
+        source: str = "geotiff",
+        path: str | os.PathLike | None = None,
+        modalities: list[str] | tuple[str, ...] = ("rgb",),
+        tile_size: int = 128,
+        stride: int | None = None,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        min_valid_fraction: float = 0.5,
+        min_instance_area: int = 10,
+        augment: dict | None = None,
+        seed: int = 0,
+        norm_stats: NormStats | dict | None = None,
+        stats_cache_dir: str | os.PathLike | None = None,
+        val_fraction: float = 0.2,
+        band_map: dict[str, list[str]] | None = None,
+        eval_batch_size: int | None = None,
+    ):
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"data source {source!r} is not one of {SOURCES}")
+        if path is None:
+            raise ValueError(f"data source {source!r} needs a path")
+        self.source, self.path = source, Path(str(path)).expanduser()
+        self.modalities = list(_plain(modalities))
+        if not self.modalities:
+            raise ValueError("modalities must name at least one modality")
+        self.tile_size, self.stride = int(tile_size), int(stride or tile_size)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.min_valid_fraction, self.min_instance_area = min_valid_fraction, min_instance_area
+        augment = _plain(augment)
+        self.augment = Augment(**augment) if augment else None
+        self.seed, self.val_fraction = seed, val_fraction
+        self.band_map = _plain(band_map)
+        self.stats_cache_dir = Path(stats_cache_dir).expanduser() if stats_cache_dir else None
+        self.norm_stats: NormStats | None = None
+        if norm_stats is not None:
+            self.set_norm_stats(norm_stats)
+        self.modality_channels: dict[str, int] = {}
+        self.datasets: dict[str, Dataset] = {}
+
+    # ------------------------------------------------------------------ setup
+
+    def set_norm_stats(self, stats: NormStats | dict) -> None:
+        """Use these statistics (e.g. from a checkpoint) instead of computing them."""
+        stats = stats if isinstance(stats, NormStats) else NormStats.from_dict(_plain(stats))
+        self.norm_stats = stats.subset(self.modalities)
+        for dataset in self.datasets.values():
+            dataset.norm_stats = self.norm_stats
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}.get(stage, ["train", "val", "test"])
+        if self.norm_stats is None:
+            self.norm_stats = self._train_stats()
+        for split in splits:
+            if split not in self.datasets:
+                self.datasets[split] = self.dataset(split)
+        if not self.modality_channels:
+            self.modality_channels = dict(next(iter(self.datasets.values())).channels)
+
+    def dataset(self, split: str, augment: bool | None = None) -> Dataset:
+        """The dataset of one split (augmented only for train unless told otherwise)."""
+        aug = self.augment if (augment if augment is not None else split == "train") else None
+        if self.source == "geotiff":
+            scenes = [s for s in self._scenes() if s.split == split]
+            if not scenes:
+                raise ValueError(f"{self.path}: no scenes in split {split!r}")
+            return geotiff.GeoTiffTileDataset(
+                scenes, self.modalities, self.tile_size, self.stride,
+                min_valid_fraction=self.min_valid_fraction, min_instance_area=self.min_instance_area,
+                norm_stats=self.norm_stats, augment=aug, source=f"geotiff:{self.path}",
+            )
+        if self.source == "coco_chips":
+            return chips.coco_chip_split(self.path, split, self.modalities, self.val_fraction,
+                                         norm_stats=self.norm_stats, augment=aug, min_instance_area=self.min_instance_area)
+        return chips.challenge_split(self.path, split, self.modalities, self.val_fraction, band_map=self.band_map,
+                                     norm_stats=self.norm_stats, augment=aug, min_instance_area=self.min_instance_area)
+
+    def _scenes(self) -> list[geotiff.SceneSpec]:
+        if not hasattr(self, "_scene_specs"):
+            self._scene_specs = geotiff.load_scene_list(self.path)
+        return self._scene_specs
+
+    # ------------------------------------------------------------------ statistics
+
+    def _source_key(self) -> str:
+        """Identifies the training data: the path and the state of its index file."""
+        index = self.path if self.path.is_file() else chips.index_file(self.path, self.source)
+        stat = index.stat()
+        blob = json.dumps([self.source, str(self.path.resolve()), stat.st_size, stat.st_mtime_ns, self.val_fraction, self.band_map])
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+    def _cache_dir(self) -> Path:
+        if self.stats_cache_dir is not None:
+            return self.stats_cache_dir
+        base = self.path.parent if self.path.is_file() else self.path
+        return base / ".rts_thaw_cache"
+
+    def _train_stats(self) -> NormStats:
+        """Per-modality statistics of the train split, each cached on disk by
+        (source, modality) so later runs and stages reuse them."""
+        key = self._source_key()
+        mean, std = {}, {}
+        for modality in self.modalities:
+            cache = self._cache_dir() / f"norm_stats_{key}_{modality}.json"
+            if cache.exists():
+                entry = json.loads(cache.read_text())
+            else:
+                running = None
+                for data, valid in self._train_blocks(modality):
+                    running = running or RunningStats(data.shape[0])
+                    running.update(data, valid)
+                if running is None:
+                    raise ValueError(f"{self.path}: the train split is empty; cannot compute normalisation statistics")
+                m, s = running.result()
+                entry = {"mean": m, "std": s, "pixels": running.count}
+                self._write_cache(cache, entry)
+            mean[modality], std[modality] = entry["mean"], entry["std"]
+        return NormStats(mean, std)
+
+    def _train_blocks(self, modality: str):
+        if self.source == "geotiff":
+            for spec in self._scenes():
+                if spec.split == "train":
+                    yield from geotiff.iter_scene_blocks(spec, modality)
+        else:
+            dataset = self.dataset("train", augment=False)
+            dataset.norm_stats = None
+            for i in range(len(dataset)):
+                images, valid = dataset.read_raw(i, [modality])
+                yield images[modality], valid
+
+    @staticmethod
+    def _write_cache(path: Path, entry: dict) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(entry))
+            os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+        except OSError as err:
+            warnings.warn(f"could not cache normalisation statistics at {path}: {err}", stacklevel=2)
+
+    # ------------------------------------------------------------------ loaders
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate"}.get(split, split))
+        # Its own generator: the shuffle order follows `seed`, whatever else draws numbers.
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.datasets[split], batch_size=batch_size, shuffle=shuffle, generator=generator,
+            num_workers=self.num_workers, collate_fn=collate_samples,
+            persistent_workers=self.num_workers > 0, drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", False, self.eval_batch_size)

@@ -1,0 +1,379 @@
+"""Multimodal GeoTIFF scenes read as aligned tiles on the RGB raster's grid.
+
+A scene is one raster per modality plus an optional vector file of RTS polygons.
+The RGB raster is the reference: its grid is the tile grid, and every other
+modality is read through a warped window onto it, whatever its CRS, resolution or
+dtype. Tiles are windowed reads; a whole scene is never loaded to make one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyogrio.raw
+import rasterio
+import shapely
+import yaml
+from pyproj import CRS, Transformer
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioIOError
+from rasterio.features import rasterize
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
+from affine import Affine
+from rasterio.transform import array_bounds
+from rasterio.windows import Window
+from torch.utils.data import Dataset
+
+from rts_thaw.data.sample import make_sample
+
+REFERENCE = "rgb"
+SPLITS = ("train", "val", "test", "predict")
+# Bands each modality must have; a modality not listed here takes what its file has.
+EXPECTED_BANDS = {"rgb": (3,), "ndvi": (1,), "nir": (1,), "ndwi": (1,), "dem": (1, 2)}
+
+
+class SceneError(ValueError):
+    """A scene's files are missing, unreadable or inconsistent (the message names the file)."""
+
+
+@dataclass
+class SceneSpec:
+    id: str
+    split: str
+    rasters: dict[str, Path]
+    labels: Path | None = None
+    resampling: dict[str, str] = field(default_factory=dict)
+
+
+def load_scene_list(path: str | Path) -> list[SceneSpec]:
+    """Read a scene list YAML (paths relative to the file) into SceneSpecs."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except OSError as err:
+        raise SceneError(f"{path}: cannot read scene list ({err.strerror})") from err
+    if not isinstance(doc, dict) or not isinstance(doc.get("scenes"), list):
+        raise SceneError(f"{path}: a scene list needs a top-level 'scenes:' list")
+    specs, seen = [], set()
+    for i, entry in enumerate(doc["scenes"]):
+        where = f"{path}: scene #{i}"
+        if not isinstance(entry, dict) or "id" not in entry or "rasters" not in entry:
+            raise SceneError(f"{where} needs 'id' and 'rasters'")
+        if entry["id"] in seen:
+            raise SceneError(f"{where}: duplicate scene id {entry['id']!r}")
+        seen.add(entry["id"])
+        split = entry.get("split", "train")
+        if split not in SPLITS:
+            raise SceneError(f"{where} ({entry['id']}): split {split!r} is not one of {SPLITS}")
+        rasters = {m: (path.parent / p) for m, p in entry["rasters"].items()}
+        if REFERENCE not in rasters:
+            raise SceneError(f"{where} ({entry['id']}): no '{REFERENCE}' raster, the reference grid")
+        labels = entry.get("labels")
+        specs.append(SceneSpec(
+            id=str(entry["id"]), split=split, rasters=rasters,
+            labels=(path.parent / labels) if labels else None,
+            resampling=dict(entry.get("resampling", {})),
+        ))
+    return specs
+
+
+def tile_windows(width: int, height: int, tile_size: int, stride: int | None = None) -> list[Window]:
+    """Windows of tile_size covering the grid; the last row/column is shifted back to
+    end at the edge, so every pixel is covered and no tile hangs off the raster."""
+    stride = stride or tile_size
+    if tile_size <= 0 or stride <= 0:
+        raise ValueError(f"tile_size and stride must be positive, got {tile_size}, {stride}")
+
+    def starts(extent: int) -> list[int]:
+        if extent <= tile_size:
+            return [0]
+        offsets = list(range(0, extent - tile_size + 1, stride))
+        if offsets[-1] + tile_size < extent:
+            offsets.append(extent - tile_size)
+        return offsets
+
+    return [
+        Window(col, row, min(tile_size, width), min(tile_size, height))
+        for row in starts(height) for col in starts(width)
+    ]
+
+
+def _open(path: Path, scene_id: str, modality: str):
+    if not Path(path).exists():
+        raise SceneError(f"{path}: {modality} raster of scene {scene_id} does not exist")
+    try:
+        src = rasterio.open(path)
+    except RasterioIOError as err:
+        raise SceneError(f"{path}: {modality} raster of scene {scene_id} is not a readable raster ({err})") from err
+    if src.crs is None:
+        src.close()
+        raise SceneError(f"{path}: {modality} raster of scene {scene_id} has no CRS; georeference it (e.g. gdal_edit.py -a_srs)")
+    return src
+
+
+class SceneReader:
+    """Reads windows of one scene's modalities on the reference (RGB) grid.
+
+    `read(window)` returns raw values (not normalised) as float32 [C,h,w] per
+    modality and a validity mask [h,w] that is False wherever the reference or any
+    requested modality has nodata/NaN; invalid pixels are zero-filled.
+    """
+
+    def __init__(self, spec: SceneSpec, modalities: list[str] | tuple[str, ...]):
+        self.spec = spec
+        self.modalities = list(modalities)
+        missing = [m for m in self.modalities if m not in spec.rasters]
+        if missing:
+            raise SceneError(f"scene {spec.id}: no raster for modalities {missing} (has {sorted(spec.rasters)})")
+        self._ref = _open(spec.rasters[REFERENCE], spec.id, REFERENCE)
+        self.crs, self.transform = self._ref.crs, self._ref.transform
+        self.width, self.height = self._ref.width, self._ref.height
+        self._sources: dict[str, rasterio.io.DatasetReaderBase] = {}
+        self._opened = [self._ref]
+        try:
+            for m in self.modalities:
+                self._sources[m] = self._aligned(m)
+        except Exception:
+            self.close()
+            raise
+        self.channels = {m: self._sources[m].count for m in self.modalities}
+
+    def _aligned(self, modality: str):
+        if modality == REFERENCE:
+            src = self._ref
+        else:
+            src = _open(self.spec.rasters[modality], self.spec.id, modality)
+            self._opened.append(src)
+        path = self.spec.rasters[modality]
+        expected = EXPECTED_BANDS.get(modality)
+        if expected and src.count not in expected:
+            raise SceneError(f"{path}: {modality} raster has {src.count} band(s), expected {' or '.join(map(str, expected))}")
+        if modality == REFERENCE:
+            return src
+        ref_bounds = self._ref.bounds
+        left, bottom, right, top = transform_bounds(src.crs, self.crs, *src.bounds)
+        if left >= ref_bounds.right or right <= ref_bounds.left or bottom >= ref_bounds.top or top <= ref_bounds.bottom:
+            raise SceneError(
+                f"{path}: {modality} raster does not overlap the reference grid of scene {self.spec.id} "
+                f"({self.spec.rasters[REFERENCE]}); check its CRS and extent"
+            )
+        if src.crs == self.crs and src.transform == self.transform and src.shape == self._ref.shape:
+            return src  # already on the reference grid
+        resampling = Resampling[self.spec.resampling.get(modality, "bilinear")]
+        vrt = WarpedVRT(
+            src, crs=self.crs, transform=self.transform, width=self.width, height=self.height,
+            resampling=resampling, add_alpha=src.nodata is None,  # alpha marks off-raster pixels
+        )
+        self._opened.append(vrt)
+        return vrt
+
+    def read(self, window: Window, out_shape: tuple[int, int] | None = None):
+        h, w = out_shape or (int(window.height), int(window.width))
+        images = {}
+        if REFERENCE in self.modalities:
+            valid = np.ones((h, w), dtype=bool)
+        else:  # the reference footprint bounds every tile, served or not
+            _, valid = self._read_source(self._ref, window, (h, w))
+        for m in self.modalities:
+            images[m], ok = self._read_source(self._sources[m], window, (h, w))
+            valid &= ok
+
+        for data in images.values():
+            data[:, ~valid] = 0.0
+            np.nan_to_num(data, copy=False)
+        return images, valid
+
+    @staticmethod
+    def _read_source(src, window: Window, shape: tuple[int, int]):
+        """float32 [C,h,w] and validity. With a nodata value, validity comes from the
+        values (a pixel is nodata where every band is); otherwise from GDAL's mask
+        (the alpha band of a warped read), which costs a second warp."""
+        data = src.read(list(range(1, src.count + 1)), window=window, out_shape=(src.count, *shape), masked=False).astype(np.float32)
+        valid = np.isfinite(data).all(axis=0)
+        nodata = src.nodata
+        if nodata is not None and not math.isnan(nodata):
+            valid &= (data != nodata).any(axis=0)
+        elif nodata is None:
+            valid &= src.read_masks(1, window=window, out_shape=shape) > 0
+        return data, valid
+
+    def valid_fraction(self, window: Window, factor: int = 4) -> float:
+        """Fraction of valid pixels in a window, from a decimated read (cheap)."""
+        h = max(1, int(window.height) // factor)
+        w = max(1, int(window.width) // factor)
+        _, valid = self.read(window, out_shape=(h, w))
+        return float(valid.mean())
+
+    def window_transform(self, window: Window) -> Affine:
+        return self.transform @ Affine.translation(window.col_off, window.row_off)
+
+    def close(self) -> None:
+        for src in reversed(self._opened):
+            src.close()
+        self._opened = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):  # handles are not picklable; each worker reopens its own
+        return {"spec": self.spec, "modalities": self.modalities}
+
+    def __setstate__(self, state):
+        self.__init__(state["spec"], state["modalities"])
+
+
+def load_labels(path: Path, scene_crs, scene_bounds: tuple[float, float, float, float], scene_id: str) -> list:
+    """RTS polygons in the scene CRS. Labels in another CRS are reprojected; labels
+    outside the scene are dropped with a warning; an empty file means no slumps."""
+    path = Path(path)
+    if not path.exists():
+        raise SceneError(f"{path}: label file of scene {scene_id} does not exist")
+    try:
+        meta, _, wkb, _ = pyogrio.raw.read(str(path), read_geometry=True)
+    except Exception as err:  # pyogrio raises DataSourceError and friends
+        raise SceneError(f"{path}: label file of scene {scene_id} is not a readable vector file ({err})") from err
+    if wkb is None or len(wkb) == 0:
+        return []
+    geoms = [g for g in shapely.from_wkb(wkb) if g is not None and not g.is_empty]
+    label_crs = meta.get("crs")
+    if label_crs is None:
+        raise SceneError(f"{path}: label file of scene {scene_id} has no CRS")
+    if CRS.from_user_input(label_crs) != CRS.from_user_input(scene_crs):
+        to_scene = Transformer.from_crs(label_crs, scene_crs, always_xy=True)
+        geoms = [shapely.transform(g, lambda xy: np.column_stack(to_scene.transform(xy[:, 0], xy[:, 1]))) for g in geoms]
+    geoms = [shapely.make_valid(g) if not g.is_valid else g for g in geoms]
+    polygons = [g for g in geoms if g.geom_type in ("Polygon", "MultiPolygon")]
+    if len(polygons) < len(geoms):
+        warnings.warn(f"{path}: {len(geoms) - len(polygons)} non-polygon label feature(s) ignored", stacklevel=2)
+    scene_box = shapely.box(*scene_bounds)
+    inside = [g for g in polygons if g.intersects(scene_box)]
+    if len(inside) < len(polygons):
+        warnings.warn(f"{path}: {len(polygons) - len(inside)} label polygon(s) lie outside scene {scene_id} and were dropped", stacklevel=2)
+    return inside
+
+
+def rasterize_instances(polygons: list, tile_transform, shape: tuple[int, int], min_area: int) -> np.ndarray:
+    """One uint8 mask per polygon on the tile grid; fragments under min_area px dropped."""
+    masks = []
+    for poly in polygons:
+        mask = rasterize([poly], out_shape=shape, transform=tile_transform, dtype="uint8")
+        if int(mask.sum()) >= min_area:
+            masks.append(mask)
+    if not masks:
+        return np.zeros((0, *shape), dtype=np.uint8)
+    return np.stack(masks)
+
+
+@dataclass
+class _Tile:
+    scene: int
+    window: Window
+
+
+class GeoTiffTileDataset(Dataset):
+    """Aligned multimodal tiles with instance targets, from the scenes of one split.
+
+    A tile is kept when at least `min_valid_fraction` of it is valid in the
+    reference and in every requested modality.
+    """
+
+    def __init__(
+        self,
+        scenes: list[SceneSpec],
+        modalities: list[str],
+        tile_size: int = 128,
+        stride: int | None = None,
+        min_valid_fraction: float = 0.5,
+        min_instance_area: int = 10,
+        norm_stats=None,
+        augment=None,
+        source: str = "geotiff",
+    ):
+        self.scenes = list(scenes)
+        self.modalities = list(modalities)
+        self.tile_size, self.stride = tile_size, stride or tile_size
+        self.min_instance_area = min_instance_area
+        self.norm_stats, self.augment, self.source = norm_stats, augment, source
+        self._readers: dict[int, SceneReader] = {}
+        self._labels: dict[int, tuple[list, shapely.STRtree | None]] = {}
+        self.tiles: list[_Tile] = []
+        self.channels: dict[str, int] = {}
+        for i, spec in enumerate(self.scenes):
+            with SceneReader(spec, self.modalities) as reader:
+                self.channels = self.channels or dict(reader.channels)
+                for window in tile_windows(reader.width, reader.height, tile_size, self.stride):
+                    if reader.valid_fraction(window) >= min_valid_fraction:
+                        self.tiles.append(_Tile(i, window))
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getstate__(self):  # open handles stay behind; each worker opens its own
+        state = self.__dict__.copy()
+        state["_readers"] = {}
+        return state
+
+    def reader(self, scene: int) -> SceneReader:
+        if scene not in self._readers:
+            self._readers[scene] = SceneReader(self.scenes[scene], self.modalities)
+        return self._readers[scene]
+
+    def polygons(self, scene: int):
+        if scene not in self._labels:
+            spec, reader = self.scenes[scene], self.reader(scene)
+            polys = []
+            if spec.labels is not None:
+                polys = load_labels(spec.labels, reader.crs, _bounds(reader), spec.id)
+            self._labels[scene] = (polys, shapely.STRtree(polys) if polys else None)
+        return self._labels[scene]
+
+    def read_tile(self, index: int):
+        """Raw (unnormalised) images, validity and instance masks of one tile."""
+        tile = self.tiles[index]
+        reader = self.reader(tile.scene)
+        images, valid = reader.read(tile.window)
+        polys, tree = self.polygons(tile.scene)
+        tile_tf = reader.window_transform(tile.window)
+        shape = valid.shape
+        if tree is not None:
+            hits = tree.query(shapely.box(*array_bounds(*shape, tile_tf)))
+            masks = rasterize_instances([polys[j] for j in sorted(hits)], tile_tf, shape, self.min_instance_area)
+        else:
+            masks = np.zeros((0, *shape), dtype=np.uint8)
+        return images, valid, masks
+
+    def __getitem__(self, index: int) -> dict:
+        tile = self.tiles[index]
+        images, valid, masks = self.read_tile(index)
+        reader = self.reader(tile.scene)
+        meta = {
+            "image_id": index,
+            "scene_id": self.scenes[tile.scene].id,
+            "window": (int(tile.window.row_off), int(tile.window.col_off), int(tile.window.height), int(tile.window.width)),
+            "transform": tuple(reader.window_transform(tile.window))[:6],
+            "crs": reader.crs.to_wkt(),
+            "source": self.source,
+        }
+        return make_sample(images, valid, masks, meta, self.norm_stats, self.augment)
+
+
+def _bounds(reader: SceneReader) -> tuple[float, float, float, float]:
+    return array_bounds(reader.height, reader.width, reader.transform)
+
+
+def iter_scene_blocks(spec: SceneSpec, modality: str, block: int = 256):
+    """(raw [C,h,w], valid [h,w]) blocks of one modality over a whole scene, for
+    streaming statistics."""
+    with SceneReader(spec, [modality]) as reader:
+        for window in tile_windows(reader.width, reader.height, block):
+            images, valid = reader.read(window)
+            yield images[modality], valid

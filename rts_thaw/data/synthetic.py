@@ -1,0 +1,504 @@
+"""A procedurally generated Arctic world: co-registered multimodal GeoTIFF scenes
+with retrogressive thaw slump (RTS) polygons, deterministic from a seed.
+
+Each scene is first drawn as vector objects (slumps and look-alike distractors) in a
+UTM frame, painted onto a fine 2 m "truth" canvas, and then sampled onto each
+modality's own grid, as real sensors would see the same ground:
+
+- rgb:  3-band uint8, 4 m, UTM, nodata 0 (a strip-edge wedge in some scenes)
+- nir:  1-band uint16 reflectance x 10000, 3 m on a shifted grid, nodata 0
+- ndvi: 1-band float32, same 3 m grid as nir, NaN under clouds
+- dem:  1-band float32 relative elevation (m), 2 m, polar stereographic EPSG:3413
+        (ArcticDEM's CRS), nodata -9999
+- rts.gpkg: one polygon per slump, in the scene CRS
+
+Slumps are bare, low-NDVI, medium-NIR scars cut into slopes with a head scarp in the
+DEM. Distractors (turbid water, gravel bars, burned tundra) are painted with the
+*same* RGB palette and often the same shapes, but differ in NDVI, NIR and elevation,
+so RGB alone is ambiguous and the auxiliary modalities carry the missing evidence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyogrio.raw
+import rasterio
+import shapely
+import yaml
+from pyproj import Transformer
+from rasterio.features import rasterize
+from rasterio.transform import from_origin
+from scipy import ndimage
+from shapely.affinity import rotate, scale, translate
+from shapely.geometry import LineString, Point, Polygon
+
+GENERATOR_VERSION = 1  # bump when the output changes, so caches are not reused
+UTM_CRS = "EPSG:32606"  # UTM zone 6N (northern Alaska)
+DEM_CRS = "EPSG:3413"  # NSIDC polar stereographic north, the CRS of ArcticDEM
+RGB_RES, NIR_RES, DEM_RES, TRUTH_RES = 4.0, 3.0, 2.0, 2.0
+DEM_NODATA = -9999.0
+MODALITIES = ("rgb", "nir", "ndvi", "dem")
+
+# Ground classes and their spectral signature: (ndvi, nir reflectance, relative elevation m).
+# RTS and its look-alikes share the "disturbed ground" RGB palette on purpose.
+TUNDRA, WATER, GRAVEL, BURN, SNOW, RTS = range(6)
+DISTURBED_RGB = np.array([138.0, 120.0, 100.0])
+SIGNATURE = {
+    WATER: (-0.30, 0.04, -1.0),
+    GRAVEL: (0.04, 0.42, 0.0),
+    BURN: (0.32, 0.13, 0.0),
+    SNOW: (-0.03, 0.70, 0.3),
+    RTS: (0.12, 0.24, 0.0),  # RTS elevation is shaped (scarp + floor), not a constant
+}
+
+
+@dataclass(frozen=True)
+class WorldParams:
+    """Everything that determines a generated world (and its cache key)."""
+
+    scenes: int = 8
+    size: int = 512  # RGB pixels per side
+    seed: int = 0
+    rts_per_scene: tuple[int, int] = (5, 9)
+    distractors_per_scene: tuple[int, int] = (6, 10)
+
+    def key(self) -> str:
+        blob = json.dumps({**asdict(self), "version": GENERATOR_VERSION}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def _slump_shape(rng: np.random.Generator, radius: float, downslope_deg: float) -> Polygon:
+    """An amphitheatre / horseshoe footprint: a rounded head upslope, a tongue downslope."""
+    angles = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    wobble = 1 + sum(
+        rng.uniform(0, 0.12) * np.cos(k * angles + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5)
+    )
+    # The tongue is the half facing +x (downslope after rotation); stretch it.
+    stretch = np.where(np.cos(angles) > 0, 1 + rng.uniform(0.2, 0.9) * np.cos(angles), 1.0)
+    xs = radius * wobble * stretch * np.cos(angles)
+    ys = radius * wobble * rng.uniform(0.7, 1.1) * np.sin(angles)
+    shape = Polygon(np.column_stack([xs, ys])).buffer(0)
+    if rng.random() < 0.45:  # horseshoe: an undisturbed remnant where the tongue leaves
+        notch = scale(Point(0, 0).buffer(1.0), radius * 0.6, radius * 0.35)
+        shape = shape.difference(translate(notch, radius * rng.uniform(0.9, 1.4), 0))
+    shape = _largest_part(shape)
+    return rotate(shape, downslope_deg, origin=(0, 0))
+
+
+def _blob_shape(rng: np.random.Generator, radius: float) -> Polygon:
+    angles = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+    r = radius * (1 + sum(rng.uniform(0, 0.2) * np.cos(k * angles + rng.uniform(0, 7)) for k in (2, 3, 4)))
+    shape = Polygon(np.column_stack([r * np.cos(angles), r * np.sin(angles) * rng.uniform(0.5, 1.0)]))
+    return rotate(shape.buffer(0), rng.uniform(0, 180), origin=(0, 0))
+
+
+def _river(rng: np.random.Generator, extent: float) -> Polygon:
+    """A meandering channel crossing the scene."""
+    t = np.linspace(-0.1, 1.1, 60) * extent
+    phase, amp, wavelength = rng.uniform(0, 7), rng.uniform(40, 140), rng.uniform(300, 700)
+    offset = rng.uniform(0.2, 0.8) * extent
+    wander = np.cumsum(rng.normal(0, 12, t.size))  # so meanders are not a clean sine
+    line = np.column_stack([t, offset + wander + amp * np.sin(2 * np.pi * t / wavelength + phase)])
+    if rng.random() < 0.5:
+        line = line[:, ::-1]
+    return LineString(line).buffer(rng.uniform(8, 18))
+
+
+def _largest_part(shape):
+    if shape.geom_type == "MultiPolygon":
+        return max(shape.geoms, key=lambda g: g.area)
+    return shape
+
+
+# ----------------------------------------------------------------------------- fields
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
+    """Zero-mean, unit-std noise with features about shape/cells pixels across."""
+    coarse = rng.standard_normal((cells + 3, cells + 3))
+    # Cubic up to a quarter size, then bilinear: smooth enough, and ten times faster.
+    quarter = ndimage.zoom(coarse, (shape[0] / 4 / cells, shape[1] / 4 / cells), order=3)
+    zoomed = ndimage.zoom(quarter, 4, order=1)
+    field = zoomed[: shape[0], : shape[1]]
+    return (field - field.mean()) / (field.std() + 1e-9)
+
+
+@dataclass
+class _Object:
+    kind: int
+    geom: Polygon
+    rgb: np.ndarray
+    ndvi: float
+    nir: float
+    elev: float
+
+
+class _Canvas:
+    """The truth fields of one scene on a fine UTM grid, sampled by each sensor grid."""
+
+    def __init__(self, x0: float, y0: float, n: int, rng: np.random.Generator):
+        self.x0, self.y0, self.n = x0, y0, n
+        self.transform = from_origin(x0, y0, TRUTH_RES, TRUTH_RES)
+        shape = (n, n)
+        mottle = _smooth_noise(rng, shape, 24)
+        self.rgb = np.stack(
+            [c + 14 * mottle + 6 * _smooth_noise(rng, shape, 90) for c in (92.0, 104.0, 74.0)]
+        )
+        self.ndvi = 0.58 + 0.06 * mottle + 0.03 * _smooth_noise(rng, shape, 90)
+        self.nir = 0.31 + 0.03 * mottle
+        self.elev = 6.0 * _smooth_noise(rng, shape, 4)  # relative elevation, metres
+        slope_dir = rng.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[0:n, 0:n] * TRUTH_RES
+        self.elev += 0.02 * (np.cos(slope_dir) * xx + np.sin(slope_dir) * yy)
+        self.elev -= self.elev.mean()
+        self.cloud = np.zeros(shape, dtype=bool)
+        self.shade = np.ones(shape)
+
+    def downslope_deg(self, x: float, y: float) -> float:
+        """Direction (map degrees, x east / y north) in which the ground falls."""
+        row = int(np.clip((self.y0 - y) / TRUTH_RES, 1, self.n - 2))
+        col = int(np.clip((x - self.x0) / TRUTH_RES, 1, self.n - 2))
+        d_east = self.elev[row, col + 1] - self.elev[row, col - 1]
+        d_north = self.elev[row - 1, col] - self.elev[row + 1, col]
+        return math.degrees(math.atan2(-d_north, -d_east))
+
+    def _window(self, geom, pad: int = 6):
+        minx, miny, maxx, maxy = geom.bounds
+        c0 = max(int((minx - self.x0) / TRUTH_RES) - pad, 0)
+        c1 = min(int((maxx - self.x0) / TRUTH_RES) + pad + 1, self.n)
+        r0 = max(int((self.y0 - maxy) / TRUTH_RES) - pad, 0)
+        r1 = min(int((self.y0 - miny) / TRUTH_RES) + pad + 1, self.n)
+        return r0, r1, c0, c1
+
+    def _soft_mask(self, geom, window, blur: float) -> np.ndarray:
+        r0, r1, c0, c1 = window
+        transform = from_origin(self.x0 + c0 * TRUTH_RES, self.y0 - r0 * TRUTH_RES, TRUTH_RES, TRUTH_RES)
+        hard = rasterize([geom], out_shape=(r1 - r0, c1 - c0), transform=transform).astype(float)
+        return ndimage.gaussian_filter(hard, blur)  # vague boundaries
+
+    def paint(self, obj: _Object, rng: np.random.Generator) -> None:
+        window = self._window(obj.geom)
+        r0, r1, c0, c1 = window
+        if r1 <= r0 or c1 <= c0:
+            return
+        alpha = self._soft_mask(obj.geom, window, blur=0.8)
+        texture = rng.standard_normal(alpha.shape)
+        for band in range(3):
+            target = obj.rgb[band] + 9 * texture
+            self.rgb[band, r0:r1, c0:c1] += alpha * (target - self.rgb[band, r0:r1, c0:c1])
+        self.ndvi[r0:r1, c0:c1] += alpha * (obj.ndvi + 0.03 * texture - self.ndvi[r0:r1, c0:c1])
+        self.nir[r0:r1, c0:c1] += alpha * (obj.nir + 0.02 * texture - self.nir[r0:r1, c0:c1])
+        if obj.kind == RTS:
+            self._carve_slump(obj, window)
+        elif obj.kind == WATER:
+            self.elev[r0:r1, c0:c1] += alpha * (obj.elev - self.elev[r0:r1, c0:c1])
+        else:
+            self.elev[r0:r1, c0:c1] += alpha * obj.elev
+
+    def _carve_slump(self, obj: _Object, window) -> None:
+        """A floor sunk a few metres below the rim, deepest at the head scarp."""
+        r0, r1, c0, c1 = window
+        inside = self._soft_mask(obj.geom, window, blur=0.6)
+        dist = ndimage.distance_transform_edt(inside > 0.5) * TRUTH_RES
+        depth = obj.elev * np.clip(dist / 6.0, 0, 1)  # steep wall, then a floor
+        self.elev[r0:r1, c0:c1] -= depth
+
+    def add_cloud(self, geom, shadow_offset: tuple[float, float]) -> None:
+        window = self._window(geom, pad=10)
+        r0, r1, c0, c1 = window
+        alpha = self._soft_mask(geom, window, blur=3.0)
+        for band in range(3):
+            self.rgb[band, r0:r1, c0:c1] += alpha * (235 - self.rgb[band, r0:r1, c0:c1])
+        self.cloud[r0:r1, c0:c1] |= alpha > 0.3
+        shadow = translate(geom, *shadow_offset)
+        window = self._window(shadow, pad=10)
+        r0, r1, c0, c1 = window
+        if r1 > r0 and c1 > c0:
+            self.shade[r0:r1, c0:c1] *= 1 - 0.45 * self._soft_mask(shadow, window, blur=3.0)
+
+    def sample(self, field: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Bilinear samples of a truth field at UTM coordinates (NaN outside the canvas)."""
+        rows = (self.y0 - ys) / TRUTH_RES - 0.5
+        cols = (xs - self.x0) / TRUTH_RES - 0.5
+        out = ndimage.map_coordinates(field, [rows, cols], order=1, mode="nearest")
+        outside = (rows < -0.5) | (cols < -0.5) | (rows > self.n - 0.5) | (cols > self.n - 0.5)
+        return np.where(outside, np.nan, out)
+
+
+# ----------------------------------------------------------------------------- scene
+
+
+def _place(rng, extent, margin, existing, geom_fn, tries=40, gap=4.0):
+    """Place a shape at a random spot where it does not overlap earlier objects."""
+    for _ in range(tries):
+        x, y = rng.uniform(margin, extent - margin, size=2)
+        geom = geom_fn(x, y)
+        if all(not geom.intersects(other.buffer(gap)) for other in existing):
+            return geom
+    return None
+
+
+def _draw_scene(rng: np.random.Generator, params: WorldParams, x0: float, y0: float):
+    extent = params.size * RGB_RES
+    canvas = _Canvas(x0, y0, int(round(extent / TRUTH_RES)), rng)
+
+    # Slumps first: on slopes, some in touching pairs, as slumps cluster along a valley.
+    slumps: list[Polygon] = []
+    for _ in range(rng.integers(*params.rts_per_scene, endpoint=True)):
+        radius = math.exp(rng.uniform(math.log(15), math.log(85)))
+
+        def make(x, y, radius=radius):
+            local = _slump_shape(rng, radius, canvas.downslope_deg(x0 + x, y0 - y))
+            return translate(local, x, y)
+
+        geom = _place(rng, extent, radius * 2, slumps, make)
+        if geom is None:
+            continue
+        slumps.append(geom)
+        if rng.random() < 0.3:  # a neighbour sharing a boundary
+            cx, cy = geom.centroid.x, geom.centroid.y
+            angle = rng.uniform(0, 2 * np.pi)
+            nx, ny = cx + 1.6 * radius * np.cos(angle), cy + 1.6 * radius * np.sin(angle)
+            twin = translate(_slump_shape(rng, radius * rng.uniform(0.6, 1.0), canvas.downslope_deg(x0 + nx, y0 - ny)), nx, ny)
+            for other in slumps:
+                twin = twin.difference(other)
+            twin = _largest_part(twin)
+            if not twin.is_empty and twin.area > 200 and twin.bounds[0] > 0 and twin.bounds[2] < extent and twin.bounds[1] > 0 and twin.bounds[3] < extent:
+                slumps.append(twin)
+
+    # Distractors avoid slumps; half borrow the slump shape so shape is no giveaway.
+    objects = [(WATER, _river(rng, extent))] if rng.random() < 0.6 else []
+    objects = [(k, g.difference(shapely.union_all([s.buffer(6) for s in slumps])) if slumps else g) for k, g in objects]
+    taken = list(slumps) + [g for _, g in objects]
+    for _ in range(rng.integers(*params.distractors_per_scene, endpoint=True)):
+        kind = rng.choice([WATER, GRAVEL, BURN, GRAVEL, BURN, SNOW])
+        radius = math.exp(rng.uniform(math.log(14), math.log(80 if kind != SNOW else 40)))
+        slump_like = kind in (WATER, GRAVEL, BURN) and rng.random() < 0.5
+
+        def make(x, y, radius=radius, slump_like=slump_like):
+            local = _slump_shape(rng, radius, rng.uniform(0, 360)) if slump_like else _blob_shape(rng, radius)
+            return translate(local, x, y)
+
+        geom = _place(rng, extent, radius * 1.5, taken, make)
+        if geom is not None:
+            objects.append((kind, geom))
+            taken.append(geom)
+
+    def colour(kind):
+        if kind == SNOW:
+            return np.array([228.0, 233.0, 238.0]) + rng.normal(0, 5, 3)
+        brightness = rng.uniform(0.85, 1.15)
+        return DISTURBED_RGB * brightness + rng.normal(0, 10, 3)
+
+    to_utm = lambda g: translate(scale(g, 1, -1, origin=(0, 0)), x0, y0)  # noqa: E731  local (y down) -> UTM
+    painted = [
+        _Object(kind, to_utm(g), colour(kind), *SIGNATURE[kind])
+        for kind, g in objects
+        if not g.is_empty
+    ]
+    for geom in slumps:
+        ndvi, nir, _ = SIGNATURE[RTS]
+        painted.append(_Object(RTS, to_utm(geom), colour(RTS), ndvi + rng.normal(0, 0.03), nir + rng.normal(0, 0.02), rng.uniform(2.0, 5.0)))
+    for obj in painted:
+        canvas.paint(obj, rng)
+
+    if rng.random() < 0.5:  # a cloud and its shadow, somewhere away from the scene centre
+        cx, cy = rng.uniform(0.1, 0.9, size=2) * extent
+        cloud = to_utm(translate(_blob_shape(rng, rng.uniform(40, 90)), cx, cy))
+        canvas.add_cloud(cloud, (rng.uniform(-120, 120), rng.uniform(-120, 120)))
+    return canvas, [to_utm(g) for g in slumps]
+
+
+def _grid_coords(transform, width, height):
+    cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    t = transform
+    return t.a * cols + t.b * rows + t.c, t.d * cols + t.e * rows + t.f
+
+
+def _transform_smooth(transformer: Transformer, xs: np.ndarray, ys: np.ndarray, step: int = 16):
+    """Reproject a dense grid of points by projecting every `step`-th one and
+    interpolating: over a few km a map projection is smooth to well under a millimetre."""
+    rows = np.arange(0, xs.shape[0] + step - 1, step).clip(max=xs.shape[0] - 1)
+    cols = np.arange(0, xs.shape[1] + step - 1, step).clip(max=xs.shape[1] - 1)
+    px, py = transformer.transform(xs[np.ix_(rows, cols)], ys[np.ix_(rows, cols)])
+    r = np.interp(np.arange(xs.shape[0]), rows, np.arange(len(rows)))
+    c = np.interp(np.arange(xs.shape[1]), cols, np.arange(len(cols)))
+    rr, cc = np.meshgrid(r, c, indexing="ij")
+    return (ndimage.map_coordinates(np.asarray(px), [rr, cc], order=1),
+            ndimage.map_coordinates(np.asarray(py), [rr, cc], order=1))
+
+
+def _write(path: Path, data: np.ndarray, crs: str, transform, nodata, dtype) -> None:
+    profile = dict(
+        driver="GTiff", width=data.shape[-1], height=data.shape[-2], count=data.shape[0],
+        dtype=dtype, crs=crs, transform=transform, nodata=nodata,
+        tiled=True, blockxsize=128, blockysize=128, compress="deflate",
+    )
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data.astype(dtype))
+
+
+def write_labels(path: Path, polygons: list, crs: str) -> None:
+    """Write RTS polygons as a GeoPackage layer (an empty list gives a valid empty layer)."""
+    geometry = np.array([shapely.to_wkb(p) for p in polygons], dtype=object)
+    ids = np.arange(1, len(polygons) + 1, dtype=np.int32)
+    areas = np.array([p.area for p in polygons], dtype=np.float64)
+    pyogrio.raw.write(
+        str(path), geometry, [ids, areas], ["rts_id", "area_m2"],
+        layer="rts", driver="GPKG", geometry_type="Polygon", crs=crs,
+    )
+
+
+def _generate_scene(scene_dir: Path, params: WorldParams, index: int) -> None:
+    rng = np.random.default_rng([params.seed, index])
+    extent = params.size * RGB_RES
+    x0, y0 = 420000.0 + 6000.0 * index, 7740000.0 - 3000.0 * (index % 3)
+    canvas, slumps = _draw_scene(rng, params, x0, y0)
+    scene_dir.mkdir(parents=True)
+
+    # RGB, the reference grid; a strip-edge wedge of nodata in some scenes.
+    rgb_tf = from_origin(x0, y0, RGB_RES, RGB_RES)
+    xs, ys = _grid_coords(rgb_tf, params.size, params.size)
+    shade = canvas.sample(canvas.shade, xs, ys)
+    rgb = np.stack([canvas.sample(canvas.rgb[b], xs, ys) * shade for b in range(3)])
+    rgb += rng.normal(0, 3, rgb.shape)
+    rgb = np.clip(np.round(rgb), 1, 255)
+    if index % 2 == 1:
+        cols, rows = np.meshgrid(np.arange(params.size), np.arange(params.size))
+        rgb[:, cols + rows < params.size * rng.uniform(0.15, 0.3)] = 0
+    _write(scene_dir / "rgb.tif", rgb, UTM_CRS, rgb_tf, 0, "uint8")
+
+    # NIR and NDVI on a 3 m grid shifted off the RGB one, as a second sensor's would be.
+    nir_tf = from_origin(x0 - 7.3, y0 + 5.1, NIR_RES, NIR_RES)
+    n_nir = int(math.ceil((extent + 12) / NIR_RES))
+    xs, ys = _grid_coords(nir_tf, n_nir, n_nir)
+    nir = canvas.sample(canvas.nir, xs, ys) * canvas.sample(canvas.shade, xs, ys)
+    nir = nir + rng.normal(0, 0.008, nir.shape)
+    cloud = canvas.sample(canvas.cloud.astype(float), xs, ys) > 0.5
+    nir = np.where(cloud, 0.55, nir)
+    nir_dn = np.where(np.isnan(nir), 0, np.clip(np.round(nir * 10000), 1, 65535))
+    _write(scene_dir / "nir.tif", nir_dn[None], UTM_CRS, nir_tf, 0, "uint16")
+    ndvi = canvas.sample(canvas.ndvi, xs, ys) + rng.normal(0, 0.015, nir.shape)
+    ndvi = np.where(cloud, np.nan, np.clip(ndvi, -1, 1))  # clouds are masked out of NDVI
+    _write(scene_dir / "ndvi.tif", ndvi[None], UTM_CRS, nir_tf, np.nan, "float32")
+
+    # Relative elevation in polar stereographic at 2 m, covering the scene's footprint.
+    to_dem = Transformer.from_crs(UTM_CRS, DEM_CRS, always_xy=True)
+    to_utm = Transformer.from_crs(DEM_CRS, UTM_CRS, always_xy=True)
+    corner_x, corner_y = to_dem.transform([x0, x0 + extent, x0, x0 + extent], [y0, y0, y0 - extent, y0 - extent])
+    left, top = math.floor(min(corner_x)) - 4, math.ceil(max(corner_y)) + 4
+    width = int(math.ceil((max(corner_x) + 4 - left) / DEM_RES))
+    height = int(math.ceil((top - (min(corner_y) - 4)) / DEM_RES))
+    dem_tf = from_origin(left, top, DEM_RES, DEM_RES)
+    dx, dy = _grid_coords(dem_tf, width, height)
+    ux, uy = _transform_smooth(to_utm, dx, dy)
+    # Relative elevation: the DEM minus its ~100 m-scale trend, so scarps stand out.
+    relative = canvas.elev - ndimage.gaussian_filter(canvas.elev, 50.0 / TRUTH_RES)
+    dem = canvas.sample(relative, ux, uy) + rng.normal(0, 0.05, dx.shape)
+    dem = np.where(np.isnan(dem), DEM_NODATA, dem)
+    _write(scene_dir / "dem.tif", dem[None], DEM_CRS, dem_tf, DEM_NODATA, "float32")
+
+    write_labels(scene_dir / "rts.gpkg", slumps, UTM_CRS)
+
+
+def split_of(index: int, scenes: int) -> str:
+    """Split by whole scene (no tile straddles two splits): the last ones test, then val."""
+    n_test = max(1, round(0.2 * scenes)) if scenes >= 3 else 0
+    n_val = max(1, round(0.15 * scenes)) if scenes >= 3 else 0
+    if index >= scenes - n_test:
+        return "test"
+    if index >= scenes - n_test - n_val:
+        return "val"
+    return "train"
+
+
+def generate_world(out: str | os.PathLike, params: WorldParams = WorldParams()) -> Path:
+    """Write a world into `out` (created) and return the path of its scene list file."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for index in range(params.scenes):
+        scene_id = f"scene_{index:03d}"
+        _generate_scene(out / scene_id, params, index)
+        entries.append({
+            "id": scene_id,
+            "split": split_of(index, params.scenes),
+            "rasters": {m: f"{scene_id}/{m}.tif" for m in MODALITIES},
+            "labels": f"{scene_id}/rts.gpkg",
+        })
+    scene_list = out / "scenes.yaml"
+    with open(scene_list, "w") as f:
+        yaml.safe_dump({"generator": {**asdict(params), "version": GENERATOR_VERSION}, "scenes": entries}, f, sort_keys=False)
+    return scene_list
+
+
+def ensure_world(
+    root: str | os.PathLike,
+    scenes: int = 8,
+    seed: int = 0,
+    size: int = 512,
+    rts_per_scene: tuple[int, int] | list[int] = (5, 9),
+    distractors_per_scene: tuple[int, int] | list[int] = (6, 10),
+) -> str:
+    """Generate the world once under `root/synthetic_<key>` and return its scene list path.
+
+    Safe when several processes start at once (sweep jobs): each writes to its own
+    temporary directory and renames it into place; the loser of the race keeps the
+    winner's copy.
+    """
+    params = WorldParams(scenes, size, seed, tuple(rts_per_scene), tuple(distractors_per_scene))
+    root = Path(root).expanduser()
+    target = root / f"synthetic_{params.key()}"
+    scene_list = target / "scenes.yaml"
+    if scene_list.exists():
+        return str(scene_list)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    try:
+        generate_world(tmp, params)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not scene_list.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(scene_list)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Generate the synthetic Arctic RTS world.")
+    parser.add_argument("--out", required=True, help="output directory (scene list: OUT/scenes.yaml)")
+    parser.add_argument("--scenes", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=512, help="RGB pixels per scene side (4 m)")
+    parser.add_argument("--coco-chips", help="also export the world as COCO chip folders here")
+    parser.add_argument("--challenge", help="also export the world as a challenge-style .npz release here")
+    args = parser.parse_args(argv)
+    scene_list = generate_world(args.out, WorldParams(scenes=args.scenes, size=args.size, seed=args.seed))
+    print(f"scene list: {scene_list}")
+    if args.coco_chips or args.challenge:
+        from rts_thaw.data import export
+
+        if args.coco_chips:
+            print(f"COCO chips: {export.export_coco_chips(scene_list, args.coco_chips, seed=args.seed)}")
+        if args.challenge:
+            print(f"challenge release: {export.export_challenge(scene_list, args.challenge, seed=args.seed)}")
+
+
+if __name__ == "__main__":
+    main()

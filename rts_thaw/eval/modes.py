@@ -1,0 +1,64 @@
+"""The file-scoring modes of `python -m rts_thaw.evaluate`.
+
+    gt=<coco.json> predictions=<results.json> preset=coco|arctic_challenge   COCO metrics
+    gt=<truth.gpkg> predictions=<mapped.gpkg> iou_threshold=0.5             polygon P/R/F1
+    validate_submission=<submission.json> [data=arctic_challenge]           challenge checks
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from rts_thaw.mapping.vector_io import DRIVERS
+
+
+def _write_json(path: str | Path, data) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+    os.replace(tmp, path)
+    return path
+
+
+def score_files_mode(cfg: DictConfig) -> dict:
+    if not cfg.get("gt") or not cfg.get("predictions"):
+        raise ValueError("scoring files needs both gt=<ground truth> and predictions=<predictions>")
+    gt, predictions = Path(cfg.gt), Path(cfg.predictions)
+    if gt.suffix.lower() in DRIVERS:
+        from rts_thaw.eval.polygons import evaluate_polygon_files
+
+        report = evaluate_polygon_files(predictions, gt, cfg.get("iou_threshold", 0.5))
+        rows = {"all": report, **report["by_size"]}
+        for name, row in rows.items():
+            print(f"{name:>8}: precision {row['precision']:.3f}  recall {row['recall']:.3f}  f1 {row['f1']:.3f}  "
+                  f"(TP {row['true_positives']}, FP {row['false_positives']}, FN {row['false_negatives']})")
+    else:
+        from rts_thaw.eval.coco_files import evaluate_files
+
+        report = evaluate_files(gt, predictions, cfg.preset or "coco")
+        for name, value in report.items():
+            print(f"{name:>12}: {'-' if math.isnan(value) else f'{100 * value:.2f}'}")
+    print(f"written to {_write_json(cfg.output, {'gt': str(gt), 'predictions': str(predictions), 'metrics': report})}")
+    return report
+
+
+def validate_submission_mode(cfg: DictConfig) -> list[str]:
+    from rts_thaw.eval.submission import challenge_test_sizes, validate_submission
+
+    sizes = None
+    if cfg.get("data") is not None:  # ids and chip sizes from the release's test manifest
+        sizes = challenge_test_sizes(cfg.data.path, cfg.split)
+    problems = validate_submission(cfg.validate_submission, sizes)
+    for problem in problems:
+        print(problem)
+    checked = "ids, sizes and structure" if sizes is not None else "structure only (pass data=... for ids and sizes)"
+    print(f"{cfg.validate_submission}: {'valid' if not problems else f'{len(problems)} problem(s)'} ({checked})")
+    if problems:
+        raise SystemExit(1)
+    return problems

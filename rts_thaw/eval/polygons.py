@@ -1,0 +1,111 @@
+"""Polygon-level evaluation of mapped slumps against vector truth.
+
+Each predicted polygon is matched, in order of decreasing score, to the unmatched
+true polygon it overlaps most, if their IoU reaches the threshold (COCO's greedy
+rule, on polygons in map units). Precision, recall and F1 follow, overall and per
+size class: recall per class counts true slumps of that size, precision counts
+predicted slumps of that size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pyproj
+import shapely
+from shapely.strtree import STRtree
+
+from rts_thaw.mapping.vector_io import VectorLayer, read_layer
+from rts_thaw.mapping.vectorize import area_m2
+
+# The challenge's pixel size classes ([0, 300], [300, 2000], [2000, inf) px) at 4 m pixels.
+DEFAULT_SIZE_CLASSES_M2 = {"small": (0.0, 4800.0), "medium": (4800.0, 32000.0), "large": (32000.0, math.inf)}
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    return numerator / denominator if denominator else math.nan
+
+
+def _f1(precision: float, recall: float) -> float:
+    if math.isnan(precision) or math.isnan(recall) or precision + recall == 0:
+        return math.nan if math.isnan(precision) or math.isnan(recall) else 0.0
+    return 2 * precision * recall / (precision + recall)
+
+
+def match_polygons(predicted: Sequence, scores: Sequence[float], truth: Sequence,
+                   iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy matching; returns (index of the matched truth per prediction or -1,
+    IoU of that match per prediction)."""
+    matched_truth = np.full(len(predicted), -1, dtype=int)
+    matched_iou = np.zeros(len(predicted))
+    if not len(predicted) or not len(truth):
+        return matched_truth, matched_iou
+    tree = STRtree(list(truth))
+    taken = np.zeros(len(truth), dtype=bool)
+    for p in np.argsort(-np.asarray(scores, dtype=float), kind="stable"):
+        best, best_iou = -1, iou_threshold
+        for t in tree.query(predicted[p], predicate="intersects"):
+            if taken[t]:
+                continue
+            inter = shapely.intersection(predicted[p], truth[t]).area
+            iou = inter / (predicted[p].area + truth[t].area - inter)
+            if iou >= best_iou:
+                best, best_iou = t, iou
+        if best >= 0:
+            taken[best] = True
+            matched_truth[p], matched_iou[p] = best, best_iou
+    return matched_truth, matched_iou
+
+
+def _to_crs(geometries: list, source_crs: str | None, target_crs: str | None) -> list:
+    if not source_crs or not target_crs or pyproj.CRS(source_crs) == pyproj.CRS(target_crs):
+        return geometries
+    transformer = pyproj.Transformer.from_crs(source_crs, target_crs, always_xy=True)
+    return [shapely.transform(g, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
+            for g in geometries]
+
+
+def _area_m2(geometries: list, crs: str | None) -> np.ndarray:
+    if not crs:  # no CRS: map units are all there is
+        return np.array([g.area for g in geometries])
+    return np.array([area_m2(g, crs) for g in geometries])
+
+
+def evaluate_polygons(predicted: VectorLayer, truth: VectorLayer, iou_threshold: float = 0.5,
+                      size_classes_m2: Mapping[str, tuple[float, float]] = DEFAULT_SIZE_CLASSES_M2,
+                      score_column: str = "score") -> dict:
+    """Precision, recall, F1 and counts, overall and per size class."""
+    truth_geoms = _to_crs([shapely.make_valid(g) for g in truth.geometries], truth.crs, predicted.crs)
+    pred_geoms = [shapely.make_valid(g) for g in predicted.geometries]
+    if score_column in predicted.columns:
+        scores = predicted.columns[score_column].astype(float)
+    else:  # a layer without scores: all equal, file order decides ties
+        scores = np.ones(len(pred_geoms))
+    matched_truth, matched_iou = match_polygons(pred_geoms, scores, truth_geoms, iou_threshold)
+    true_found = np.zeros(len(truth_geoms), dtype=bool)
+    true_found[matched_truth[matched_truth >= 0]] = True
+    pred_area, true_area = _area_m2(pred_geoms, predicted.crs), _area_m2(truth_geoms, predicted.crs)
+
+    def counts(pred_sel: np.ndarray, true_sel: np.ndarray) -> dict:
+        tp_pred, tp_true = int((matched_truth[pred_sel] >= 0).sum()), int(true_found[true_sel].sum())
+        precision, recall = _ratio(tp_pred, int(pred_sel.sum())), _ratio(tp_true, int(true_sel.sum()))
+        return {"precision": precision, "recall": recall, "f1": _f1(precision, recall),
+                "n_predicted": int(pred_sel.sum()), "n_true": int(true_sel.sum()),
+                "true_positives": tp_true, "false_positives": int(pred_sel.sum()) - tp_pred,
+                "false_negatives": int(true_sel.sum()) - tp_true}
+
+    report = counts(np.ones(len(pred_geoms), bool), np.ones(len(truth_geoms), bool))
+    report["iou_threshold"] = iou_threshold
+    report["mean_matched_iou"] = float(matched_iou[matched_truth >= 0].mean()) if (matched_truth >= 0).any() else math.nan
+    report["by_size"] = {
+        name: counts((pred_area >= lo) & (pred_area < hi), (true_area >= lo) & (true_area < hi))
+        for name, (lo, hi) in size_classes_m2.items()
+    }
+    return report
+
+
+def evaluate_polygon_files(predictions_path, truth_path, iou_threshold: float = 0.5,
+                           size_classes_m2: Mapping[str, tuple[float, float]] = DEFAULT_SIZE_CLASSES_M2) -> dict:
+    return evaluate_polygons(read_layer(predictions_path), read_layer(truth_path), iou_threshold, size_classes_m2)

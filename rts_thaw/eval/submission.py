@@ -1,0 +1,139 @@
+"""GeoAI Arctic Challenge submissions: writing the COCO results list, and validating one.
+
+A submission is a JSON list of `{image_id, category_id: 1, segmentation, score}`,
+the segmentation a compressed RLE at the chip's full H x W and the score in [0, 1].
+The validator reports every problem it finds, not just the first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from rts_thaw.eval.coco import mask_to_rle
+
+REQUIRED_KEYS = ("image_id", "category_id", "segmentation", "score")
+RTS_CATEGORY_ID = 1
+
+
+def prediction_to_results(prediction: dict, image_id: int, height: int, width: int,
+                          mask_threshold: float = 0.5) -> list[dict]:
+    """Submission entries for one chip from a detector output (masks as probabilities)."""
+    masks = prediction["masks"]
+    masks = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+    if masks.ndim == 4:
+        masks = masks[:, 0]
+    if masks.shape[1:] != (height, width):
+        raise ValueError(f"image {image_id}: masks are {masks.shape[1:]}, the chip is {(height, width)}")
+    scores = prediction["scores"]
+    scores = scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+    results = []
+    for mask, score in zip(masks >= mask_threshold, scores):
+        if not mask.any():  # an empty mask can never match a slump
+            continue
+        results.append(
+            {
+                "image_id": int(image_id),
+                "category_id": RTS_CATEGORY_ID,
+                "segmentation": mask_to_rle(mask),
+                "score": float(min(max(float(score), 0.0), 1.0)),
+            }
+        )
+    return results
+
+
+def write_submission(results: Iterable[dict], path: str | Path) -> Path:
+    """Write the results list atomically (a half-written submission never exists)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(list(results)))
+    os.replace(tmp, path)
+    return path
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _segmentation_problems(seg, expected_size) -> list[str]:
+    if not isinstance(seg, dict) or not {"size", "counts"} <= seg.keys():
+        return ["segmentation is not a compressed RLE ({'size': [H, W], 'counts': str})"]
+    size, counts = seg["size"], seg["counts"]
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)):
+        return [f"segmentation size {size!r} is not [H, W] with positive integers"]
+    if not isinstance(counts, str):
+        return [f"segmentation counts must be a compressed RLE string, got {type(counts).__name__}"]
+    problems = []
+    if expected_size is not None and tuple(size) != tuple(expected_size):
+        problems.append(f"mask size {size} differs from the chip's H x W {list(expected_size)}")
+    try:
+        mask = mask_utils.decode({"size": size, "counts": counts.encode("ascii")})
+        if mask.shape != tuple(size):
+            problems.append(f"RLE decodes to {list(mask.shape)}, not its size {size}")
+    except Exception as err:  # pycocotools raises bare exceptions on corrupt counts
+        problems.append(f"RLE does not decode: {err}")
+    return problems
+
+
+def validate_submission(submission, expected_sizes: Mapping[int, tuple[int, int]] | None = None) -> list[str]:
+    """Every problem found in a submission (a path or a loaded list); [] when it is valid.
+
+    `expected_sizes` maps each test image id (from the manifest) to its chip's (H, W);
+    without it ids and sizes are not checked against the test set.
+    """
+    if isinstance(submission, (str, Path)):
+        path = Path(submission)
+        if not path.is_file():
+            return [f"{path}: file not found"]
+        try:
+            submission = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return [f"{path}: not valid JSON: {err}"]
+    if not isinstance(submission, list):
+        return [f"the submission must be a JSON list of results, got {type(submission).__name__}"]
+
+    problems = []
+    for i, entry in enumerate(submission):
+        where = f"entry {i}"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: not an object")
+            continue
+        if "image_id" in entry:
+            where += f" (image_id {entry['image_id']!r})"
+        missing = [k for k in REQUIRED_KEYS if k not in entry]
+        if missing:
+            problems.append(f"{where}: missing {', '.join(missing)}")
+        image_id = entry.get("image_id")
+        if "image_id" in entry:
+            if not _is_int(image_id):
+                problems.append(f"{where}: image_id must be an integer")
+            elif expected_sizes is not None and image_id not in expected_sizes:
+                problems.append(f"{where}: image_id is not in the test manifest")
+        if "category_id" in entry and entry["category_id"] != RTS_CATEGORY_ID:
+            problems.append(f"{where}: category_id must be {RTS_CATEGORY_ID}, got {entry['category_id']!r}")
+        if "score" in entry:
+            score = entry["score"]
+            if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+                problems.append(f"{where}: score {score!r} is not a finite number")
+            elif not 0.0 <= score <= 1.0:
+                problems.append(f"{where}: score {score} is outside [0, 1]")
+        if "segmentation" in entry:
+            expected = expected_sizes.get(image_id) if expected_sizes is not None and _is_int(image_id) else None
+            problems += [f"{where}: {p}" for p in _segmentation_problems(entry["segmentation"], expected)]
+    return problems
+
+
+def challenge_test_sizes(root: str | Path, split: str = "test") -> dict[int, tuple[int, int]]:
+    """Image id -> (H, W) of every chip of a challenge release split (manifest + .npz headers)."""
+    from rts_thaw.data.chips import _npz_image_shape, challenge_split
+
+    dataset = challenge_split(Path(root), split, ["rgb"])
+    return {int(record["id"]): tuple(_npz_image_shape(path)[:2]) for record, path in zip(dataset.images, dataset.files)}

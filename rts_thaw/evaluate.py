@@ -1,0 +1,50 @@
+"""Evaluate: `python -m rts_thaw.evaluate ckpt_path=... [data=...] [split=test]`.
+
+A thin dispatcher over evaluation modes; each mode lives in its own module.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+
+def evaluate_checkpoint_mode(cfg: DictConfig) -> dict:
+    from rts_thaw.training.evaluation import evaluate_checkpoint
+    from rts_thaw.training.single_run import write_json_atomic
+
+    metrics = evaluate_checkpoint(
+        cfg.ckpt_path,
+        data_cfg=cfg.get("data"),
+        split=cfg.split,
+        preset=cfg.preset,
+        trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True),
+    )
+    output = Path(cfg.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output, {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, "metrics": metrics})
+    for name, value in metrics.items():
+        print(f"{name:>12}: {'-' if math.isnan(value) else f'{100 * value:.2f}'}")
+    print(f"metrics written to {output}")
+    return metrics
+
+
+@hydra.main(config_path="pkg://rts_thaw.conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig):
+    if cfg.get("validate_submission"):
+        from rts_thaw.eval.modes import validate_submission_mode
+        return validate_submission_mode(cfg)
+    if cfg.get("gt") or cfg.get("predictions"):
+        from rts_thaw.eval.modes import score_files_mode
+        return score_files_mode(cfg)
+    if cfg.get("ckpt_path"):
+        return evaluate_checkpoint_mode(cfg)
+    raise ValueError("nothing to evaluate: pass ckpt_path=<checkpoint> (and optionally data=<source>), "
+                     "gt=<file> predictions=<file>, or validate_submission=<submission.json>")
+
+
+if __name__ == "__main__":
+    main()

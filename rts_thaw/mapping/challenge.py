@@ -1,0 +1,115 @@
+"""GeoAI Arctic Challenge submissions: predict every chip of a split, write and validate the results list.
+
+A chip larger than the model's tile is covered by overlapping tiles and its instances
+merged across the seams, exactly as a scene is; the merged masks are then encoded at
+the chip's full H x W.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from rts_thaw.data.chips import _npz_image_shape
+from rts_thaw.data.geotiff import tile_windows
+from rts_thaw.eval.coco import mask_to_rle
+from rts_thaw.eval.submission import RTS_CATEGORY_ID, validate_submission, write_submission
+from rts_thaw.mapping.instances import SceneInstance, instances_from_tile
+from rts_thaw.mapping.scene_tiles import collate_tiles, window_tuple
+from rts_thaw.mapping.seam_merge import merge_across_seams
+
+
+def challenge_dataset(data_cfg: DictConfig, model, split: str):
+    """The split's chips, read with the checkpoint's modalities and normalisation."""
+    data_cfg = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
+    with open_dict(data_cfg):
+        data_cfg.modalities = list(model.detector.modalities)
+        data_cfg.tile_size = model.tile_size
+    datamodule = instantiate(data_cfg, norm_stats=model.norm_stats)
+    return datamodule.dataset(split, augment=False)
+
+
+def _tiles(dataset, tile_size: int, overlap: int, num_workers: int) -> Iterator[dict]:
+    """Every tile of every chip, in chip order, with the chip's id and size."""
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    for sample in loader:
+        image_id, (h, w) = int(sample["meta"]["image_id"]), tuple(sample["valid"].shape)
+        windows = tile_windows(w, h, tile_size, max(tile_size - overlap, 1))
+        for k, window in enumerate(windows):
+            r, c, th, tw = window_tuple(window)
+            valid = sample["valid"][r:r + th, c:c + tw]
+            yield {"image_id": image_id, "chip_size": (h, w), "last": k == len(windows) - 1,
+                   "index": k, "window": (r, c, th, tw), "valid": valid,
+                   "image": {m: x[:, r:r + th, c:c + tw] for m, x in sample["image"].items()}}
+
+
+def _chip_results(image_id: int, size: tuple[int, int], instances: list[SceneInstance]) -> list[dict]:
+    results = []
+    for inst in merge_across_seams(instances):
+        mask = np.zeros(size, dtype=bool)
+        r0, c0, r1, c1 = inst.bounds
+        mask[r0:r1, c0:c1] = inst.mask
+        results.append({"image_id": image_id, "category_id": RTS_CATEGORY_ID,
+                        "segmentation": mask_to_rle(mask), "score": float(min(max(inst.score, 0.0), 1.0))})
+    return results
+
+
+@torch.inference_mode()
+def predict_chips(model, dataset, device: torch.device, batch_size: int = 4, num_workers: int = 0,
+                  overlap: int = 32, mask_threshold: float = 0.5, progress: bool = True) -> list[dict]:
+    results: list[dict] = []
+    pending: list[dict] = []
+    per_chip: dict[int, list[SceneInstance]] = {}
+    finished: list[tuple[int, tuple[int, int]]] = []
+
+    def run(batch_tiles: list[dict]) -> None:
+        batch = collate_tiles(batch_tiles)
+        images = {m: x.to(device) for m, x in batch["image"].items()}
+        for tile, output in zip(batch_tiles, model.detector(images, batch["image_sizes"])):
+            output = {"scores": output["scores"].cpu(), "masks": (output["masks"] >= mask_threshold).cpu()}
+            # tiles of one chip get distinct tile numbers, so only cross-tile duplicates merge
+            per_chip.setdefault(tile["image_id"], []).extend(
+                instances_from_tile(output, tile["window"], tile["valid"].numpy(), tile["index"]))
+
+    bar = tqdm(total=len(dataset), desc="chips", unit="chip", disable=not progress)
+    for tile in _tiles(dataset, model.tile_size, overlap, num_workers):
+        pending.append(tile)
+        if tile["last"]:
+            finished.append((tile["image_id"], tile["chip_size"]))
+        if len(pending) == batch_size:
+            run(pending)
+            pending = []
+            for image_id, size in finished:
+                results += _chip_results(image_id, size, per_chip.pop(image_id, []))
+                bar.update()
+            finished = []
+    if pending:
+        run(pending)
+    for image_id, size in finished:
+        results += _chip_results(image_id, size, per_chip.pop(image_id, []))
+        bar.update()
+    bar.close()
+    return results
+
+
+def expected_sizes(dataset) -> dict[int, tuple[int, int]]:
+    """(H, W) of each chip from its file header, independent of what the model was given."""
+    return {int(record["id"]): tuple(_npz_image_shape(path)[:2]) for record, path in zip(dataset.images, dataset.files)}
+
+
+def predict_challenge(model, data_cfg: DictConfig, split: str, output: str | Path, device: torch.device,
+                      batch_size: int = 4, num_workers: int = 0, mask_threshold: float = 0.5,
+                      progress: bool = True) -> tuple[Path, list[str]]:
+    """Write the submission for `split` and return its path and the validator's problems (none expected)."""
+    dataset = challenge_dataset(data_cfg, model, split)
+    results = predict_chips(model, dataset, device, batch_size, num_workers, mask_threshold=mask_threshold,
+                            progress=progress)
+    path = write_submission(results, output)
+    return path, validate_submission(path, expected_sizes(dataset))

@@ -1,0 +1,70 @@
+"""Scene-level instances: a detected slump as a mask cropped to its box, placed on the scene grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class SceneInstance:
+    """One slump on the scene's reference grid.
+
+    `mask` covers rows `row .. row + mask.shape[0]` and columns `col .. col + mask.shape[1]`
+    of the scene; `window` is the (row_off, col_off, height, width) of the tile it was
+    seen in (None once instances from several tiles are merged).
+    """
+
+    row: int
+    col: int
+    mask: np.ndarray  # bool [h, w]
+    score: float
+    window: tuple[int, int, int, int] | None = None
+    tile: int = -1
+    n_tiles: int = 1
+
+    @property
+    def bounds(self) -> tuple[int, int, int, int]:
+        """(row0, col0, row1, col1), end-exclusive, in scene pixels."""
+        return self.row, self.col, self.row + self.mask.shape[0], self.col + self.mask.shape[1]
+
+    @property
+    def pixels(self) -> int:
+        return int(self.mask.sum())
+
+
+def crop_to_content(mask: np.ndarray) -> tuple[int, int, np.ndarray] | None:
+    """(row, col, cropped mask) of the smallest box holding the mask, None if empty."""
+    rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
+    if not rows.any():
+        return None
+    r0, r1 = np.argmax(rows), len(rows) - np.argmax(rows[::-1])
+    c0, c1 = np.argmax(cols), len(cols) - np.argmax(cols[::-1])
+    return int(r0), int(c0), mask[r0:r1, c0:c1]
+
+
+def instances_from_tile(prediction: dict, window: tuple[int, int, int, int], valid: np.ndarray,
+                        tile: int, mask_threshold: float = 0.5, min_pixels: int = 4) -> list[SceneInstance]:
+    """Turn one tile's detector output into scene instances.
+
+    Pixels where the input was invalid (nodata) are removed from every mask: the
+    model saw zeros there, not land, so nothing it says about them is kept.
+    """
+    row_off, col_off, height, width = window
+    masks = prediction["masks"]
+    masks = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+    if masks.ndim == 4:
+        masks = masks[:, 0]
+    scores = prediction["scores"]
+    scores = scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+    valid = np.asarray(valid, dtype=bool)[:height, :width]
+    instances = []
+    for mask, score in zip(masks[:, :height, :width] >= mask_threshold, scores):
+        mask &= valid
+        if mask.sum() < min_pixels:
+            continue
+        r, c, cropped = crop_to_content(mask)
+        instances.append(SceneInstance(row_off + r, col_off + c, cropped.copy(), float(score), tuple(window), tile))
+    return instances

@@ -1,0 +1,102 @@
+"""Map a list of scenes with a checkpoint: one GeoPackage (and optional GeoJSON / score COG) per scene.
+
+Scenes already done are skipped, leftovers of an interrupted run are removed, and
+each scene's files appear only when complete, so a killed run resumes cleanly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import shapely
+import torch
+from rasterio.transform import array_bounds
+from tqdm import tqdm
+
+from rts_thaw.data.geotiff import SceneReader, SceneSpec, load_scene_list
+from rts_thaw.data.normalization import NormStats
+from rts_thaw.mapping.scene_outputs import SceneOutputs, checkpoint_identity, scene_layer, write_scene
+from rts_thaw.mapping.scene_predictor import TilingConfig, predict_scene
+from rts_thaw.mapping.score_raster import ScoreRasterWriter
+from rts_thaw.mapping.shards import shard_scenes
+from rts_thaw.mapping.vectorize import area_m2
+
+
+@dataclass
+class LoadedModel:
+    detector: torch.nn.Module
+    norm_stats: NormStats
+    tile_size: int
+    name: str
+    identity: str
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(ckpt_path: str | Path, device: torch.device) -> LoadedModel:
+    from rts_thaw.training.evaluation import detector_from_checkpoint, load_checkpoint
+
+    checkpoint = load_checkpoint(ckpt_path)
+    info = checkpoint["rts_thaw"]
+    detector = detector_from_checkpoint(checkpoint).to(device).eval()
+    config = info.get("config") or {}
+    name = config.get("name") or type(detector).__name__
+    return LoadedModel(detector, NormStats.from_dict(info["norm_stats"]), int(info["tile_size"]), str(name),
+                       checkpoint_identity(ckpt_path))
+
+
+def check_modalities(scenes: list[SceneSpec], modalities: list[str], source: Path) -> None:
+    """Every scene must have every modality the model reads: checked before any work."""
+    lacking = {s.id: sorted(set(modalities) - set(s.rasters)) for s in scenes if set(modalities) - set(s.rasters)}
+    if lacking:
+        listed = "; ".join(f"{sid} lacks {missing}" for sid, missing in list(lacking.items())[:5])
+        raise ValueError(f"{source}: the checkpoint reads modalities {modalities}, but {len(lacking)} scene(s) "
+                         f"do not have them: {listed}")
+
+
+def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Path, tiling: TilingConfig,
+               device: torch.device, shard: int = 0, num_shards: int = 1, geojson: bool = False,
+               score_raster: bool = False, progress: bool = True) -> list[dict]:
+    """Predict every scene of this shard that is not done yet; returns one summary per scene."""
+    scenes_path, output_dir = Path(scenes_path), Path(output_dir)
+    scenes = shard_scenes(load_scene_list(scenes_path), shard, num_shards)
+    check_modalities(scenes, list(model.detector.modalities), scenes_path)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    for spec in tqdm(scenes, desc="scenes", unit="scene", disable=not progress):
+        outputs = SceneOutputs(output_dir, spec.id)
+        if outputs.done():
+            summaries.append({"scene_id": spec.id, "status": "skipped (done)"})
+            continue
+        outputs.remove_leftovers()
+        summaries.append(_map_one(model, spec, outputs, tiling, device, geojson, score_raster, progress))
+    return summaries
+
+
+def _map_one(model, spec, outputs, tiling, device, geojson, score_raster, progress) -> dict:
+    start = time.perf_counter()
+    with SceneReader(spec, list(model.detector.modalities)) as reader:
+        crs, transform, shape = reader.crs, reader.transform, (reader.height, reader.width)
+    writer = ScoreRasterWriter(outputs.score_tif, shape[1], shape[0], transform, crs) if score_raster else None
+    try:
+        instances, stats = predict_scene(model.detector, spec, shape, model.norm_stats, tiling, device,
+                                         on_tile=writer.mark_valid if writer else None, progress=progress)
+        layer = scene_layer(instances, transform, crs, spec.id, model.name, model.identity)
+        if writer:
+            writer.add_instances(instances)
+            writer.close()
+            writer = None
+        write_scene(layer, outputs, geojson)
+    finally:
+        if writer:  # failed part-way: leave no draft behind
+            writer.abort()
+    return {"scene_id": spec.id, "status": "done", "tiles": stats.tiles, "empty_tiles": stats.empty_tiles,
+            "instances": stats.instances, "raw_instances": stats.raw_instances,
+            "seconds": round(time.perf_counter() - start, 3),
+            "km2": area_m2(shapely.box(*array_bounds(shape[0], shape[1], transform)), crs) / 1e6}

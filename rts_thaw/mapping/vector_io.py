@@ -1,0 +1,75 @@
+"""Reading and writing vector layers (GeoPackage, GeoJSON, shapefile) with pyogrio.
+
+Writes are atomic: the layer goes to a temporary file in the same folder, then is
+renamed into place, so a reader (or a rerun) never sees a half-written layer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyogrio.raw
+import shapely
+
+DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON", ".shp": "ESRI Shapefile"}
+WRITE_DRIVERS = {"GPKG", "GeoJSON"}
+
+
+@dataclass
+class VectorLayer:
+    """Geometries with their attribute columns and CRS (WKT)."""
+
+    geometries: list
+    crs: str | None
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.geometries)
+
+
+def driver_for(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in DRIVERS:
+        raise ValueError(f"{path}: unknown vector format {suffix!r}; use one of {sorted(DRIVERS)}")
+    return DRIVERS[suffix]
+
+
+def read_layer(path: str | Path) -> VectorLayer:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"vector file not found: {path}")
+    try:
+        meta, _, wkb, field_data = pyogrio.raw.read(str(path))
+    except Exception as err:
+        raise ValueError(f"cannot read vector file {path}: {err}") from err
+    geometries = list(shapely.from_wkb(wkb)) if wkb is not None else []
+    columns = {name: np.asarray(values) for name, values in zip(meta["fields"], field_data)}
+    return VectorLayer(geometries, meta["crs"], columns)
+
+
+def write_layer(layer: VectorLayer, path: str | Path, layer_name: str = "rts") -> Path:
+    """Write polygons atomically; an empty layer is written too (a scene with no slumps)."""
+    path = Path(path)
+    if driver_for(path) not in WRITE_DRIVERS:  # a shapefile is several files: no atomic rename
+        raise ValueError(f"{path}: write GeoPackage (.gpkg) or GeoJSON (.geojson), not {path.suffix}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    if tmp.exists():
+        tmp.unlink()
+    geometries = [shapely.MultiPolygon([g]) if isinstance(g, shapely.Polygon) else g for g in layer.geometries]
+    names = list(layer.columns)
+    pyogrio.raw.write(
+        str(tmp),
+        np.array(shapely.to_wkb(geometries), dtype=object) if geometries else np.array([], dtype=object),
+        [np.asarray(layer.columns[n]) for n in names],
+        names,
+        layer=layer_name,
+        driver=driver_for(path),
+        geometry_type="MultiPolygon",
+        crs=layer.crs,
+    )
+    os.replace(tmp, path)
+    return path

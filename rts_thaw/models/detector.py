@@ -1,0 +1,187 @@
+"""The multimodal detector: encoders -> fusion -> FPN -> RPN -> (cascade) RoI heads.
+
+`build_detector` is the Hydra target of the `model` config group; the parts are
+built here and passed into `MultiModalDetector`, which only wires them together.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from rts_thaw.models.cascade import CascadeRoIHeads
+from rts_thaw.models.encoders import Encoder, build_encoder, check_tile_size
+from rts_thaw.models.fusion import STACKED, build_fusion, uses_stacked_input
+from rts_thaw.models.heads import BoxHead, BoxPredictor, MaskHead
+from rts_thaw.models.summary import parameter_summary
+
+NUM_CLASSES = 2  # background + rts
+PARTS = ("encoders", "fusion", "neck", "rpn", "roi_heads")
+
+
+class MultiModalDetector(nn.Module):
+    def __init__(self, encoders: nn.ModuleDict, fusion: nn.Module, neck: nn.Module, rpn: nn.Module,
+                 roi_heads: CascadeRoIHeads, modality_channels: Mapping[str, int]):
+        super().__init__()
+        self.encoders = encoders
+        self.fusion = fusion
+        self.neck = neck
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.modality_channels = dict(modality_channels)
+        self.stacked_input = STACKED in encoders
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.modality_channels)
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        return parameter_summary(self, PARTS)
+
+    def _check_images(self, images: Mapping[str, torch.Tensor]) -> None:
+        missing = [m for m in self.modalities if m not in images]
+        if missing:
+            raise ValueError(f"detector needs modalities {self.modalities}; the batch lacks {missing} "
+                             f"(it has {list(images)})")
+        for m, c in self.modality_channels.items():
+            if images[m].dim() != 4 or images[m].shape[1] != c:
+                raise ValueError(f"modality '{m}' must be [B,{c},H,W], got {tuple(images[m].shape)}")
+
+    def extract_features(self, images: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+        """Encode every modality, fuse, and build the FPN pyramid."""
+        self._check_images(images)
+        if self.stacked_input:
+            inputs = {STACKED: torch.cat([images[m] for m in self.modalities], dim=1)}
+        else:
+            inputs = {m: images[m] for m in self.modalities}
+        features = {key: self.encoders[key](x) for key, x in inputs.items()}
+        fused = self.fusion(features)
+        return self.neck(OrderedDict((str(i), f) for i, f in enumerate(fused)))
+
+    def forward(self, images: Mapping[str, torch.Tensor], image_sizes, targets=None):
+        image_sizes = [(int(h), int(w)) for h, w in image_sizes]
+        pyramid = self.extract_features(images)
+        reference = images[self.modalities[0]]
+        image_list = ImageList(reference, image_sizes)
+        if self.training and targets is None:
+            raise ValueError("the detector needs targets in training mode")
+        proposals, rpn_losses = self.rpn(image_list, pyramid, targets)
+        detections, roi_losses = self.roi_heads(pyramid, proposals, image_sizes, targets)
+        if self.training:
+            return {**rpn_losses, **roi_losses}
+        for det, (h, w) in zip(detections, image_sizes):
+            det["masks"] = paste_masks_in_image(det["masks"], det["boxes"], (h, w))[:, 0]
+        return detections
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def build_encoders(modality_channels: Mapping[str, int], encoder: Mapping[str, Any], stacked: bool,
+                   img_size: int) -> nn.ModuleDict:
+    weights = dict(encoder.get("weights") or {})
+    keys = [STACKED] if stacked else list(modality_channels)
+    unknown = [m for m in weights if m not in keys]
+    if unknown:
+        raise ValueError(f"encoder weights given for unknown modality {unknown}; this model's encoders are {keys}")
+    if encoder.get("frozen") and not weights and not encoder.get("pretrained"):
+        warnings.warn("frozen encoders with random weights: give encoder.weights (stage-1 checkpoints) "
+                      "or pretrained: true", stacklevel=3)
+    channels = {STACKED: sum(modality_channels.values())} if stacked else dict(modality_channels)
+    return nn.ModuleDict({
+        key: build_encoder(encoder["name"], channels[key], img_size, key, pretrained=bool(encoder.get("pretrained")),
+                           weights=weights.get(key), frozen=bool(encoder.get("frozen")),
+                           grad_checkpointing=bool(encoder.get("grad_checkpointing")))
+        for key in keys
+    })
+
+
+def build_rpn(channels: int, heads: Mapping[str, Any]) -> RegionProposalNetwork:
+    rpn = heads["rpn"]
+    sizes = tuple((int(s),) for s in heads["anchor_sizes"])
+    anchors = AnchorGenerator(sizes, (tuple(float(a) for a in heads["aspect_ratios"]),) * len(sizes))
+    return RegionProposalNetwork(
+        anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
+        fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=rpn["batch_size_per_image"],
+        positive_fraction=0.5,
+        pre_nms_top_n=dict(training=rpn["pre_nms_top_n_train"], testing=rpn["pre_nms_top_n_test"]),
+        post_nms_top_n=dict(training=rpn["post_nms_top_n_train"], testing=rpn["post_nms_top_n_test"]),
+        nms_thresh=rpn["nms_thresh"],
+    )
+
+
+def build_roi_heads(channels: int, heads: Mapping[str, Any]) -> CascadeRoIHeads:
+    roi, box, mask = heads["roi"], heads["box_head"], heads["mask_head"]
+    levels = ["0", "1", "2", "3"]
+    stages = len(roi["iou_thresholds"])
+    box_heads = [BoxHead(channels, box["pool_size"], box["num_conv"], box["conv_dim"], box["num_fc"], box["fc_dim"])
+                 for _ in range(stages)]
+    return CascadeRoIHeads(
+        box_roi_pool=MultiScaleRoIAlign(levels, box["pool_size"], sampling_ratio=2),
+        box_heads=box_heads,
+        box_predictors=[BoxPredictor(h.out_dim, NUM_CLASSES) for h in box_heads],
+        iou_thresholds=roi["iou_thresholds"], bbox_reg_weights=roi["bbox_reg_weights"],
+        mask_roi_pool=MultiScaleRoIAlign(levels, mask["pool_size"], sampling_ratio=2),
+        mask_head=MaskHead(channels, NUM_CLASSES, mask["num_conv"], mask["conv_dim"]),
+        batch_size_per_image=roi["batch_size_per_image"], positive_fraction=roi["positive_fraction"],
+        score_thresh=roi["score_thresh"], nms_thresh=roi["nms_thresh"], detections_per_img=roi["detections_per_img"],
+    )
+
+
+def load_heads_from_checkpoint(detector: MultiModalDetector, path: str | Path) -> None:
+    """Start neck, RPN and RoI heads from a stage-1 (e.g. RGB) Lightning checkpoint."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict")
+    if state is None:
+        raise ValueError(f"init_from checkpoint {path} is not a Lightning checkpoint (no 'state_dict')")
+    for part in ("neck", "rpn", "roi_heads"):
+        prefix = f"detector.{part}."
+        part_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not part_state:
+            raise ValueError(f"init_from checkpoint {path} has no '{prefix}' weights")
+        try:
+            getattr(detector, part).load_state_dict(part_state)
+        except RuntimeError as err:
+            raise ValueError(f"init_from checkpoint {path}: its {part} does not fit this model "
+                             f"(different heads config or encoder?): {err}") from err
+
+
+def build_detector(modality_channels: Mapping[str, int], encoder: Mapping[str, Any],
+                   fusion: Mapping[str, Any] | None, heads: Mapping[str, Any], img_size: int,
+                   init_from: str | None = None) -> MultiModalDetector:
+    """Build the detector for the given modalities ({name: channels}) from the model config."""
+    modality_channels, encoder, fusion, heads = (_plain(x) for x in (modality_channels, encoder, fusion, heads))
+    if not modality_channels:
+        raise ValueError("build_detector needs at least one modality in modality_channels")
+    bad = {m: c for m, c in modality_channels.items() if not isinstance(m, str) or int(c) < 1}
+    if bad:
+        raise ValueError(f"modality_channels must map names to positive channel counts, got {bad}")
+    fusion = fusion or {"name": "none"}
+    check_tile_size(img_size, encoder, img_size)
+    stacked = uses_stacked_input(fusion)
+    encoders = build_encoders(modality_channels, encoder, stacked, img_size)
+    fusion_module = build_fusion(fusion, {k: e.out_channels for k, e in encoders.items()})
+    channels = heads["neck_channels"]
+    neck = FeaturePyramidNetwork(fusion_module.out_channels, channels, extra_blocks=LastLevelMaxPool())
+    detector = MultiModalDetector(encoders, fusion_module, neck, build_rpn(channels, heads),
+                                  build_roi_heads(channels, heads), modality_channels)
+    if init_from:
+        load_heads_from_checkpoint(detector, init_from)
+    return detector
+
+
+__all__ = ["MultiModalDetector", "build_detector", "check_tile_size", "Encoder"]

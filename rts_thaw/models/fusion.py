@@ -1,0 +1,217 @@
+"""Fusion of per-modality multi-scale features into one multi-scale feature set.
+
+One interface for every variant: `forward(features: dict[modality, list[Tensor]])`
+returns a list of feature maps with the strides and channels of the reference
+(RGB) encoder, so the FPN never knows which fusion ran. Variants are picked by the
+registry name in the `fusion` config group:
+
+- `none`: one modality, passed through;
+- `data_level`: modalities are stacked as input channels of one encoder (keyed
+  "stacked"); by the time features exist there is nothing left to fuse;
+- `concat_conv`: per level, concatenate all modalities and convolve back;
+- `cross_attention`: RGB tokens attend to each auxiliary modality's tokens;
+- `residual_cross_attention`: the same, added back to the RGB features, projected.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STACKED = "stacked"
+
+
+class PassThrough(nn.Module):
+    """`none` and `data_level`: a single feature set goes through unchanged."""
+
+    def __init__(self, modality: str, channels: Sequence[int]):
+        super().__init__()
+        self.reference = modality
+        self.out_channels = list(channels)
+
+    def forward(self, features: Mapping[str, list[torch.Tensor]]) -> list[torch.Tensor]:
+        return list(features[self.reference])
+
+
+class ConcatConvFusion(nn.Module):
+    """Feature-level concatenation of all modalities followed by a convolution per level."""
+
+    def __init__(self, reference: str, feature_channels: Mapping[str, Sequence[int]], levels: Sequence[int],
+                 kernel_size: int = 1):
+        super().__init__()
+        self.reference = reference
+        self.modalities = [reference] + [m for m in feature_channels if m != reference]
+        self.out_channels = list(feature_channels[reference])
+        self.levels = list(levels)
+        self.mix = nn.ModuleDict({
+            str(lvl): nn.Conv2d(sum(feature_channels[m][lvl] for m in self.modalities), self.out_channels[lvl],
+                                kernel_size, padding=kernel_size // 2)
+            for lvl in self.levels
+        })
+
+    def forward(self, features: Mapping[str, list[torch.Tensor]]) -> list[torch.Tensor]:
+        out = list(features[self.reference])
+        for lvl in self.levels:
+            stacked = torch.cat([_resize_like(features[m][lvl], out[lvl]) for m in self.modalities], dim=1)
+            out[lvl] = self.mix[str(lvl)](stacked)
+        return out
+
+
+def _resize_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    # Encoders of different families may round odd sizes differently.
+    return x if x.shape[-2:] == ref.shape[-2:] else F.interpolate(x, size=ref.shape[-2:], mode="bilinear",
+                                                                   align_corners=False)
+
+
+def sine_position_encoding(height: int, width: int, dim: int, device=None, dtype=None) -> torch.Tensor:
+    """2-D sinusoidal encoding of normalised cell centres, [height*width, dim].
+
+    Coordinates are in [0, 1] of the image, so full-resolution query tokens and pooled
+    key/value tokens of the same place get the same code.
+    """
+    if dim % 4:
+        raise ValueError(f"position encoding needs a channel count divisible by 4, got {dim}")
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    quarter = dim // 4
+    freqs = torch.exp(torch.arange(quarter, device=device, dtype=torch.float32) * (-math.log(1000.0) / max(quarter, 1)))
+    ang_y = (ys[:, None] * freqs[None, :] * 2 * math.pi)  # [H, q]
+    ang_x = (xs[:, None] * freqs[None, :] * 2 * math.pi)  # [W, q]
+    enc_y = torch.cat([ang_y.sin(), ang_y.cos()], dim=1)[:, None, :].expand(height, width, 2 * quarter)
+    enc_x = torch.cat([ang_x.sin(), ang_x.cos()], dim=1)[None, :, :].expand(height, width, 2 * quarter)
+    return torch.cat([enc_y, enc_x], dim=2).reshape(height * width, dim).to(dtype or torch.float32)
+
+
+class CrossModalAttention(nn.Module):
+    """One level: RGB tokens are queries, each auxiliary modality gives keys and values.
+
+    Keys/values are average-pooled to at most `kv_pool_size`^2 tokens, which bounds
+    the attention cost at stride 4 of large tiles (16k x 256 instead of 16k x 16k).
+    With `residual`, the attended result is added to the RGB features before the
+    projection (the paper's module); the output projection of each modality's
+    attention starts at zero and the final projection at identity, so a residual
+    fusion starts as the RGB model it is initialised from (staged training).
+    """
+
+    def __init__(self, dim: int, aux_dims: Mapping[str, int], num_heads: int, kv_pool_size: int,
+                 residual: bool, combine: str = "sum"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"fusion num_heads={num_heads} does not divide the feature width {dim}")
+        if combine not in ("sum", "mean"):
+            raise ValueError(f"fusion combine must be 'sum' or 'mean', got '{combine}'")
+        self.dim, self.num_heads, self.kv_pool_size = dim, num_heads, kv_pool_size
+        self.residual, self.combine = residual, combine
+        self.q_norm = nn.LayerNorm(dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.kv_norm = nn.ModuleDict({m: nn.LayerNorm(d) for m, d in aux_dims.items()})
+        self.k_proj = nn.ModuleDict({m: nn.Linear(d, dim) for m, d in aux_dims.items()})
+        self.v_proj = nn.ModuleDict({m: nn.Linear(d, dim) for m, d in aux_dims.items()})
+        self.out_proj = nn.ModuleDict({m: nn.Linear(dim, dim) for m in aux_dims})
+        self.proj = nn.Conv2d(dim, dim, 1)
+        if residual:
+            for layer in self.out_proj.values():
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+            with torch.no_grad():
+                self.proj.weight.copy_(torch.eye(dim)[:, :, None, None])
+                self.proj.bias.zero_()
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, N, C] -> [B, heads, N, C/heads]
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.dim // self.num_heads).transpose(1, 2)
+
+    def forward(self, query: torch.Tensor, aux: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        b, c, h, w = query.shape
+        q_tokens = query.flatten(2).transpose(1, 2)
+        q = self.q_proj(self.q_norm(q_tokens)) + sine_position_encoding(h, w, c, query.device, query.dtype)
+        q = self._heads(q)
+        attended = []
+        for mod, feat in aux.items():
+            pooled = F.adaptive_avg_pool2d(feat, (min(feat.shape[-2], self.kv_pool_size),
+                                                  min(feat.shape[-1], self.kv_pool_size)))
+            ph, pw = pooled.shape[-2:]
+            tokens = self.kv_norm[mod](pooled.flatten(2).transpose(1, 2))
+            k = self.k_proj[mod](tokens) + sine_position_encoding(ph, pw, c, query.device, query.dtype)
+            v = self.v_proj[mod](tokens)
+            a = F.scaled_dot_product_attention(q, self._heads(k), self._heads(v))  # [B, heads, N, C/heads]
+            attended.append(self.out_proj[mod](a.transpose(1, 2).reshape(b, h * w, c)))
+        combined = torch.stack(attended).sum(0)
+        if self.combine == "mean":
+            combined = combined / len(attended)
+        combined = combined.transpose(1, 2).reshape(b, c, h, w)
+        return self.proj(query + combined if self.residual else combined)
+
+
+class CrossAttentionFusion(nn.Module):
+    """Cross-modality attention on the configured levels; other levels keep the RGB features."""
+
+    def __init__(self, reference: str, feature_channels: Mapping[str, Sequence[int]], levels: Sequence[int],
+                 residual: bool, num_heads: int = 4, kv_pool_size: int = 16, combine: str = "sum"):
+        super().__init__()
+        self.reference = reference
+        self.aux = [m for m in feature_channels if m != reference]
+        self.out_channels = list(feature_channels[reference])
+        self.levels = list(levels)
+        self.attn = nn.ModuleDict({
+            str(lvl): CrossModalAttention(self.out_channels[lvl], {m: feature_channels[m][lvl] for m in self.aux},
+                                          num_heads, kv_pool_size, residual, combine)
+            for lvl in self.levels
+        })
+
+    def forward(self, features: Mapping[str, list[torch.Tensor]]) -> list[torch.Tensor]:
+        out = list(features[self.reference])
+        for lvl in self.levels:
+            out[lvl] = self.attn[str(lvl)](out[lvl], {m: features[m][lvl] for m in self.aux})
+        return out
+
+
+FUSIONS = ("none", "data_level", "concat_conv", "cross_attention", "residual_cross_attention")
+
+
+def uses_stacked_input(fusion_cfg: Mapping[str, Any]) -> bool:
+    return _name(fusion_cfg) == "data_level"
+
+
+def _name(fusion_cfg: Mapping[str, Any]) -> str:
+    name = fusion_cfg.get("name") if fusion_cfg else "none"
+    if name not in FUSIONS:
+        raise ValueError(f"Unknown fusion '{name}'; choose one of {list(FUSIONS)}")
+    return name
+
+
+def build_fusion(fusion_cfg: Mapping[str, Any] | None, feature_channels: Mapping[str, Sequence[int]]) -> nn.Module:
+    """Pick a fusion from the registry; `feature_channels` maps each encoder key to its level widths."""
+    cfg = dict(fusion_cfg or {"name": "none"})
+    name = _name(cfg)
+    cfg.pop("name", None)
+    reference = cfg.pop("reference", "rgb")
+    modalities = list(feature_channels)
+    if name == "data_level":
+        return PassThrough(STACKED, feature_channels[STACKED])
+    if name == "none":
+        if len(modalities) != 1:
+            raise ValueError(f"fusion 'none' takes one modality, got {modalities}; "
+                             "choose a fusion (e.g. fusion=residual_cross_attention) or a single modality")
+        return PassThrough(modalities[0], feature_channels[modalities[0]])
+    if reference not in feature_channels:
+        raise ValueError(f"fusion '{name}' uses '{reference}' as its reference (query) modality, "
+                         f"but the modalities are {modalities}")
+    if len(modalities) < 2:
+        raise ValueError(f"fusion '{name}' needs at least one auxiliary modality besides '{reference}', "
+                         f"got only {modalities}; use fusion=none for a single modality")
+    levels = list(cfg.pop("levels", [0, 1, 2, 3]))
+    num_levels = len(feature_channels[reference])
+    bad = [lvl for lvl in levels if not 0 <= lvl < num_levels]
+    if bad or not levels:
+        raise ValueError(f"fusion levels {levels} invalid: give indices in 0..{num_levels - 1} (stride 4..32)")
+    try:
+        if name == "concat_conv":
+            return ConcatConvFusion(reference, feature_channels, levels, **cfg)
+        return CrossAttentionFusion(reference, feature_channels, levels,
+                                    residual=(name == "residual_cross_attention"), **cfg)
+    except TypeError as err:
+        raise ValueError(f"bad parameter for fusion '{name}': {err}") from err

@@ -1,0 +1,70 @@
+"""Train a detector: `python -m rts_thaw.train [+experiment=<name>] [overrides]`.
+
+The entry point only composes and dispatches: a staged fusion run
+(`training.staged=true`), a stage-1 run stored in the shared cache
+(`training.stage1_cache=true`), or a plain run in Hydra's run directory.
+Re-running the same command finds the same run directory and resumes from its
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def _run_id(override_dirname: str) -> str:
+    """A short, filesystem-safe folder name for a set of command-line overrides."""
+    if not override_dirname:
+        return "base"
+    return hashlib.sha256(override_dirname.encode()).hexdigest()[:10]
+
+
+if not OmegaConf.has_resolver("rts_thaw.run_id"):
+    OmegaConf.register_new_resolver("rts_thaw.run_id", _run_id)
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Run what `cfg` describes in `run_dir`; returns its results."""
+    from rts_thaw.training import staged
+    from rts_thaw.training.single_run import fit_and_test, write_json_atomic
+
+    run_dir = Path(run_dir)
+    if cfg.training.staged:
+        return staged.run_staged(cfg, run_dir)
+    if cfg.training.stage1_cache:
+        if len(cfg.data.modalities) != 1:
+            raise ValueError(
+                "training.stage1_cache=true stores a unimodal (stage-1) model: set one modality, "
+                f"e.g. data.modalities=[rgb]; got {list(cfg.data.modalities)}"
+            )
+        stage1 = staged.stage1_config(cfg, cfg.data.modalities[0])
+        results = staged.ensure_stage1(stage1)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "results.json", results)
+    else:
+        results = fit_and_test(cfg, run_dir)
+    row = staged.table_row(cfg.name, results)
+    staged.write_table([row], run_dir)
+    print(staged.format_table([row]))
+    return results
+
+
+@hydra.main(config_path="pkg://rts_thaw.conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    results = train(cfg, HydraConfig.get().runtime.output_dir)
+    final = results["stage2"] if "stage2" in results else results
+    value = final.get("test", {}).get("segm_AP50", math.nan)
+    return value  # the objective of Hydra sweepers
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Evaluate a checkpoint on a dataset split with the COCO metrics of training."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from rts_thaw.training.module import DetectionModule
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ValueError(f"checkpoint {path} cannot be read ({error})") from error
+    if not isinstance(checkpoint, dict) or "rts_thaw" not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"{path} is not an rts_thaw training checkpoint (no 'rts_thaw' run information or state_dict)"
+        )
+    return checkpoint
+
+
+def detector_from_checkpoint(checkpoint: dict[str, Any]) -> torch.nn.Module:
+    """The detector the checkpoint was trained with, its weights loaded from the checkpoint."""
+    info = checkpoint["rts_thaw"]
+    model_cfg = OmegaConf.create(info["config"]["model"])
+    with open_dict(model_cfg):
+        # Every weight is in the checkpoint: no stage-1 files or downloads are needed.
+        model_cfg.encoder.weights = None
+        model_cfg.encoder.pretrained = False
+        model_cfg.init_from = None
+    detector = instantiate(model_cfg)(modality_channels=dict(info["modality_channels"]))
+    state = {k[len("detector."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("detector.")}
+    detector.load_state_dict(state)
+    return detector
+
+
+def data_config_for(checkpoint: dict[str, Any], data_cfg: DictConfig | None) -> DictConfig:
+    """The data config to evaluate on: the given one (or the training one) with the
+    checkpoint's modalities and tile size, so that the model gets the inputs it knows."""
+    info = checkpoint["rts_thaw"]
+    data_cfg = copy.deepcopy(data_cfg) if data_cfg is not None else OmegaConf.create(info["config"]["data"])
+    with open_dict(data_cfg):
+        data_cfg.modalities = list(info["modalities"])
+        data_cfg.tile_size = int(info["tile_size"])
+    return data_cfg
+
+
+def evaluate_checkpoint(
+    ckpt_path: str | Path,
+    data_cfg: DictConfig | None = None,
+    split: str = "test",
+    preset: str | None = None,
+    trainer_kwargs: dict | None = None,
+) -> dict[str, float]:
+    """COCO box and mask metrics of a checkpoint on `split` (test | val) of a dataset."""
+    checkpoint = load_checkpoint(ckpt_path)
+    info = checkpoint["rts_thaw"]
+    # The training statistics, not ones computed on this dataset: the model knows those.
+    datamodule = instantiate(data_config_for(checkpoint, data_cfg), norm_stats=info["norm_stats"])
+    datamodule.setup()
+    preset = preset or info["config"].get("training", {}).get("coco_preset", "coco")
+    module = DetectionModule(detector_from_checkpoint(checkpoint), coco_preset=preset, run_info=info)
+    trainer = pl.Trainer(**{"accelerator": "auto", "devices": 1, "logger": False,
+                            "enable_checkpointing": False, **(trainer_kwargs or {})})
+    if split == "test":
+        loader = datamodule.test_dataloader()
+    elif split == "val":
+        loader = datamodule.val_dataloader()
+    else:
+        raise ValueError(f"unknown split {split!r}: expected test or val")
+    trainer.test(module, dataloaders=loader, verbose=False)
+    return module.test_metrics

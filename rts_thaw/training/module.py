@@ -1,0 +1,153 @@
+"""The LightningModule around a `MultiModalDetector`: losses, COCO metrics, optimiser."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rts_thaw.eval.coco import CocoEvaluator
+from rts_thaw.training.optim import build_optimizer
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"params/total": total, "params/trainable": trainable}
+
+
+class DetectionModule(pl.LightningModule):
+    """Trains and evaluates one detector on batches of the data contract.
+
+    `run_info` (norm_stats, modalities, modality_channels, tile_size, config) is
+    written into every checkpoint under `checkpoint["rts_thaw"]`, so that
+    evaluation and prediction rebuild the model and its inputs from the file alone.
+    """
+
+    def __init__(
+        self,
+        detector: nn.Module,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        coco_preset: str = "coco",
+        run_info: dict | None = None,
+    ):
+        super().__init__()
+        self.detector = detector
+        self.optimizer_cfg = dict(optimizer or {"lr": 1e-3, "weight_decay": 0.05})
+        self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_steps": 0})
+        self.coco_preset = coco_preset
+        self.run_info = dict(run_info or {})
+        self.val_evaluator = CocoEvaluator(coco_preset)
+        self.test_evaluator = CocoEvaluator(coco_preset)
+        self.test_metrics: dict[str, float] = {}
+        # The last validation batch and its predictions, for the image-logging callback.
+        self.last_val_example: tuple[dict, list[dict]] | None = None
+
+    def forward(self, batch: dict) -> list[dict]:
+        return self.detector(batch["image"], batch["image_sizes"])
+
+    # ---- training -------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self.detector(batch["image"], batch["image_sizes"], batch["targets"])
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss at step {self.global_step}: "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                + " (lower training.optimizer.lr or raise the warm-up)"
+            )
+        batch_size = len(batch["image_sizes"])
+        self.log_dict(
+            {f"train/{name}": value.detach() for name, value in losses.items()},
+            batch_size=batch_size,
+        )
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer, schedule = build_optimizer(
+            self.detector,
+            lr=self.optimizer_cfg["lr"],
+            weight_decay=self.optimizer_cfg.get("weight_decay", 0.0),
+            betas=self.optimizer_cfg.get("betas", (0.9, 0.999)),
+            total_steps=max(int(self.trainer.estimated_stepping_batches), 1),
+            scheduler=self.scheduler_cfg.get("name", "cosine"),
+            warmup_steps=self.scheduler_cfg.get("warmup_steps", 0),
+            step_milestones=self.scheduler_cfg.get("step_milestones", (0.7, 0.9)),
+            step_gamma=self.scheduler_cfg.get("step_gamma", 0.1),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- evaluation -----------------------------------------------------------------
+    def _evaluate_batch(self, batch: dict, evaluator: CocoEvaluator) -> list[dict]:
+        predictions = self.detector(batch["image"], batch["image_sizes"])
+        image_ids = [meta["image_id"] for meta in batch["meta"]]
+        evaluator.update(predictions, batch["targets"], batch["image_sizes"], image_ids)
+        return predictions
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        predictions = self._evaluate_batch(batch, self.val_evaluator)
+        if batch_idx == 0:
+            self.last_val_example = (batch, predictions)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate_batch(batch, self.test_evaluator)
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_evaluator.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_evaluator.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = _gathered(self.val_evaluator).compute()
+        self.val_evaluator.reset()
+        self._log_metrics("val", metrics)
+
+    def on_test_epoch_end(self) -> None:
+        metrics = _gathered(self.test_evaluator).compute()
+        self.test_evaluator.reset()
+        self.test_metrics = metrics
+        self._log_metrics("test", metrics)
+
+    def _log_metrics(self, split: str, metrics: dict[str, float]) -> None:
+        # Undefined metrics (no object of a size class) are logged as -1 rather than
+        # NaN so that checkpoint selection and W&B charts stay well defined.
+        # Every rank holds the same gathered metrics, so no further sync is needed.
+        values = {f"{split}/{k}": (-1.0 if math.isnan(v) else float(v)) for k, v in metrics.items()}
+        headline = f"{split}/segm_AP50"
+        self.log(headline, values.pop(headline), prog_bar=True)
+        self.log_dict(values)
+
+    # ---- checkpoints ----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rts_thaw"] = self.run_info
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.run_info = checkpoint.get("rts_thaw", self.run_info)
+
+
+def _gathered(evaluator: CocoEvaluator) -> CocoEvaluator:
+    """All ranks' accumulated images in one evaluator (DDP); the evaluator itself otherwise.
+
+    A distributed sampler may repeat images to even out the ranks: kept once.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return evaluator
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (evaluator.images, evaluator.annotations, evaluator.results))
+    merged = CocoEvaluator(evaluator.preset, evaluator.mask_threshold)
+    for images, annotations, results in parts:
+        new_ids = {img["id"] for img in images} - merged._seen_ids
+        merged.images.extend(img for img in images if img["id"] in new_ids)
+        for ann in annotations:
+            if ann["image_id"] in new_ids:
+                merged.annotations.append({**ann, "id": len(merged.annotations) + 1})
+        merged.results.extend(r for r in results if r["image_id"] in new_ids)
+        merged._seen_ids |= new_ids
+    return merged

@@ -1,0 +1,268 @@
+"""Staged training (the paper's method) and the shared stage-1 checkpoint cache.
+
+Stage 1 trains one unimodal detector per modality. Each is stored under
+`${paths.stage1_dir}/<modality>-<key>/`, where the key hashes every stage-1 setting
+(data source and its parameters, the modality, encoder and heads, schedule, seed).
+A complete entry (its `stage1.json` marker, written atomically after testing) is
+reused by any later run with the same settings, whether that run is a staged fusion
+job or a separate unimodal job (`+experiment=unimodal data.modalities=[nir]
+training.stage1_cache=true`); a changed setting gives another key and trains anew.
+A lock file serialises jobs that want the same entry at the same time, and an
+interrupted entry resumes from its own last checkpoint.
+
+Stage 2 builds the fusion detector with every encoder loaded from its stage-1
+checkpoint and frozen, optionally starts FPN, RPN and heads from the RGB stage-1
+detector, and trains the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import fcntl
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from rts_thaw.training.single_run import config_key, fit_and_test, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+MARKER = "stage1.json"
+# Trainer settings that change what stage 1 computes (others, such as the device, do not).
+SCHEDULE_TRAINER_KEYS = (
+    "max_epochs", "max_steps", "min_epochs", "min_steps", "limit_train_batches",
+    "limit_val_batches", "check_val_every_n_epoch", "val_check_interval",
+    "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "precision",
+    "fast_dev_run",
+)
+# Data settings that do not change the data a model sees.
+DATA_RUNTIME_KEYS = ("num_workers", "persistent_workers", "pin_memory", "prefetch_factor")
+
+
+class Stage1Error(RuntimeError):
+    """A stage-1 cache entry that is missing, corrupt or from another configuration."""
+
+
+# ---- the stage-1 configuration and its key -----------------------------------------
+def stage1_config(cfg: DictConfig, modality: str) -> DictConfig:
+    """The unimodal run that stage 1 trains for `modality`, derived from any run config."""
+    stage1 = copy.deepcopy(cfg)
+    with open_dict(stage1):
+        stage1.data.modalities = [modality]
+        stage1.fusion = _fusion_none()
+        stage1.model.init_from = None
+        stage1.model.encoder.weights = None
+        stage1.model.encoder.frozen = False
+        stage1.training.staged = False
+        stage1.training.stage1_cache = True
+    return stage1
+
+
+def _fusion_none() -> DictConfig:
+    """The `fusion=none` option, read from the config package so that it stays the one place."""
+    from importlib.resources import files
+
+    return OmegaConf.load(str(files("rts_thaw.conf") / "fusion" / "none.yaml"))
+
+
+def stage1_key(stage1: DictConfig) -> str:
+    """Hash of the settings that decide what a stage-1 model becomes."""
+    data = OmegaConf.to_container(stage1.data, resolve=True)
+    for key in DATA_RUNTIME_KEYS:
+        data.pop(key, None)
+    model = OmegaConf.to_container(stage1.model, resolve=True)
+    model.pop("init_from", None)
+    for key in ("weights", "frozen", "grad_checkpointing"):
+        model.get("encoder", {}).pop(key, None)
+    training = OmegaConf.to_container(stage1.training, resolve=True)
+    trainer = OmegaConf.to_container(stage1.trainer, resolve=True)
+    relevant = {
+        "data": data,
+        "model": model,
+        "training": {k: training.get(k) for k in ("optimizer", "scheduler", "monitor", "coco_preset")},
+        "trainer": {k: trainer.get(k) for k in SCHEDULE_TRAINER_KEYS if k in trainer},
+        "seed": stage1.seed,
+    }
+    return config_key(relevant)
+
+
+def stage1_dir(stage1: DictConfig) -> Path:
+    (modality,) = stage1.data.modalities
+    return Path(stage1.paths.stage1_dir) / f"{modality}-{stage1_key(stage1)}"
+
+
+# ---- the cache ----------------------------------------------------------------------
+@contextlib.contextmanager
+def _locked(directory: Path):
+    """An exclusive lock on the entry; the OS releases it if the holder dies."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another job that is training %s", directory)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_stage1(directory: Path, key: str) -> dict[str, Any] | None:
+    """The results of a complete entry, None if the entry is not complete; errors if it is bad."""
+    marker = directory / MARKER
+    if not marker.exists():
+        return None
+    try:
+        results = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise Stage1Error(f"stage-1 marker {marker} is corrupt ({error}); delete {directory} to retrain") from error
+    if results.get("stage1_key") != key:
+        raise Stage1Error(
+            f"stage-1 entry {directory} is from another configuration (key "
+            f"{results.get('stage1_key')}, expected {key}); delete it to retrain"
+        )
+    checkpoint = Path(results.get("checkpoint") or "")
+    if not checkpoint.is_absolute():
+        checkpoint = directory / checkpoint
+    if not checkpoint.is_file():
+        raise Stage1Error(f"stage-1 checkpoint {checkpoint} is missing; delete {directory} to retrain")
+    verify_stage1_checkpoint(checkpoint, key)
+    results["checkpoint"] = str(checkpoint)
+    return results
+
+
+def verify_stage1_checkpoint(path: Path, key: str) -> None:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise Stage1Error(f"stage-1 checkpoint {path} is corrupt ({error}); delete its folder to retrain") from error
+    stored = checkpoint.get("rts_thaw", {}).get("stage1_key") if isinstance(checkpoint, dict) else None
+    if stored != key:
+        raise Stage1Error(
+            f"stage-1 checkpoint {path} is from another configuration (key {stored}, expected {key})"
+        )
+
+
+def ensure_stage1(stage1: DictConfig) -> dict[str, Any]:
+    """Reuse the cached stage-1 model of this configuration, or train, test and store it."""
+    key = stage1_key(stage1)
+    directory = stage1_dir(stage1)
+    with _locked(directory):
+        cached = load_stage1(directory, key)
+        if cached is not None:
+            log.info("stage 1 (%s): reusing %s", stage1.data.modalities[0], directory)
+            return {**cached, "reused": True}
+        with open_dict(stage1):
+            stage1.paths.output_dir = str(directory)
+        results = fit_and_test(stage1, directory, extra_info={"stage1_key": key})
+        checkpoint = results["best_checkpoint"] or results["last_checkpoint"]
+        if checkpoint is None:
+            raise Stage1Error(f"stage 1 in {directory} produced no checkpoint (fast_dev_run?)")
+        results.update(stage1_key=key, checkpoint=str(Path(checkpoint).relative_to(directory)))
+        write_json_atomic(directory / MARKER, results)
+        results["checkpoint"] = str(directory / results["checkpoint"])
+        return {**results, "reused": False}
+
+
+# ---- stage 2 ------------------------------------------------------------------------
+def stage2_config(cfg: DictConfig, checkpoints: dict[str, str]) -> DictConfig:
+    """The fusion run: every encoder from its stage-1 checkpoint and frozen; FPN, RPN and
+    heads optionally from the RGB stage-1 detector."""
+    stage2 = copy.deepcopy(cfg)
+    settings = cfg.training.stage2
+    with open_dict(stage2):
+        stage2.model.encoder.weights = dict(checkpoints)
+        stage2.model.encoder.frozen = True
+        if settings.init_from_rgb:
+            stage2.model.init_from = checkpoints["rgb"]
+        if settings.get("max_epochs") is not None:
+            stage2.trainer.max_epochs = settings.max_epochs
+        if settings.get("lr") is not None:
+            stage2.training.optimizer.lr = settings.lr
+    return stage2
+
+
+def run_staged(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Stage 1 for each modality (cached), then stage 2; writes and prints the final table."""
+    modalities = list(cfg.data.modalities)
+    if "rgb" not in modalities:
+        raise ValueError(f"staged training needs the rgb modality (the fusion query); got {modalities}")
+    stage1_results = {}
+    for modality in modalities:
+        log.info("stage 1: %s", modality)
+        stage1_results[modality] = ensure_stage1(stage1_config(cfg, modality))
+
+    checkpoints = {m: r["checkpoint"] for m, r in stage1_results.items()}
+    log.info("stage 2: fusion of %s with frozen encoders", modalities)
+    stage2_results = fit_and_test(stage2_config(cfg, checkpoints), run_dir,
+                                  extra_info={"stage1_checkpoints": checkpoints})
+
+    rows = [table_row(f"stage1 {m}", r) for m, r in stage1_results.items()]
+    rows.append(table_row(f"stage2 {'+'.join(modalities)}", stage2_results))
+    write_table(rows, run_dir)
+    print(format_table(rows))
+    return {"stage1": stage1_results, "stage2": stage2_results, "table": rows}
+
+
+# ---- the final table ----------------------------------------------------------------
+METRIC_COLUMNS = [f"{t}_{m}" for t in ("segm", "bbox") for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
+
+
+def table_row(name: str, results: dict[str, Any]) -> dict[str, Any]:
+    row = {"model": name}
+    row.update({k: results.get("test", {}).get(k, math.nan) for k in METRIC_COLUMNS})
+    row["trainable_params"] = results.get("params/trainable")
+    row["total_params"] = results.get("params/total")
+    row["peak_gpu_memory_mb"] = results.get("perf/peak_gpu_memory_mb")
+    row["train_images_per_s"] = results.get("perf/train_images_per_s")
+    row["wall_s"] = results.get("perf/wall_s")
+    row["reused"] = bool(results.get("reused", False))
+    return row
+
+
+def write_table(rows: list[dict], run_dir: Path) -> None:
+    write_json_atomic(run_dir / "final_table.json", rows)
+    with open(run_dir / "final_table.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The table as fixed-width text; AP values in percent."""
+    header = ["model", "mask AP", "AP50", "AP75", "APs", "APm", "APl", "box AP", "AP50",
+              "trainable", "total", "peak MB", "img/s", "wall s"]
+    lines = []
+    for row in rows:
+        cells = [row["model"] + (" (cached)" if row["reused"] else "")]
+        cells += [_percent(row[f"segm_{m}"]) for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
+        cells += [_percent(row["bbox_AP"]), _percent(row["bbox_AP50"])]
+        cells += [_millions(row["trainable_params"]), _millions(row["total_params"]),
+                  _number(row["peak_gpu_memory_mb"], "{:.0f}"), _number(row["train_images_per_s"], "{:.1f}"),
+                  _number(row["wall_s"], "{:.0f}")]
+        lines.append(cells)
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
+    fmt = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    rule = "-" * len(fmt(header))
+    return "\n".join([rule, fmt(header), rule, *map(fmt, lines), rule])
+
+
+def _percent(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) or value < 0 else f"{100 * value:.1f}"
+
+
+def _millions(value) -> str:
+    return "-" if value is None else f"{value / 1e6:.2f}M"
+
+
+def _number(value, fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)

@@ -1,0 +1,107 @@
+"""Encoders: feature contract, tile-size checks, freezing, and weight loading from files the tests write."""
+import pytest
+import timm
+import torch
+
+from rts_thaw.models.encoders import build_encoder, check_tile_size
+
+SIZE = 64
+
+
+@pytest.mark.parametrize("name,channels", [("mvitv2_micro", [32, 64, 128, 256]),
+                                           ("resnet50", [256, 512, 1024, 2048])])
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_features_at_strides_4_to_32_with_declared_channels(name, channels, in_chans):
+    enc = build_encoder(name, in_chans, SIZE, "rgb")
+    feats = enc(torch.randn(2, in_chans, SIZE, 48))  # non-square and smaller than img_size works
+    assert enc.out_channels == channels
+    # Odd sizes round up (48 / 32 -> 2), as for strided convolutions.
+    assert [tuple(f.shape) for f in feats] == [(2, c, SIZE // s, -(-48 // s)) for c, s in zip(channels, (4, 8, 16, 32))]
+    assert all(f.dtype == torch.float32 for f in feats)
+
+
+def test_tile_larger_than_mvit_img_size_is_refused_before_and_during_work():
+    with pytest.raises(ValueError, match="Tile size 256 px is larger than the mvitv2_micro encoder's img_size 128"):
+        check_tile_size(256, {"name": "mvitv2_micro"}, img_size=128)
+    check_tile_size(128, {"name": "mvitv2_micro"}, img_size=128)
+    check_tile_size(1024, {"name": "resnet50"}, img_size=128)  # a CNN has no fixed input size
+    enc = build_encoder("mvitv2_micro", 3, SIZE, "rgb")
+    with pytest.raises(ValueError, match="larger than the mvitv2_micro encoder's img_size 64"):
+        enc(torch.randn(1, 3, 96, 96))
+    with pytest.raises(ValueError, match="Unknown encoder 'vit_huge'"):
+        check_tile_size(64, {"name": "vit_huge"})
+
+
+def test_frozen_encoder_has_no_trainable_params_stays_in_eval_and_builds_no_graph():
+    enc = build_encoder("mvitv2_micro", 1, SIZE, "ndvi", frozen=True)
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.training and not any(m.training for m in enc.modules())
+    feats = enc(torch.randn(1, 1, SIZE, SIZE, requires_grad=True))
+    assert all(f.grad_fn is None and not f.requires_grad for f in feats)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = build_encoder("mvitv2_micro", 3, SIZE, "rgb")
+    ckpt = build_encoder("mvitv2_micro", 3, SIZE, "rgb", grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    assert all(stage.grad_checkpointing for stage in ckpt.body.model.stages)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    for enc in (plain, ckpt):
+        sum(f.sum() for f in enc(x)).backward()
+    torch.testing.assert_close(ckpt.body.model.patch_embed.proj.weight.grad,
+                               plain.body.model.patch_embed.proj.weight.grad)
+
+
+def test_timm_state_dict_file_is_loaded_into_a_tiny_mvit(tmp_path):
+    # A classifier checkpoint at another input size, as timm publishes them.
+    source = timm.create_model("mvitv2_tiny", pretrained=False, img_size=96, num_classes=10)
+    path = tmp_path / "mvitv2_tiny.pth"
+    torch.save(source.state_dict(), path)
+    enc = build_encoder("mvitv2_tiny", 3, SIZE, "rgb", weights=str(path))
+    torch.testing.assert_close(enc.body.model.stages[2].blocks[0].mlp.fc1.weight,
+                               source.stages[2].blocks[0].mlp.fc1.weight)
+    # One channel: timm sums the RGB patch-embedding filters.
+    ndvi = build_encoder("mvitv2_tiny", 1, SIZE, "ndvi", weights=str(path))
+    torch.testing.assert_close(ndvi.body.model.patch_embed.proj.weight,
+                               source.patch_embed.proj.weight.sum(1, keepdim=True))
+
+
+def test_torchvision_resnet50_state_dict_file_is_loaded(tmp_path):
+    import torchvision
+
+    source = torchvision.models.resnet50()
+    path = tmp_path / "resnet50.pth"
+    torch.save(source.state_dict(), path)
+    enc = build_encoder("resnet50", 2, SIZE, "dem", weights=str(path))
+    torch.testing.assert_close(enc.body.layer3[0].conv2.weight, source.layer3[0].conv2.weight)
+    assert enc.body.conv1.weight.shape[1] == 2
+
+
+def test_encoder_is_extracted_by_modality_from_a_lightning_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    trained = build_encoder("mvitv2_micro", 1, SIZE, "nir")
+    state = {f"detector.encoders.nir.{k}": v for k, v in trained.state_dict().items()}
+    state["detector.neck.inner.weight"] = torch.zeros(1)
+    path = tmp_path / "stage1_nir.ckpt"
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    loaded = build_encoder("mvitv2_micro", 1, SIZE, "nir", weights=str(path), frozen=True)
+    for (k, a), b in zip(trained.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+
+    with pytest.raises(ValueError, match=r"has no encoder for modality 'ndvi' \(it holds encoders for: \['nir'\]\)"):
+        build_encoder("mvitv2_micro", 1, SIZE, "ndvi", weights=str(path))
+    with pytest.raises(ValueError, match="do not fit the 'nir' encoder"):
+        build_encoder("mvitv2_micro", 3, SIZE, "nir", weights=str(path))
+
+
+def test_missing_or_wrong_weight_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Encoder weights for modality 'rgb' not found: .*nope.pth"):
+        build_encoder("mvitv2_micro", 3, SIZE, "rgb", weights=str(tmp_path / "nope.pth"))
+    bad = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, bad)
+    with pytest.raises(ValueError, match=f"{bad.name} do not fit the 'rgb'"):
+        build_encoder("mvitv2_micro", 3, SIZE, "rgb", weights=str(bad))
+    with pytest.raises(ValueError, match="no published weights"):
+        build_encoder("mvitv2_micro", 3, SIZE, "rgb", pretrained=True)

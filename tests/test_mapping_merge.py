@@ -1,0 +1,102 @@
+"""Seam merging and vectorising on synthetic masks: one slump that straddles tiles is one polygon."""
+
+import numpy as np
+import pyproj
+import pytest
+import shapely
+from affine import Affine
+
+from rts_thaw.mapping.instances import instances_from_tile
+from rts_thaw.mapping.seam_merge import merge_across_seams
+from rts_thaw.mapping.vectorize import area_m2, instance_polygon
+
+SIZE, TILE, STRIDE = 200, 64, 48
+TRANSFORM = Affine(4.0, 0, 500000.0, 0, -4.0, 7600000.0)  # 4 m pixels, north up
+CRS = pyproj.CRS("EPSG:32606")
+
+
+def _ellipse(cy, cx, ry, rx):
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+
+
+def _windows():
+    starts = list(range(0, SIZE - TILE + 1, STRIDE))
+    if starts[-1] + TILE < SIZE:
+        starts.append(SIZE - TILE)
+    return [(r, c, TILE, TILE) for r in starts for c in starts]
+
+
+def _perfect_tiles(slumps, valid=None, jitter=None):
+    """What a perfect detector would return per tile: each slump's visible part."""
+    valid = np.ones((SIZE, SIZE), bool) if valid is None else valid
+    instances = []
+    for t, (r, c, h, w) in enumerate(_windows()):
+        masks = [s[r:r + h, c:c + w] for s in slumps if s[r:r + h, c:c + w].any()]
+        if jitter is not None:  # the same slump seen slightly differently by each tile
+            masks = [np.roll(m, jitter(t), axis=1) for m in masks]
+        prediction = {"masks": np.array(masks, np.float32).reshape(-1, h, w),
+                      "scores": np.linspace(0.9, 0.6, len(masks))}
+        instances += instances_from_tile(prediction, (r, c, h, w), valid[r:r + h, c:c + w], tile=t)
+    return instances
+
+
+def _paint(instance):
+    canvas = np.zeros((SIZE, SIZE), bool)
+    r0, c0, r1, c1 = instance.bounds
+    canvas[r0:r1, c0:c1] = instance.mask
+    return canvas
+
+
+def test_a_slump_across_tile_borders_becomes_one_instance_and_one_polygon():
+    slump = _ellipse(100, 95, 45, 30)  # spans three tiles each way, larger than the overlap
+    tiles = _perfect_tiles([slump])
+    assert len(tiles) >= 6  # seen, as fragments, by many tiles
+    merged = merge_across_seams(tiles)
+    assert len(merged) == 1
+    assert np.array_equal(_paint(merged[0]), slump)
+    assert merged[0].n_tiles == len(tiles) and merged[0].score == pytest.approx(0.9)
+
+    polygon = instance_polygon(merged[0], TRANSFORM)
+    assert len(polygon.geoms) == 1
+    assert area_m2(polygon, CRS) == pytest.approx(slump.sum() * 16.0)
+    # georeferenced: the polygon's centroid is the ellipse centre on the map
+    cx, cy = TRANSFORM @ (95.5, 100.5)
+    assert polygon.centroid.x == pytest.approx(cx, abs=4.0) and polygon.centroid.y == pytest.approx(cy, abs=4.0)
+
+
+def test_touching_slumps_stay_apart_and_duplicates_go():
+    left = _ellipse(60, 40, 20, 20)
+    right = _ellipse(60, 80, 20, 21) & ~left  # touches `left` along a seam column
+    far = _ellipse(150, 150, 10, 12)
+    # each tile sees every slump shifted by up to 2 px: duplicates that do not agree exactly
+    merged = merge_across_seams(_perfect_tiles([left, right, far], jitter=lambda t: t % 3 - 1))
+    assert len(merged) == 3
+    merged.sort(key=lambda i: (i.row, i.col))
+    for instance, truth in zip(merged, [left, right, far]):
+        painted = _paint(instance)
+        assert (painted & truth).sum() / (painted | truth).sum() > 0.85
+
+
+def test_invalid_pixels_are_removed_before_merging():
+    slump = _ellipse(100, 100, 30, 30)
+    valid = np.ones((SIZE, SIZE), bool)
+    valid[:, 100:] = False  # the east half of the scene is nodata
+    merged = merge_across_seams(_perfect_tiles([slump], valid=valid))
+    assert len(merged) == 1
+    painted = _paint(merged[0])
+    assert not painted[:, 100:].any() and np.array_equal(painted[:, :100], slump[:, :100])
+
+
+def test_holes_are_kept_and_multipart_is_one_feature():
+    ring = _ellipse(100, 100, 30, 30) & ~_ellipse(100, 100, 10, 10)
+    merged = merge_across_seams(_perfect_tiles([ring]))
+    assert len(merged) == 1
+    polygon = instance_polygon(merged[0], TRANSFORM)
+    assert len(polygon.geoms) == 1 and len(polygon.geoms[0].interiors) == 1
+    assert area_m2(polygon, CRS) == pytest.approx(ring.sum() * 16.0)
+
+
+def test_geographic_area_is_geodesic():
+    square = shapely.box(-150.0, 70.0, -149.99, 70.01)  # ~380 m x 1113 m at 70 N
+    assert area_m2(square, pyproj.CRS("EPSG:4326")) == pytest.approx(380.4e3 * 1.113, rel=0.02)

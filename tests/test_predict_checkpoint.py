@@ -1,0 +1,172 @@
+"""`python -m rts_thaw.predict` with a real checkpoint: a tiny cascade detector fitted here with Lightning
+on a generated synthetic world, then used to map scenes (resume after a kill, shards, merge), write a
+challenge submission that validates, and be scored by `python -m rts_thaw.evaluate`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pyproj
+import pytest
+import rasterio
+import shapely
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from rts_thaw.data.datamodule import RTSDataModule
+from rts_thaw.data.geotiff import load_scene_list
+from rts_thaw.data.synthetic import WorldParams, generate_world
+from rts_thaw.eval.submission import validate_submission
+from rts_thaw.mapping.challenge import predict_challenge
+from rts_thaw.mapping.map_scenes import load_model
+from rts_thaw.mapping.vector_io import read_layer
+from rts_thaw.training.module import DetectionModule
+
+MODALITIES = ["rgb", "ndvi"]
+TILE = 64
+# small and quick: tiles of 64 px with 16 px overlap, few workers
+TILING = ["tiling.overlap=16", "tiling.batch_size=2", "tiling.num_workers=1", "tiling.score_threshold=0.0",
+          "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict_world")
+    params = WorldParams(scenes=3, size=128, seed=5, rts_per_scene=(2, 3), distractors_per_scene=(1, 2))
+    return generate_world(root / "world", params)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(world, tmp_path_factory):
+    """A Lightning checkpoint of the real detector after a short real fit."""
+    pl.seed_everything(0)
+    root = tmp_path_factory.mktemp("ckpt")
+    datamodule = RTSDataModule(source="geotiff", path=world, modalities=MODALITIES, tile_size=TILE, batch_size=2,
+                               stats_cache_dir=root / "stats")
+    datamodule.setup("fit")
+    with initialize_config_module("rts_thaw.conf", version_base="1.3"):
+        cfg = compose(None, overrides=["+model=cascade_mvit", "+fusion=residual_cross_attention",
+                                       f"+data.tile_size={TILE}", "+name=predict_test"])
+    detector = instantiate(cfg.model)(modality_channels=datamodule.modality_channels)
+    run_info = {"norm_stats": datamodule.norm_stats.to_dict(), "modalities": MODALITIES,
+                "modality_channels": dict(datamodule.modality_channels), "tile_size": TILE,
+                "config": OmegaConf.to_container(cfg, resolve=True)}
+    module = DetectionModule(detector, optimizer={"lr": 1e-3, "weight_decay": 0.0}, run_info=run_info)
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule.train_dataloader())
+    path = root / "tiny.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def _predict(*overrides, check=True, wait=True):
+    command = [sys.executable, "-m", "rts_thaw.predict", *overrides, "hydra.run.dir=.", "hydra/job_logging=none",
+               "hydra/hydra_logging=none"]
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_maps_scenes_into_gis_layers(world, checkpoint, tmp_path):
+    out = tmp_path / "maps"
+    _predict(f"ckpt_path={checkpoint}", f"scenes={world}", f"output_dir={out}", "geojson=true", "score_raster=true",
+             f"output={tmp_path / 'all.gpkg'}", *TILING)
+    scenes = load_scene_list(world)
+    total = 0
+    for spec in scenes:
+        layer = read_layer(out / f"{spec.id}.gpkg")
+        with rasterio.open(spec.rasters["rgb"]) as ds:
+            crs, bounds = ds.crs, shapely.box(*ds.bounds)
+        assert pyproj.CRS(layer.crs) == pyproj.CRS(crs.to_wkt())
+        assert all(bounds.buffer(1e-6).contains(g) for g in layer.geometries)
+        assert set(layer.columns) >= {"score", "area_m2", "scene_id", "model", "ckpt"}
+        if len(layer):
+            assert set(layer.columns["scene_id"]) == {spec.id}
+            assert set(layer.columns["model"]) == {"predict_test"}
+            assert layer.columns["ckpt"][0].startswith("tiny.ckpt:sha256:")
+            assert ((0 <= layer.columns["score"]) & (layer.columns["score"] <= 1)).all()
+            np.testing.assert_allclose(layer.columns["area_m2"], [g.area for g in layer.geometries])  # UTM metres
+        assert len(read_layer(out / f"{spec.id}.geojson")) == len(layer)
+        with rasterio.open(out / f"{spec.id}_score.tif") as ds:
+            assert ds.crs == crs and ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        total += len(layer)
+    assert total > 0, "the tiny model found nothing at score >= 0: the pipeline dropped every detection"
+    assert len(read_layer(tmp_path / "all.gpkg")) == total  # output=... merges the scenes into one layer
+
+
+def test_resume_after_kill_and_sharding(world, checkpoint, tmp_path):
+    out = tmp_path / "maps"
+    # one tile per batch, no workers: slow enough to be killed between scenes
+    process = _predict(f"ckpt_path={checkpoint}", f"scenes={world}", f"output_dir={out}", *TILING,
+                       "tiling.batch_size=1", "tiling.num_workers=0", "tiling.overlap=32", wait=False)
+    deadline = time.time() + 120
+    while not list(out.glob("*.gpkg")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = sorted(p.name for p in out.glob("*.gpkg"))
+    assert 1 <= len(done) < 3, f"the kill should land between scenes, got {done}"
+    for path in done:  # whatever was there is complete
+        read_layer(out / path)
+    stamps = {p: (out / p).stat().st_mtime_ns for p in done}
+
+    # the rerun, as two shards in one Hydra multirun, finishes the rest and skips what is done
+    result = _predict("-m", f"ckpt_path={checkpoint}", f"scenes={world}", f"output_dir={out}", *TILING,
+                      "num_shards=2", "shard=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.stdout.count('"status": "skipped (done)"') == len(done)
+    assert sorted(p.name for p in out.iterdir()) == ["scene_000.gpkg", "scene_001.gpkg", "scene_002.gpkg"]
+    assert {p: (out / p).stat().st_mtime_ns for p in done} == stamps
+
+    _predict("merge=true", f"output_dir={out}", f"output={tmp_path / 'merged.gpkg'}")
+    merged = read_layer(tmp_path / "merged.gpkg")
+    per_scene = [read_layer(out / f"scene_{i:03d}.gpkg") for i in range(3)]
+    assert len(merged) == sum(len(layer) for layer in per_scene)
+    assert sorted(set(merged.columns["scene_id"])) == sorted({s for layer in per_scene for s in layer.columns["scene_id"]})
+
+
+def test_tile_larger_than_the_encoder_is_refused(world, checkpoint, tmp_path):
+    result = _predict(f"ckpt_path={checkpoint}", f"scenes={world}", f"output_dir={tmp_path}", "tiling.tile_size=128",
+                      check=False)
+    assert result.returncode != 0 and "larger than the checkpoint's encoder input size 64" in result.stderr
+
+
+def _challenge_release(root: Path, sizes: dict[int, tuple[int, int]]) -> Path:
+    """A tiny release in the challenge layout: test chips (H x W x 8) and their manifest."""
+    rng = np.random.default_rng(0)
+    (root / "test" / "images").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    rows = ["image_id,file_name"]
+    for image_id, (h, w) in sizes.items():
+        image = rng.normal(size=(h, w, 8)).astype(np.float32)
+        image[..., :3] = rng.uniform(0, 255, size=(h, w, 3))
+        np.savez_compressed(root / "test" / "images" / f"chip_{image_id}.npz", image=image)
+        rows.append(f"{image_id},chip_{image_id}.npz")
+    (root / "metadata" / "test_manifest.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_challenge_submission_validates(checkpoint, tmp_path):
+    sizes = {101: (64, 64), 102: (90, 120), 103: (40, 56)}  # 102 is larger than a tile: tiled and merged
+    release = _challenge_release(tmp_path / "release", sizes)
+    model = load_model(checkpoint, __import__("torch").device("cpu"))
+    data_cfg = OmegaConf.create({"_target_": "rts_thaw.data.datamodule.RTSDataModule", "source": "arctic_challenge",
+                                 "path": str(release), "modalities": ["rgb"], "tile_size": 32})
+    path, problems = predict_challenge(model, data_cfg, "test", tmp_path / "submission.json",
+                                       __import__("torch").device("cpu"), batch_size=2, progress=False)
+    assert problems == []
+    submission = json.loads(path.read_text())
+    assert {r["image_id"] for r in submission} <= set(sizes)
+    assert all(tuple(r["segmentation"]["size"]) == sizes[r["image_id"]] for r in submission)
+    assert validate_submission(path, {k: v for k, v in sizes.items() if k != 103}) == [] or any(
+        r["image_id"] == 103 for r in submission)

@@ -1,0 +1,145 @@
+"""Every job of every sweep config composes and builds, and the launchers produce the
+SLURM request a cluster user expects, without running anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import submitit
+import yaml
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import rts_thaw.train  # noqa: F401  registers the run-directory resolver, as the entry point does
+from rts_thaw.reporting.jobs import configuration_overrides, expand_jobs
+from rts_thaw.training.single_run import build_detector
+
+SWEEPS_DIR = Path(__file__).resolve().parents[1] / "sweeps" / "sweep"
+SWEEPS = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
+# Channels per modality of the synthetic world (rgb 3 bands; ndvi, nir, dem 1 each). The
+# model is built from this dict, as train builds it from datamodule.modality_channels.
+CHANNELS = {"rgb": 3, "ndvi": 1, "nir": 1, "dem": 1}
+
+
+@pytest.fixture
+def hydra_conf():
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="rts_thaw.conf", version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
+
+
+def sweep_jobs(name: str, extra: list[str] = ()) -> list[list[str]]:
+    """The jobs `python -m rts_thaw.train -m +sweep=<name> <extra>` launches."""
+    primary = compose("train", overrides=[f"+sweep={name}"], return_hydra_config=True)
+    params = OmegaConf.to_container(primary.hydra.sweeper.params)
+    return expand_jobs([f"+sweep={name}", *extra], params)
+
+
+def test_sweeps_exist():
+    assert {"table1_backbones", "table2_fusion", "dem", "stage1"} <= set(SWEEPS)
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_job_of_the_sweep_composes_and_builds(hydra_conf, name):
+    jobs = sweep_jobs(name)
+    assert len(jobs) >= 3
+    built = set()
+    for job in jobs:
+        cfg = compose("train", overrides=job)
+        assert cfg.name == name, f"{job}: the sweep's name must win, so every job shares one group/dir"
+        for override in job:
+            key, value = override.lstrip("+").split("=", 1)
+            if key == "data.modalities":
+                assert list(cfg.data.modalities) == yaml.safe_load(value)
+        modalities = list(cfg.data.modalities)
+        if cfg.training.staged:
+            assert "rgb" in modalities
+        # The model of this job, built the way the entry point builds it (tile size checked).
+        data = SimpleNamespace(modality_channels={m: CHANNELS[m] for m in modalities})
+        detector = build_detector(cfg, data)
+        assert set(detector.modalities) == set(modalities)
+        instantiate(cfg.data)  # the datamodule constructs (setup would read the data)
+        instantiate(cfg.trainer, logger=False)
+        built.add(tuple(sorted(configuration_overrides(job))))
+    assert len(built) == len(jobs), "two jobs of one sweep run the same configuration"
+
+
+def test_table2_grid(hydra_conf):
+    jobs = sweep_jobs("table2_fusion")
+    assert len(jobs) == 21  # 3 feature-level fusions x (staged, end to end) + data level, x 3 modality sets
+    seen = set()
+    for job in jobs:
+        cfg = compose("train", overrides=job)
+        choice = compose("train", overrides=job, return_hydra_config=True).hydra.runtime.choices
+        seen.add((choice.fusion, bool(cfg.training.staged), tuple(cfg.data.modalities)))
+    fusions = {"concat_conv", "cross_attention", "residual_cross_attention"}
+    sets = {("rgb", "ndvi"), ("rgb", "nir"), ("rgb", "ndvi", "nir")}
+    expected = {(f, s, m) for f in fusions for s in (True, False) for m in sets}
+    expected |= {("data_level", False, m) for m in sets}
+    assert seen == expected
+
+
+def test_seeds_repeat_any_sweep(hydra_conf):
+    jobs = sweep_jobs("table1_backbones", ["seed=0,1,2"])
+    assert len(jobs) == 9
+    assert len({tuple(sorted(configuration_overrides(j))) for j in jobs}) == 3
+    seeds = {compose("train", overrides=j).seed for j in jobs}
+    assert seeds == {0, 1, 2}
+
+
+def test_reduced_grid_from_the_command_line(hydra_conf):
+    jobs = sweep_jobs("table2_fusion", ["+fusion_training=residual_cross_attention_staged,concat_conv_staged",
+                                        "data.modalities=[rgb,ndvi]"])
+    assert len(jobs) == 2
+
+
+def _sbatch_script(launcher_cfg, tmp_path: Path) -> str:
+    """The sbatch script hydra-submitit-launcher would submit for this launcher config
+    (the plugin's own parameter mapping: generic keys as is, the others slurm_-prefixed)."""
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    launcher = instantiate(launcher_cfg)
+    params = dict(launcher.params)
+    executor = submitit.AutoExecutor(cluster="slurm", folder=str(tmp_path / "%j"),
+                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
+    params.pop("submitit_folder")
+    generic = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in generic else f"slurm_{k}": v for k, v in params.items()})
+    return executor._executor._make_submission_file_text("python -m rts_thaw.train", "uid")
+
+
+def test_slurm_launcher_follows_the_trainer_for_ddp(hydra_conf, tmp_path):
+    cfg = compose("train", return_hydra_config=True, overrides=[
+        "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+        "hydra.launcher.partition=gpu", "hydra.launcher.account=permafrost", "hydra.launcher.qos=high",
+        "hydra.launcher.timeout_min=720", "hydra.launcher.cpus_per_task=6", "hydra.launcher.mem_gb=200",
+        "+hydra.launcher.additional_parameters.mail-type=END", "hydra.launcher.array_parallelism=4",
+        "hydra.sweep.dir=" + str(tmp_path)])
+    script = _sbatch_script(cfg.hydra.launcher, tmp_path)
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu",
+                 "--account=permafrost", "--qos=high", "--time=720", "--cpus-per-task=6", "--mem=200GB",
+                 "--mail-type=END", "--signal=USR2@120"):
+        assert f"#SBATCH {line}\n" in script, line
+    assert "srun" in script  # one task per GPU, started by srun: Lightning's DDP ranks come from SLURM
+    assert cfg.hydra.launcher.array_parallelism == 4
+    assert cfg.hydra.launcher.max_num_timeout > 0  # time-outs are requeued (and the run resumes)
+
+
+def test_slurm_launcher_cpu_only(hydra_conf, tmp_path):
+    cfg = compose("train", return_hydra_config=True, overrides=[
+        "hydra/launcher=slurm", "trainer=cpu", "hydra.launcher.gpus_per_node=null",
+        "hydra.sweep.dir=" + str(tmp_path)])
+    script = _sbatch_script(cfg.hydra.launcher, tmp_path)
+    assert "--gpus-per-node" not in script and "#SBATCH --ntasks-per-node=1\n" in script
+    assert "#SBATCH --nodes=1\n" in script
+
+
+def test_local_launcher_composes(hydra_conf):
+    cfg = compose("train", return_hydra_config=True, overrides=["hydra/launcher=local"])
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "BasicLauncher"
