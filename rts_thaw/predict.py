@@ -63,7 +63,8 @@ def challenge_mode(cfg: DictConfig) -> Path:
     model = load_model(cfg.ckpt_path, device)
     path, problems = predict_challenge(model, cfg.data, cfg.split, cfg.output, device,
                                        batch_size=cfg.tiling.batch_size, num_workers=cfg.tiling.num_workers,
-                                       mask_threshold=cfg.tiling.mask_threshold, progress=cfg.progress)
+                                       mask_threshold=cfg.tiling.mask_threshold,
+                                       score_threshold=cfg.get("submission_score_threshold"), progress=cfg.progress)
     print(f"submission written to {path} ({'valid' if not problems else f'{len(problems)} problem(s)'})")
     for problem in problems:
         print(f"  {problem}")

@@ -16,10 +16,12 @@ import pyproj
 import pytest
 import rasterio
 import shapely
+import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from rts_thaw import predict
 from rts_thaw.data.datamodule import RTSDataModule
 from rts_thaw.data.geotiff import load_scene_list
 from rts_thaw.data.synthetic import WorldParams, generate_world
@@ -39,7 +41,8 @@ TILING = ["tiling.overlap=16", "tiling.batch_size=2", "tiling.num_workers=1", "t
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict_world")
-    params = WorldParams(scenes=3, size=128, seed=5, rts_per_scene=(2, 3), distractors_per_scene=(1, 2))
+    # 96 px scenes: 2 x 2 tiles of 64 px with 16 px overlap, so every scene has seams
+    params = WorldParams(scenes=3, size=96, seed=5, rts_per_scene=(2, 3), distractors_per_scene=(1, 2))
     return generate_world(root / "world", params)
 
 
@@ -59,7 +62,7 @@ def checkpoint(world, tmp_path_factory):
                 "modality_channels": dict(datamodule.modality_channels), "tile_size": TILE,
                 "config": OmegaConf.to_container(cfg, resolve=True)}
     module = DetectionModule(detector, optimizer={"lr": 1e-3, "weight_decay": 0.0}, run_info=run_info)
-    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, datamodule.train_dataloader())
     path = root / "tiny.ckpt"
@@ -67,21 +70,28 @@ def checkpoint(world, tmp_path_factory):
     return path
 
 
-def _predict(*overrides, check=True, wait=True):
+def _predict_cli(*overrides, wait=True):
+    """The real command line (a subprocess: its start-up costs seconds, so used sparingly)."""
     command = [sys.executable, "-m", "rts_thaw.predict", *overrides, "hydra.run.dir=.", "hydra/job_logging=none",
                "hydra/hydra_logging=none"]
     if not wait:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+def _predict_cfg(*overrides):
+    """The predict config as `python -m rts_thaw.predict` composes it."""
+    with initialize_config_module("rts_thaw.conf", version_base="1.3"):
+        return compose("predict", overrides=list(overrides))
 
 
 def test_maps_scenes_into_gis_layers(world, checkpoint, tmp_path):
     out = tmp_path / "maps"
-    _predict(f"ckpt_path={checkpoint}", f"scenes={world}", f"output_dir={out}", "geojson=true", "score_raster=true",
-             f"output={tmp_path / 'all.gpkg'}", *TILING)
+    predict.main.__wrapped__(_predict_cfg(f"ckpt_path={checkpoint}", f"scenes={world}", f"output_dir={out}",
+                                          "geojson=true", "score_raster=true", f"output={tmp_path / 'all.gpkg'}",
+                                          *TILING))
     scenes = load_scene_list(world)
     total = 0
     for spec in scenes:
@@ -108,7 +118,7 @@ def test_maps_scenes_into_gis_layers(world, checkpoint, tmp_path):
 def test_resume_after_kill_and_sharding(world, checkpoint, tmp_path):
     out = tmp_path / "maps"
     # one tile per batch, no workers: slow enough to be killed between scenes
-    process = _predict(f"ckpt_path={checkpoint}", f"scenes={world}", f"output_dir={out}", *TILING,
+    process = _predict_cli(f"ckpt_path={checkpoint}", f"scenes={world}", f"output_dir={out}", *TILING,
                        "tiling.batch_size=1", "tiling.num_workers=0", "tiling.overlap=32", wait=False)
     deadline = time.time() + 120
     while not list(out.glob("*.gpkg")) and process.poll() is None and time.time() < deadline:
@@ -122,13 +132,13 @@ def test_resume_after_kill_and_sharding(world, checkpoint, tmp_path):
     stamps = {p: (out / p).stat().st_mtime_ns for p in done}
 
     # the rerun, as two shards in one Hydra multirun, finishes the rest and skips what is done
-    result = _predict("-m", f"ckpt_path={checkpoint}", f"scenes={world}", f"output_dir={out}", *TILING,
+    result = _predict_cli("-m", f"ckpt_path={checkpoint}", f"scenes={world}", f"output_dir={out}", *TILING,
                       "num_shards=2", "shard=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert result.stdout.count('"status": "skipped (done)"') == len(done)
     assert sorted(p.name for p in out.iterdir()) == ["scene_000.gpkg", "scene_001.gpkg", "scene_002.gpkg"]
     assert {p: (out / p).stat().st_mtime_ns for p in done} == stamps
 
-    _predict("merge=true", f"output_dir={out}", f"output={tmp_path / 'merged.gpkg'}")
+    predict.main.__wrapped__(_predict_cfg("merge=true", f"output_dir={out}", f"output={tmp_path / 'merged.gpkg'}"))
     merged = read_layer(tmp_path / "merged.gpkg")
     per_scene = [read_layer(out / f"scene_{i:03d}.gpkg") for i in range(3)]
     assert len(merged) == sum(len(layer) for layer in per_scene)
@@ -136,9 +146,10 @@ def test_resume_after_kill_and_sharding(world, checkpoint, tmp_path):
 
 
 def test_tile_larger_than_the_encoder_is_refused(world, checkpoint, tmp_path):
-    result = _predict(f"ckpt_path={checkpoint}", f"scenes={world}", f"output_dir={tmp_path}", "tiling.tile_size=128",
-                      check=False)
-    assert result.returncode != 0 and "larger than the checkpoint's encoder input size 64" in result.stderr
+    cfg = _predict_cfg(f"ckpt_path={checkpoint}", f"scenes={world}", f"output_dir={tmp_path}", "tiling.tile_size=128")
+    with pytest.raises(ValueError, match="larger than the checkpoint's encoder input size 64"):
+        predict.main.__wrapped__(cfg)
+    assert not list(tmp_path.iterdir())
 
 
 def _challenge_release(root: Path, sizes: dict[int, tuple[int, int]]) -> Path:
@@ -159,14 +170,19 @@ def _challenge_release(root: Path, sizes: dict[int, tuple[int, int]]) -> Path:
 def test_challenge_submission_validates(checkpoint, tmp_path):
     sizes = {101: (64, 64), 102: (90, 120), 103: (40, 56)}  # 102 is larger than a tile: tiled and merged
     release = _challenge_release(tmp_path / "release", sizes)
-    model = load_model(checkpoint, __import__("torch").device("cpu"))
+    model = load_model(checkpoint, torch.device("cpu"))
     data_cfg = OmegaConf.create({"_target_": "rts_thaw.data.datamodule.RTSDataModule", "source": "arctic_challenge",
-                                 "path": str(release), "modalities": ["rgb"], "tile_size": 32})
-    path, problems = predict_challenge(model, data_cfg, "test", tmp_path / "submission.json",
-                                       __import__("torch").device("cpu"), batch_size=2, progress=False)
+                                 "path": str(release)})  # modalities and tile size come from the checkpoint
+    path, problems = predict_challenge(model, data_cfg, "test", tmp_path / "submission.json", torch.device("cpu"),
+                                       batch_size=2, score_threshold=0.0, progress=False)
     assert problems == []
     submission = json.loads(path.read_text())
+    assert submission, "at score >= 0 even a barely trained model detects something"
     assert {r["image_id"] for r in submission} <= set(sizes)
     assert all(tuple(r["segmentation"]["size"]) == sizes[r["image_id"]] for r in submission)
-    assert validate_submission(path, {k: v for k, v in sizes.items() if k != 103}) == [] or any(
-        r["image_id"] == 103 for r in submission)
+    # the same file against a manifest without chip 102 and with other sizes fails, naming the entries
+    problems = validate_submission(path, {101: (64, 64), 103: (41, 56)})
+    if any(r["image_id"] == 102 for r in submission):
+        assert any("image_id is not in the test manifest" in p for p in problems)
+    if any(r["image_id"] == 103 for r in submission):
+        assert any("differs from the chip's H x W [41, 56]" in p for p in problems)

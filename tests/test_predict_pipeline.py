@@ -153,7 +153,9 @@ def test_rerun_skips_done_scenes_and_cleans_leftovers(oracle_world, tmp_path):
     assert done == ["scene_a.gpkg", "scene_c.gpkg"]  # shard 0 of 2: every other scene
     first = (tmp_path / "scene_a.gpkg").stat().st_mtime_ns
     # what a run killed while writing scene_b leaves: hidden temporary files only
-    (tmp_path / ".scene_b.tmp-12345.gpkg").write_bytes(b"half a layer")
+    (tmp_path / ".tmp-12345").mkdir()
+    (tmp_path / ".tmp-12345" / "scene_b.gpkg").write_bytes(b"half a layer")
+    (tmp_path / ".tmp-12345" / "scene_b_score.draft.tif").write_bytes(b"half a raster")
     oracle = BlobOracle()
     summaries = map_scenes(_model(oracle), scene_list, tmp_path, TILING, torch.device("cpu"), progress=False)
     assert [s["status"] for s in summaries] == ["skipped (done)", "done", "skipped (done)"]

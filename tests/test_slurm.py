@@ -26,6 +26,7 @@ TINY = [
     "trainer=cpu", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
     "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false", "data.tile_size=64", "data.batch_size=2", "logger=csv",
+    "data.path.scenes=3", "data.path.size=128",
 ]
 # One CPU per job so that two jobs share this 2-core machine; no GPUs on the local node.
 SLURM = [
@@ -94,8 +95,8 @@ def test_staged_sweep_on_slurm_shares_stage1_and_reports(slurm_cluster, env, tmp
            env, tmp_path, timeout=900)
 
     # Every job ran under SLURM (submitit's per-job folders carry SLURM array ids) and finished.
-    job_ids = sorted(p.name for p in (sweep / ".submitit").iterdir() if p.is_dir())
-    assert len(job_ids) == 4 and all("_" in j for j in job_ids), job_ids
+    job_ids = sorted(p.name for p in (sweep / ".submitit").glob("*_*") if p.is_dir())
+    assert len(job_ids) == 4, job_ids
     report = write_report(sweep)
     statuses = {" ".join(r.overrides): r.status for r in report["runs"]}
     assert list(statuses.values()) == ["finished"] * 4, f"{statuses}\n{_job_logs(sweep)[-4000:]}"
@@ -122,7 +123,8 @@ def test_staged_sweep_on_slurm_shares_stage1_and_reports(slurm_cluster, env, tmp
 def _submitit_job_id(sweep: Path, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        folders = [p.name for p in (sweep / ".submitit").glob("*") if p.is_dir()] if (sweep / ".submitit").is_dir() else []
+        # submitit makes one folder per array task, named <array id>_<task>.
+        folders = [p.name for p in (sweep / ".submitit").glob("*_*") if p.is_dir()]
         if folders:
             return folders[0]
         time.sleep(1)

@@ -82,11 +82,11 @@ class RTSDataModule(L.LightningDataModule):
         self.seed, self.val_fraction = seed, val_fraction
         self.band_map = _plain(band_map)
         self.stats_cache_dir = Path(stats_cache_dir).expanduser() if stats_cache_dir else None
+        self.modality_channels: dict[str, int] = {}
+        self.datasets: dict[str, Dataset] = {}
         self.norm_stats: NormStats | None = None
         if norm_stats is not None:
             self.set_norm_stats(norm_stats)
-        self.modality_channels: dict[str, int] = {}
-        self.datasets: dict[str, Dataset] = {}
 
     # ------------------------------------------------------------------ setup
 

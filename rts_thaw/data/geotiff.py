@@ -332,7 +332,7 @@ class GeoTiffTileDataset(Dataset):
             spec, reader = self.scenes[scene], self.reader(scene)
             polys = []
             if spec.labels is not None:
-                polys = load_labels(spec.labels, reader.crs, _bounds(reader), spec.id)
+                polys = load_labels(spec.labels, reader.crs, scene_bounds(reader), spec.id)
             self._labels[scene] = (polys, shapely.STRtree(polys) if polys else None)
         return self._labels[scene]
 
@@ -366,7 +366,7 @@ class GeoTiffTileDataset(Dataset):
         return make_sample(images, valid, masks, meta, self.norm_stats, self.augment)
 
 
-def _bounds(reader: SceneReader) -> tuple[float, float, float, float]:
+def scene_bounds(reader: SceneReader) -> tuple[float, float, float, float]:
     return array_bounds(reader.height, reader.width, reader.transform)
 
 

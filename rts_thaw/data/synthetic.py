@@ -37,7 +37,7 @@ import shapely
 import yaml
 from pyproj import Transformer
 from rasterio.features import rasterize
-from rasterio.transform import from_origin
+from affine import Affine
 from scipy import ndimage
 from shapely.affinity import rotate, scale, translate
 from shapely.geometry import LineString, Point, Polygon
@@ -151,7 +151,7 @@ class _Canvas:
 
     def __init__(self, x0: float, y0: float, n: int, rng: np.random.Generator):
         self.x0, self.y0, self.n = x0, y0, n
-        self.transform = from_origin(x0, y0, TRUTH_RES, TRUTH_RES)
+        self.transform = Affine(TRUTH_RES, 0.0, x0, 0.0, -TRUTH_RES, y0)
         shape = (n, n)
         mottle = _smooth_noise(rng, shape, 24)
         self.rgb = np.stack(
@@ -185,7 +185,7 @@ class _Canvas:
 
     def _soft_mask(self, geom, window, blur: float) -> np.ndarray:
         r0, r1, c0, c1 = window
-        transform = from_origin(self.x0 + c0 * TRUTH_RES, self.y0 - r0 * TRUTH_RES, TRUTH_RES, TRUTH_RES)
+        transform = Affine(TRUTH_RES, 0.0, self.x0 + c0 * TRUTH_RES, 0.0, -TRUTH_RES, self.y0 - r0 * TRUTH_RES)
         hard = rasterize([geom], out_shape=(r1 - r0, c1 - c0), transform=transform).astype(float)
         return ndimage.gaussian_filter(hard, blur)  # vague boundaries
 
@@ -370,7 +370,7 @@ def _generate_scene(scene_dir: Path, params: WorldParams, index: int) -> None:
     scene_dir.mkdir(parents=True)
 
     # RGB, the reference grid; a strip-edge wedge of nodata in some scenes.
-    rgb_tf = from_origin(x0, y0, RGB_RES, RGB_RES)
+    rgb_tf = Affine(RGB_RES, 0.0, x0, 0.0, -RGB_RES, y0)
     xs, ys = _grid_coords(rgb_tf, params.size, params.size)
     shade = canvas.sample(canvas.shade, xs, ys)
     rgb = np.stack([canvas.sample(canvas.rgb[b], xs, ys) * shade for b in range(3)])
@@ -382,7 +382,7 @@ def _generate_scene(scene_dir: Path, params: WorldParams, index: int) -> None:
     _write(scene_dir / "rgb.tif", rgb, UTM_CRS, rgb_tf, 0, "uint8")
 
     # NIR and NDVI on a 3 m grid shifted off the RGB one, as a second sensor's would be.
-    nir_tf = from_origin(x0 - 7.3, y0 + 5.1, NIR_RES, NIR_RES)
+    nir_tf = Affine(NIR_RES, 0.0, x0 - 7.3, 0.0, -NIR_RES, y0 + 5.1)
     n_nir = int(math.ceil((extent + 12) / NIR_RES))
     xs, ys = _grid_coords(nir_tf, n_nir, n_nir)
     nir = canvas.sample(canvas.nir, xs, ys) * canvas.sample(canvas.shade, xs, ys)
@@ -402,7 +402,7 @@ def _generate_scene(scene_dir: Path, params: WorldParams, index: int) -> None:
     left, top = math.floor(min(corner_x)) - 4, math.ceil(max(corner_y)) + 4
     width = int(math.ceil((max(corner_x) + 4 - left) / DEM_RES))
     height = int(math.ceil((top - (min(corner_y) - 4)) / DEM_RES))
-    dem_tf = from_origin(left, top, DEM_RES, DEM_RES)
+    dem_tf = Affine(DEM_RES, 0.0, left, 0.0, -DEM_RES, top)
     dx, dy = _grid_coords(dem_tf, width, height)
     ux, uy = _transform_smooth(to_utm, dx, dy)
     # Relative elevation: the DEM minus its ~100 m-scale trend, so scarps stand out.
@@ -495,9 +495,9 @@ def main(argv: list[str] | None = None) -> None:
         from rts_thaw.data import export
 
         if args.coco_chips:
-            print(f"COCO chips: {export.export_coco_chips(scene_list, args.coco_chips, seed=args.seed)}")
+            print(f"COCO chips: {export.export_coco_chips(scene_list, args.coco_chips)}")
         if args.challenge:
-            print(f"challenge release: {export.export_challenge(scene_list, args.challenge, seed=args.seed)}")
+            print(f"challenge release: {export.export_challenge(scene_list, args.challenge)}")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def _resize(a: np.ndarray, nh: int, nw: int, order: int) -> np.ndarray:
     ys = np.clip((np.arange(nh) + 0.5) * h / nh - 0.5, 0, h - 1)
     xs = np.clip((np.arange(nw) + 0.5) * w / nw - 0.5, 0, w - 1)
     if order == 0:
-        return a[..., np.rint(ys).astype(int)[:, None], np.rint(xs).astype(int)[None, :]]
+        return a[..., np.floor(ys + 0.5).astype(int)[:, None], np.floor(xs + 0.5).astype(int)[None, :]]
     y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
     y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
     fy, fx = (ys - y0)[:, None].astype(np.float32), (xs - x0).astype(np.float32)

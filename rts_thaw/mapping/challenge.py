@@ -21,6 +21,7 @@ from rts_thaw.data.chips import _npz_image_shape
 from rts_thaw.data.geotiff import tile_windows
 from rts_thaw.eval.coco import mask_to_rle
 from rts_thaw.eval.submission import RTS_CATEGORY_ID, validate_submission, write_submission
+from rts_thaw.mapping.map_scenes import set_score_threshold
 from rts_thaw.mapping.instances import SceneInstance, instances_from_tile
 from rts_thaw.mapping.scene_tiles import collate_tiles, window_tuple
 from rts_thaw.mapping.seam_merge import merge_across_seams
@@ -64,6 +65,7 @@ def _chip_results(image_id: int, size: tuple[int, int], instances: list[SceneIns
 @torch.inference_mode()
 def predict_chips(model, dataset, device: torch.device, batch_size: int = 4, num_workers: int = 0,
                   overlap: int = 32, mask_threshold: float = 0.5, progress: bool = True) -> list[dict]:
+    """COCO results for every chip: every detection the model's heads keep."""
     results: list[dict] = []
     pending: list[dict] = []
     per_chip: dict[int, list[SceneInstance]] = {}
@@ -106,8 +108,14 @@ def expected_sizes(dataset) -> dict[int, tuple[int, int]]:
 
 def predict_challenge(model, data_cfg: DictConfig, split: str, output: str | Path, device: torch.device,
                       batch_size: int = 4, num_workers: int = 0, mask_threshold: float = 0.5,
-                      progress: bool = True) -> tuple[Path, list[str]]:
-    """Write the submission for `split` and return its path and the validator's problems (none expected)."""
+                      score_threshold: float | None = None, progress: bool = True) -> tuple[Path, list[str]]:
+    """Write the submission for `split` and return its path and the validator's problems (none expected).
+
+    `score_threshold` None keeps the heads' own threshold: AP rewards low-score detections
+    ranked below the confident ones, so a mapping threshold is usually too strict here.
+    """
+    if score_threshold is not None:
+        set_score_threshold(model.detector, score_threshold)
     dataset = challenge_dataset(data_cfg, model, split)
     results = predict_chips(model, dataset, device, batch_size, num_workers, mask_threshold=mask_threshold,
                             progress=progress)

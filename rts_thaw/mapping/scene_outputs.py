@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rts_thaw.mapping.instances import SceneInstance
-from rts_thaw.mapping.vector_io import VectorLayer, write_layer
+from rts_thaw.mapping.vector_io import VectorLayer, remove_if_empty, write_layer
 from rts_thaw.mapping.vectorize import area_m2, instance_polygon
 
 
@@ -48,10 +48,13 @@ class SceneOutputs:
         return self.gpkg.exists()
 
     def remove_leftovers(self) -> None:
-        """Temporary files of an interrupted run on this scene."""
-        for pattern in (f".{self.scene_id}.tmp-*", f".{self.scene_id}_score.tmp-*", f".{self.scene_id}_score.draft-*"):
-            for path in self.out_dir.glob(pattern):
-                path.unlink()
+        """This scene's files in the temporary folders of interrupted runs (other scenes'
+        files there may belong to a shard still running, so they stay)."""
+        for folder in self.out_dir.glob(".tmp-*"):
+            for path in folder.glob(f"{self.scene_id}*"):
+                if path.stem in (self.scene_id, f"{self.scene_id}_score", f"{self.scene_id}_score.draft"):
+                    path.unlink()
+            remove_if_empty(folder)
 
 
 def scene_layer(instances: list[SceneInstance], transform, crs, scene_id: str, model: str, ckpt: str) -> VectorLayer:

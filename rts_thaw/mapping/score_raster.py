@@ -17,13 +17,14 @@ import rasterio.shutil
 from rasterio.windows import Window
 
 from rts_thaw.mapping.instances import SceneInstance
+from rts_thaw.mapping.vector_io import remove_if_empty, temporary_path
 
 
 class ScoreRasterWriter:
     def __init__(self, path: str | Path, width: int, height: int, transform, crs):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._draft = self.path.with_name(f".{self.path.stem}.draft-{os.getpid()}.tif")
+        self._draft = temporary_path(self.path.with_name(f"{self.path.stem}.draft.tif"))
         # blocks never written are filled with nodata (NaN) by GDAL
         self._dataset = rasterio.open(
             self._draft, "w+", driver="GTiff", width=width, height=height, count=1, dtype="float32",
@@ -48,12 +49,14 @@ class ScoreRasterWriter:
 
     def close(self) -> Path:
         self._dataset.close()
-        tmp = self.path.with_name(f".{self.path.stem}.tmp-{os.getpid()}.tif")
+        tmp = temporary_path(self.path)
         rasterio.shutil.copy(self._draft, tmp, driver="COG", compress="DEFLATE")
         os.replace(tmp, self.path)
         self._draft.unlink()
+        remove_if_empty(tmp.parent)
         return self.path
 
     def abort(self) -> None:
         self._dataset.close()
         self._draft.unlink(missing_ok=True)
+        remove_if_empty(self._draft.parent)

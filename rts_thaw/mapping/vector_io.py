@@ -30,6 +30,22 @@ class VectorLayer:
         return len(self.geometries)
 
 
+def temporary_path(path: Path) -> Path:
+    """Where `path` is written before its rename: a hidden per-process folder beside it,
+    so no pattern that finds finished files (*.gpkg) ever finds a half-written one."""
+    tmp = path.parent / f".tmp-{os.getpid()}" / path.name
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.unlink(missing_ok=True)
+    return tmp
+
+
+def remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # still holds another file this process is writing
+        pass
+
+
 def driver_for(path: str | Path) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in DRIVERS:
@@ -56,9 +72,7 @@ def write_layer(layer: VectorLayer, path: str | Path, layer_name: str = "rts") -
     if driver_for(path) not in WRITE_DRIVERS:  # a shapefile is several files: no atomic rename
         raise ValueError(f"{path}: write GeoPackage (.gpkg) or GeoJSON (.geojson), not {path.suffix}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    if tmp.exists():
-        tmp.unlink()
+    tmp = temporary_path(path)
     geometries = [shapely.MultiPolygon([g]) if isinstance(g, shapely.Polygon) else g for g in layer.geometries]
     names = list(layer.columns)
     pyogrio.raw.write(
@@ -72,4 +86,5 @@ def write_layer(layer: VectorLayer, path: str | Path, layer_name: str = "rts") -
         crs=layer.crs,
     )
     os.replace(tmp, path)
+    remove_if_empty(tmp.parent)
     return path

@@ -125,10 +125,11 @@ def _load_timm_file(encoder: "Encoder", family: str, path: str, modality: str) -
     state = torch.load(path, map_location="cpu", weights_only=False)
     state = state.get("model", state) if isinstance(state, dict) else state
     if family == "mvitv2":
-        target, first_conv, classifier = encoder.body.model, "patch_embed.proj.weight", "head."
+        # The features-only model drops the classifier and the final norm.
+        target, first_conv, classifier = encoder.body.model, "patch_embed.proj.weight", ("head.", "norm.")
         state = mvitv2_checkpoint_filter(state, target)  # resizes relative-position tables to img_size
     else:
-        target, first_conv, classifier = encoder.body, "conv1.weight", "fc."
+        target, first_conv, classifier = encoder.body, "conv1.weight", ("fc.",)
     state = {k: v for k, v in state.items() if not k.startswith(classifier)}
     if first_conv in state and state[first_conv].shape[1] != encoder.in_chans:
         state[first_conv] = adapt_input_conv(encoder.in_chans, state[first_conv])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -58,6 +59,23 @@ class RunStats(pl.Callback):
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             perf["perf/peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
         return perf
+
+
+class LastCheckpointOnInterrupt(pl.Callback):
+    """Writes `last.ckpt` when training stops on an exception (Ctrl-C included).
+
+    Lightning's own exception checkpoints either overwrite the best file or are
+    deleted again at teardown; this one stays, so the same command resumes from it.
+    """
+
+    def __init__(self, dirpath: str | Path):
+        self.path = Path(dirpath) / "last.ckpt"
+
+    def on_exception(self, trainer, pl_module, exception):
+        if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == 0:
+            return
+        trainer.save_checkpoint(str(self.path))
+        print(f"{type(exception).__name__}: saved {self.path}; run the same command again to resume")
 
 
 class PredictionImages(pl.Callback):

@@ -5,6 +5,7 @@ Used by `rts_thaw.train` for a plain run and by the staged pipeline for each sta
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -16,11 +17,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rts_thaw.training.callbacks import PredictionImages, RunStats
+from rts_thaw.training.callbacks import LastCheckpointOnInterrupt, PredictionImages, RunStats
 from rts_thaw.training.module import DetectionModule
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,8 @@ def run_key(cfg: DictConfig) -> str:
 
 
 def resolved_config(cfg: DictConfig) -> dict:
-    """The run's config as plain containers; interpolations that cannot resolve stay as text."""
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # e.g. ${hydra:...} outside a Hydra app
-        return OmegaConf.to_container(cfg, resolve=False)
+    """The run's config as plain containers, every interpolation resolved."""
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def build_datamodule(cfg: DictConfig):
@@ -144,6 +142,9 @@ def fit_and_test(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)  # this run's directory, inside or outside Hydra
     start = time.perf_counter()
     pl.seed_everything(int(cfg.seed), workers=True)
     datamodule = datamodule if datamodule is not None else build_datamodule(cfg)
@@ -172,17 +173,24 @@ def fit_and_test(
     ckpt_dir = run_dir / "checkpoints"
     checkpointing = ModelCheckpoint(
         dirpath=ckpt_dir, filename="best", monitor=cfg.training.monitor, mode="max",
-        save_last=True, save_top_k=1, auto_insert_metric_name=False,
+        save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
+    )
+    # A separate callback: save_last=True skips epochs whose metric did not improve.
+    last_checkpointing = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
     )
     stats = RunStats()
     callbacks = [
         checkpointing,
+        last_checkpointing,
         # Ctrl-C (or any crash) still leaves a last.ckpt to continue from.
-        OnExceptionCheckpoint(dirpath=ckpt_dir, filename="last"),
+        LastCheckpointOnInterrupt(ckpt_dir),
         stats,
         PredictionImages(max_images=int(cfg.training.log_images)),
     ]
     loggers = build_loggers(cfg, run_dir)
+    for logger in loggers:
+        logger.log_hyperparams(run_info["config"])
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir)
     )
@@ -192,6 +200,8 @@ def fit_and_test(
         check_resumable(resume_from, key)
         log.info("resuming from %s", resume_from)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    if not (ckpt_dir / "last.ckpt").is_file():  # fast_dev_run saves nothing by itself
+        trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
 
     best = checkpointing.best_model_path
     test_from = best if best and Path(best).is_file() else None

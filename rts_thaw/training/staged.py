@@ -151,17 +151,24 @@ def verify_stage1_checkpoint(path: Path, key: str) -> None:
         )
 
 
-def ensure_stage1(stage1: DictConfig) -> dict[str, Any]:
-    """Reuse the cached stage-1 model of this configuration, or train, test and store it."""
+def ensure_stage1(stage1: DictConfig, smoke_dir: Path | None = None) -> dict[str, Any]:
+    """Reuse the cached stage-1 model of this configuration, or train, test and store it.
+
+    A `trainer.fast_dev_run` smoke test trains in `smoke_dir` and never enters the cache.
+    """
     key = stage1_key(stage1)
+    if stage1.trainer.get("fast_dev_run"):
+        if smoke_dir is None:
+            raise ValueError("a fast_dev_run stage 1 needs a scratch directory outside the cache")
+        (modality,) = stage1.data.modalities
+        results = fit_and_test(stage1, Path(smoke_dir) / modality, extra_info={"stage1_key": key})
+        return {**results, "stage1_key": key, "checkpoint": results["last_checkpoint"], "reused": False}
     directory = stage1_dir(stage1)
     with _locked(directory):
         cached = load_stage1(directory, key)
         if cached is not None:
             log.info("stage 1 (%s): reusing %s", stage1.data.modalities[0], directory)
             return {**cached, "reused": True}
-        with open_dict(stage1):
-            stage1.paths.output_dir = str(directory)
         results = fit_and_test(stage1, directory, extra_info={"stage1_key": key})
         checkpoint = results["best_checkpoint"] or results["last_checkpoint"]
         if checkpoint is None:
@@ -198,7 +205,7 @@ def run_staged(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     stage1_results = {}
     for modality in modalities:
         log.info("stage 1: %s", modality)
-        stage1_results[modality] = ensure_stage1(stage1_config(cfg, modality))
+        stage1_results[modality] = ensure_stage1(stage1_config(cfg, modality), run_dir / "stage1_fast_dev_run")
 
     checkpoints = {m: r["checkpoint"] for m, r in stage1_results.items()}
     log.info("stage 2: fusion of %s with frozen encoders", modalities)

@@ -1,0 +1,114 @@
+"""Every experiment and every config group option composes; every experiment runs a fast_dev_run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from rts_thaw.train import train
+
+EXPERIMENTS = ["unimodal", "staged_fusion", "end_to_end_fusion", "data_level_fusion",
+               "maskrcnn_r50", "maskrcnn_mvit"]
+
+
+def tiny_overrides(tiny_world_config, tmp_path):
+    """The small world, 64 px tiles, a CPU trainer and one short epoch."""
+    return [
+        "data=geotiff", f"data.path={tiny_world_config['path']}", "data.tile_size=64", "data.stride=64",
+        "data.batch_size=4", "data.eval_batch_size=8", "data.num_workers=0", "data.augment=null",
+        f"data.stats_cache_dir={tiny_world_config['stats_cache_dir']}",
+        f"paths.cache_dir={tmp_path}/cache", "trainer=cpu", "trainer.enable_progress_bar=false",
+    ]
+
+
+def compose_train(overrides):
+    with initialize_config_module("rts_thaw.conf", version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_with_its_settings(experiment, tmp_path):
+    cfg = compose_train([f"+experiment={experiment}", f"paths.cache_dir={tmp_path}"])
+    assert cfg.name == experiment
+    resolved = OmegaConf.to_container(cfg.model, resolve=True)
+    expected_fusion = {"staged_fusion": "residual_cross_attention", "end_to_end_fusion": "residual_cross_attention",
+                       "data_level_fusion": "data_level"}.get(experiment, "none")
+    assert resolved["fusion"]["name"] == expected_fusion
+    assert cfg.training.staged == (experiment == "staged_fusion")
+    expected_encoder = "resnet50" if experiment == "maskrcnn_r50" else "mvitv2_micro"
+    assert resolved["encoder"]["name"] == expected_encoder
+    stages = len(resolved["heads"]["roi"]["iou_thresholds"])
+    assert stages == (1 if experiment.startswith("maskrcnn") else 3)
+    assert resolved["img_size"] == cfg.data.tile_size
+
+
+def test_unimodal_modality_is_selectable(tmp_path):
+    cfg = compose_train(["+experiment=unimodal", "data.modalities=[ndvi]", f"paths.cache_dir={tmp_path}"])
+    assert list(cfg.data.modalities) == ["ndvi"]
+
+
+@pytest.mark.parametrize("option", ["default", "cpu", "gpu", "ddp"])
+def test_trainer_options_compose_and_instantiate(option, tmp_path):
+    cfg = compose_train([f"trainer={option}", f"paths.cache_dir={tmp_path}"])
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    needs_gpus = {"gpu": 1, "ddp": 2}.get(option, 0)
+    if torch.cuda.device_count() < needs_gpus:
+        # Lightning refuses a GPU trainer without GPUs; the settings are still checked.
+        assert cfg.trainer.accelerator == "gpu"
+        assert cfg.trainer.devices == needs_gpus
+        return
+    trainer = instantiate(cfg.trainer, default_root_dir=str(tmp_path), logger=False)
+    expected = "cpu" if option == "cpu" or not torch.cuda.is_available() else "cuda"
+    assert type(trainer.accelerator).__name__.lower().startswith(expected)
+
+
+@pytest.mark.parametrize("option", ["csv", "wandb", "none"])
+def test_logger_options_compose_and_instantiate(option, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_train([f"logger={option}", f"paths.cache_dir={tmp_path}", f"paths.output_dir={tmp_path}"])
+    loggers = {name: instantiate(c) for name, c in cfg.logger.items()}
+    names = {type(lg).__name__ for lg in loggers.values()}
+    assert names == {"csv": {"CSVLogger"}, "wandb": {"CSVLogger", "WandbLogger"}, "none": set()}[option]
+    if option == "wandb":
+        assert cfg.logger.wandb.group == cfg.name
+
+
+def test_every_data_option_composes(tmp_path):
+    data_dir = Path(__file__).resolve().parents[1] / "conf" / "data"
+    for option in sorted(p.stem for p in data_dir.glob("*.yaml")):
+        cfg = compose_train([f"data={option}", f"paths.cache_dir={tmp_path}"])
+        assert cfg.data._target_.endswith("RTSDataModule"), option
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_runs_fast_dev_run(experiment, tiny_world_config, tmp_path):
+    cfg = compose_train([f"+experiment={experiment}", "trainer.fast_dev_run=true"]
+                        + tiny_overrides(tiny_world_config, tmp_path))
+    results = train(cfg, tmp_path / "run")
+    final = results["stage2"] if experiment == "staged_fusion" else results
+    assert final["global_step"] == 1
+    assert set(final["test"]) >= {"segm_AP50", "bbox_AP50"}
+    table = json.loads((tmp_path / "run" / "final_table.json").read_text())
+    assert len(table) == (4 if experiment == "staged_fusion" else 1)
+    # A smoke test never fills the shared stage-1 cache.
+    assert not (tmp_path / "cache" / "stage1").exists() or not any((tmp_path / "cache" / "stage1").iterdir())
+
+
+def test_entry_point_finds_configs_outside_the_repository(tmp_path):
+    """`python -m rts_thaw.train` composes from the installed package, from any directory."""
+    env = {**os.environ, "RTS_THAW_CACHE": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "rts_thaw.train", "+experiment=staged_fusion", "--cfg", "job"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    cfg = OmegaConf.create(out.stdout)
+    assert cfg.name == "staged_fusion" and cfg.training.staged is True
+    assert cfg.fusion.name == "residual_cross_attention"
