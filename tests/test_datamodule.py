@@ -170,3 +170,16 @@ def test_worker_processes_open_their_own_handles(tiny_world_config):
     from_worker = list(dm.val_dataloader())
     assert len(from_worker) == 1
     torch.testing.assert_close(from_worker[0]["image"], in_process[0]["image"])
+
+
+@pytest.mark.parametrize("name", ["synthetic", "geotiff", "coco_chips", "arctic_challenge"])
+def test_data_configs_mirror_the_datamodule(name, tmp_path):
+    """Every key of conf/data/<name>.yaml is an RTSDataModule argument."""
+    import inspect
+
+    with initialize_config_module("rts_thaw.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"data={name}", f"paths.data_dir={tmp_path}"])
+    assert cfg.data._target_ == "rts_thaw.data.datamodule.RTSDataModule"
+    accepted = set(inspect.signature(RTSDataModule.__init__).parameters)
+    assert set(cfg.data) - {"_target_"} <= accepted
+    assert cfg.data.source in datamodule_module.SOURCES

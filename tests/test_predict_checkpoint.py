@@ -35,7 +35,16 @@ MODALITIES = ["rgb", "ndvi"]
 TILE = 64
 # small and quick: tiles of 64 px with 16 px overlap, few workers
 TILING = ["tiling.overlap=16", "tiling.batch_size=2", "tiling.num_workers=1", "tiling.score_threshold=0.0",
-          "progress=false"]
+          "tiling.max_detections=8", "progress=false"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on shared 2-core runners: one thread avoids thread-pool contention (10x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +83,10 @@ def _predict_cli(*overrides, wait=True):
     """The real command line (a subprocess: its start-up costs seconds, so used sparingly)."""
     command = [sys.executable, "-m", "rts_thaw.predict", *overrides, "hydra.run.dir=.", "hydra/job_logging=none",
                "hydra/hydra_logging=none"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 

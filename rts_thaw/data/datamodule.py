@@ -114,11 +114,17 @@ class RTSDataModule(L.LightningDataModule):
             scenes = [s for s in self._scenes() if s.split == split]
             if not scenes:
                 raise ValueError(f"{self.path}: no scenes in split {split!r}")
-            return geotiff.GeoTiffTileDataset(
+            dataset = geotiff.GeoTiffTileDataset(
                 scenes, self.modalities, self.tile_size, self.stride,
                 min_valid_fraction=self.min_valid_fraction, min_instance_area=self.min_instance_area,
                 norm_stats=self.norm_stats, augment=aug, source=f"geotiff:{self.path}",
             )
+            if len(dataset) == 0:
+                raise ValueError(
+                    f"{self.path}: no tile of split {split!r} has {self.min_valid_fraction:.0%} valid pixels in "
+                    f"{self.modalities} (nodata/NaN everywhere?); check the rasters or lower min_valid_fraction"
+                )
+            return dataset
         if self.source == "coco_chips":
             return chips.coco_chip_split(self.path, split, self.modalities, self.val_fraction,
                                          norm_stats=self.norm_stats, augment=aug, min_instance_area=self.min_instance_area)

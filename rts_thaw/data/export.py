@@ -115,7 +115,7 @@ def export_challenge(scene_list: str | Path, out: str | Path) -> Path:
                  "shaded_relief": _hillshade(rel), "nir": nir, "ndwi": ndwi}
         stack = np.stack([bands[b] for b in CHALLENGE_BANDS], axis=-1).astype(np.float32)
         stack[~valid] = np.nan
-        np.savez_compressed(out / part / "images" / name, image=stack)
+        np.savez(out / part / "images" / name, image=stack)
         h, w = valid.shape
         records[part].append({"id": image_id, "file_name": name, "height": h, "width": w})
         for mask in masks:

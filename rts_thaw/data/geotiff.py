@@ -283,7 +283,8 @@ class GeoTiffTileDataset(Dataset):
     """Aligned multimodal tiles with instance targets, from the scenes of one split.
 
     A tile is kept when at least `min_valid_fraction` of it is valid in the
-    reference and in every requested modality.
+    reference and in every requested modality. `windows` replaces the tiling with
+    given (scene index, window) pairs.
     """
 
     def __init__(
@@ -297,6 +298,7 @@ class GeoTiffTileDataset(Dataset):
         norm_stats=None,
         augment=None,
         source: str = "geotiff",
+        windows: list[tuple[int, Window]] | None = None,
     ):
         self.scenes = list(scenes)
         self.modalities = list(modalities)
@@ -307,9 +309,13 @@ class GeoTiffTileDataset(Dataset):
         self._labels: dict[int, tuple[list, shapely.STRtree | None]] = {}
         self.tiles: list[_Tile] = []
         self.channels: dict[str, int] = {}
+        if windows is not None:  # given windows (scene index, window), no tiling or filtering
+            self.tiles = [_Tile(scene, window) for scene, window in windows]
         for i, spec in enumerate(self.scenes):
             with SceneReader(spec, self.modalities) as reader:
                 self.channels = self.channels or dict(reader.channels)
+                if windows is not None:
+                    continue
                 for window in tile_windows(reader.width, reader.height, tile_size, self.stride):
                     if reader.valid_fraction(window) >= min_valid_fraction:
                         self.tiles.append(_Tile(i, window))

@@ -21,8 +21,8 @@ from rts_thaw.data.chips import _npz_image_shape
 from rts_thaw.data.geotiff import tile_windows
 from rts_thaw.eval.coco import mask_to_rle
 from rts_thaw.eval.submission import RTS_CATEGORY_ID, validate_submission, write_submission
-from rts_thaw.mapping.map_scenes import set_score_threshold
 from rts_thaw.mapping.instances import SceneInstance, instances_from_tile
+from rts_thaw.mapping.map_scenes import set_detection_limits
 from rts_thaw.mapping.scene_tiles import collate_tiles, window_tuple
 from rts_thaw.mapping.seam_merge import merge_across_seams
 
@@ -33,7 +33,8 @@ def challenge_dataset(data_cfg: DictConfig, model, split: str):
     with open_dict(data_cfg):
         data_cfg.modalities = list(model.detector.modalities)
         data_cfg.tile_size = model.tile_size
-    datamodule = instantiate(data_cfg, norm_stats=model.norm_stats)
+    datamodule = instantiate(data_cfg)
+    datamodule.set_norm_stats(model.norm_stats)
     return datamodule.dataset(split, augment=False)
 
 
@@ -115,7 +116,7 @@ def predict_challenge(model, data_cfg: DictConfig, split: str, output: str | Pat
     ranked below the confident ones, so a mapping threshold is usually too strict here.
     """
     if score_threshold is not None:
-        set_score_threshold(model.detector, score_threshold)
+        set_detection_limits(model.detector, score_threshold)
     dataset = challenge_dataset(data_cfg, model, split)
     results = predict_chips(model, dataset, device, batch_size, num_workers, mask_threshold=mask_threshold,
                             progress=progress)

@@ -51,12 +51,15 @@ def load_model(ckpt_path: str | Path, device: torch.device) -> LoadedModel:
                        checkpoint_identity(ckpt_path))
 
 
-def set_score_threshold(detector: torch.nn.Module, threshold: float) -> None:
-    """Make the heads keep exactly the detections at or above `threshold`: masks are then
-    computed only for boxes that will be mapped, and `tiling.score_threshold` is the one knob."""
+def set_detection_limits(detector: torch.nn.Module, score_threshold: float, max_detections: int | None = None) -> None:
+    """Make the heads keep exactly the detections that will be mapped (score >= threshold, at
+    most `max_detections` per tile): masks are computed only for those, and the tiling config
+    is the one place these are set."""
     heads = getattr(detector, "roi_heads", None)
     if heads is not None and hasattr(heads, "score_thresh"):
-        heads.score_thresh = threshold
+        heads.score_thresh = score_threshold
+    if heads is not None and max_detections is not None and hasattr(heads, "detections_per_img"):
+        heads.detections_per_img = max_detections
 
 
 def check_modalities(scenes: list[SceneSpec], modalities: list[str], source: Path) -> None:
@@ -73,7 +76,7 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
                score_raster: bool = False, progress: bool = True) -> list[dict]:
     """Predict every scene of this shard that is not done yet; returns one summary per scene."""
     scenes_path, output_dir = Path(scenes_path), Path(output_dir)
-    set_score_threshold(model.detector, tiling.score_threshold)
+    set_detection_limits(model.detector, tiling.score_threshold, tiling.max_detections)
     scenes = shard_scenes(load_scene_list(scenes_path), shard, num_shards)
     check_modalities(scenes, list(model.detector.modalities), scenes_path)
     output_dir.mkdir(parents=True, exist_ok=True)

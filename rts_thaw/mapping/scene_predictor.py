@@ -24,6 +24,7 @@ class TilingConfig:
     num_workers: int = 2
     mask_threshold: float = 0.5
     score_threshold: float = 0.3
+    max_detections: int = 100
     min_pixels: int = 4
     min_shared_iou: float = 0.3
 

@@ -82,12 +82,12 @@ def stage1_key(stage1: DictConfig) -> str:
     for key in ("weights", "frozen", "grad_checkpointing"):
         model.get("encoder", {}).pop(key, None)
     training = OmegaConf.to_container(stage1.training, resolve=True)
-    trainer = OmegaConf.to_container(stage1.trainer, resolve=True)
+    trainer = {k: OmegaConf.select(stage1.trainer, k) for k in SCHEDULE_TRAINER_KEYS if k in stage1.trainer}
     relevant = {
         "data": data,
         "model": model,
         "training": {k: training.get(k) for k in ("optimizer", "scheduler", "monitor", "coco_preset")},
-        "trainer": {k: trainer.get(k) for k in SCHEDULE_TRAINER_KEYS if k in trainer},
+        "trainer": trainer,
         "seed": stage1.seed,
     }
     return config_key(relevant)

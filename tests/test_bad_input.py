@@ -1,0 +1,167 @@
+"""Every bad input named in issue 2 gets a clear error naming the file and the
+problem (or, where the input is legitimate, the documented behaviour)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import rasterio
+import shapely
+import yaml
+from affine import Affine
+from pyproj import Transformer
+from rasterio.windows import Window
+
+from rts_thaw.data.chips import ChipError, CocoChipDataset, challenge_split
+from rts_thaw.data.datamodule import RTSDataModule
+from rts_thaw.data.geotiff import GeoTiffTileDataset, SceneError, SceneReader, SceneSpec, load_scene_list
+from rts_thaw.data.synthetic import write_labels
+
+UTM = "EPSG:32606"
+X0, Y0 = 500000.0, 7700000.0
+REF = Affine(4.0, 0, X0, 0, -4.0, Y0)
+
+
+def tif(path, bands=1, transform=REF, crs=UTM, value=1.0, dtype="float32", nodata=None, size=32):
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=bands, dtype=dtype,
+                       crs=crs, transform=transform, nodata=nodata) as dst:
+        dst.write(np.full((bands, size, size), value, dtype=dtype))
+    return path
+
+
+@pytest.fixture
+def rgb(tmp_path):
+    return tif(tmp_path / "rgb.tif", bands=3, value=120, dtype="uint8", nodata=0)
+
+
+def reader_error(spec, modalities) -> str:
+    with pytest.raises(SceneError) as info:
+        SceneReader(spec, modalities)
+    return str(info.value)
+
+
+def test_missing_raster(tmp_path, rgb):
+    message = reader_error(SceneSpec("s", "train", {"rgb": rgb, "ndvi": tmp_path / "nope.tif"}), ["rgb", "ndvi"])
+    assert "nope.tif" in message and "does not exist" in message
+
+
+def test_unreadable_raster(tmp_path, rgb):
+    (tmp_path / "broken.tif").write_text("not a tiff")
+    message = reader_error(SceneSpec("s", "train", {"rgb": rgb, "nir": tmp_path / "broken.tif"}), ["rgb", "nir"])
+    assert "broken.tif" in message and "not a readable raster" in message
+
+
+def test_raster_without_crs(tmp_path, rgb):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rasterio warns that the file is not georeferenced
+        path = tif(tmp_path / "nocrs.tif", crs=None, transform=Affine.identity())
+    message = reader_error(SceneSpec("s", "train", {"rgb": rgb, "nir": path}), ["nir"])
+    assert "nocrs.tif" in message and "no CRS" in message
+
+
+def test_modality_that_does_not_overlap_the_reference(tmp_path, rgb):
+    far = tif(tmp_path / "far.tif", transform=Affine(4.0, 0, X0 + 50_000, 0, -4.0, Y0))
+    message = reader_error(SceneSpec("s", "train", {"rgb": rgb, "ndvi": far}), ["ndvi"])
+    assert "far.tif" in message and "does not overlap" in message
+
+
+def test_modality_with_the_wrong_band_count(tmp_path, rgb):
+    three = tif(tmp_path / "ndvi3.tif", bands=3)
+    message = reader_error(SceneSpec("s", "train", {"rgb": rgb, "ndvi": three}), ["rgb", "ndvi"])
+    assert "ndvi3.tif" in message and "3 band(s), expected 1" in message
+
+
+def _targets(spec):
+    dataset = GeoTiffTileDataset([spec], ["rgb"], tile_size=32, min_valid_fraction=0.0)
+    return dataset[0]["target"]
+
+
+def test_labels_in_another_crs_are_reprojected_not_rejected(tmp_path, rgb):
+    square = shapely.box(X0 + 40, Y0 - 80, X0 + 80, Y0 - 40).segmentize(2)  # px cols 10..19, rows 10..19
+    to_polar = Transformer.from_crs(UTM, "EPSG:3413", always_xy=True)
+    polar = shapely.transform(square, lambda xy: np.column_stack(to_polar.transform(xy[:, 0], xy[:, 1])))
+    write_labels(tmp_path / "polar.gpkg", [polar], "EPSG:3413")
+    target = _targets(SceneSpec("s", "train", {"rgb": rgb}, tmp_path / "polar.gpkg"))
+    assert target["boxes"].tolist() == [[10, 10, 20, 20]]
+
+
+def test_labels_outside_the_scene_are_dropped_with_a_warning(tmp_path, rgb):
+    inside = shapely.box(X0 + 40, Y0 - 80, X0 + 80, Y0 - 40)
+    outside = shapely.box(X0 + 5000, Y0 - 80, X0 + 5040, Y0 - 40)
+    write_labels(tmp_path / "rts.gpkg", [inside, outside], UTM)
+    with pytest.warns(UserWarning, match=r"rts\.gpkg: 1 label polygon\(s\) lie outside scene s"):
+        target = _targets(SceneSpec("s", "train", {"rgb": rgb}, tmp_path / "rts.gpkg"))
+    assert len(target["masks"]) == 1
+
+
+def test_empty_label_file_is_a_scene_without_slumps(tmp_path, rgb):
+    write_labels(tmp_path / "empty.gpkg", [], UTM)
+    target = _targets(SceneSpec("s", "train", {"rgb": rgb}, tmp_path / "empty.gpkg"))
+    assert target["masks"].shape == (0, 32, 32) and target["boxes"].shape == (0, 4)
+
+
+def test_unreadable_label_file(tmp_path, rgb):
+    (tmp_path / "labels.geojson").write_text("{ not json")
+    with pytest.raises(SceneError, match=r"labels\.geojson: label file of scene s is not a readable vector file"):
+        _targets(SceneSpec("s", "train", {"rgb": rgb}, tmp_path / "labels.geojson"))
+
+
+def test_nan_and_nodata_only_tiles(tmp_path, rgb):
+    """All-NaN NDVI: tiles are invalid (zeros, valid False, never NaN); with the
+    usual threshold they are skipped, and a split with no usable tile is an error."""
+    nan_ndvi = tif(tmp_path / "ndvi.tif", value=np.nan, nodata=np.nan)
+    spec = SceneSpec("s", "train", {"rgb": rgb, "ndvi": nan_ndvi})
+    with SceneReader(spec, ["ndvi"]) as reader:
+        images, valid = reader.read(Window(0, 0, 32, 32))
+    assert not valid.any() and (images["ndvi"] == 0).all()
+    assert len(GeoTiffTileDataset([spec], ["ndvi"], tile_size=16, min_valid_fraction=0.5)) == 0
+    scene_list = tmp_path / "scenes.yaml"
+    scene_list.write_text(yaml.safe_dump({"scenes": [{"id": "s", "split": "train", "rasters": {"rgb": "rgb.tif", "ndvi": "ndvi.tif"}}]}))
+    dm = RTSDataModule(path=scene_list, modalities=["ndvi"], tile_size=16, norm_stats={"mean": {"ndvi": [0]}, "std": {"ndvi": [1]}})
+    with pytest.raises(ValueError, match=r"scenes\.yaml: no tile of split 'train' has 50% valid pixels"):
+        dm.setup("fit")
+
+
+def test_scene_list_errors_name_the_file(tmp_path):
+    bad = tmp_path / "scenes.yaml"
+    bad.write_text(yaml.safe_dump({"scenes": [{"id": "a", "split": "training", "rasters": {"rgb": "a.tif"}}]}))
+    with pytest.raises(SceneError, match=r"scenes\.yaml: scene #0 \(a\): split 'training' is not one of"):
+        load_scene_list(bad)
+    bad.write_text(yaml.safe_dump({"scenes": [{"id": "a", "rasters": {"ndvi": "a.tif"}}]}))
+    with pytest.raises(SceneError, match=r"scenes\.yaml: scene #0 \(a\): no 'rgb' raster"):
+        load_scene_list(bad)
+    with pytest.raises(SceneError, match=r"missing\.yaml: cannot read scene list"):
+        load_scene_list(tmp_path / "missing.yaml")
+
+
+def test_coco_json_that_references_missing_images(tmp_path):
+    (tmp_path / "rgb").mkdir()
+    tif(tmp_path / "rgb" / "a.tif", bands=3, dtype="uint8", value=5)
+    coco = {"images": [{"id": 1, "file_name": "a.tif", "height": 32, "width": 32},
+                       {"id": 2, "file_name": "b.tif", "height": 32, "width": 32}], "annotations": []}
+    (tmp_path / "annotations.json").write_text(json.dumps(coco))
+    with pytest.raises(ChipError, match=r"annotations\.json: references 1 image\(s\) missing from .*rgb.*b\.tif"):
+        CocoChipDataset(tmp_path / "annotations.json", {"rgb": tmp_path / "rgb"}, ["rgb"])
+
+
+def _release(tmp_path, **arrays):
+    (tmp_path / "train" / "images").mkdir(parents=True)
+    (tmp_path / "train" / "annotations").mkdir()
+    np.savez(tmp_path / "train" / "images" / "c1.npz", **arrays)
+    coco = {"images": [{"id": 1, "file_name": "c1.npz", "height": 8, "width": 8}], "annotations": []}
+    (tmp_path / "train" / "annotations" / "instances_train.json").write_text(json.dumps(coco))
+
+
+def test_challenge_npz_without_the_image_array(tmp_path):
+    _release(tmp_path, data=np.zeros((8, 8, 8), np.float32))
+    with pytest.raises(ChipError, match=r"c1\.npz: no 'image' array \(has \['data'\]\)"):
+        challenge_split(tmp_path, "train", ["rgb"], val_fraction=0.0)
+
+
+def test_challenge_npz_with_the_wrong_band_count(tmp_path):
+    _release(tmp_path, image=np.zeros((8, 8, 5), np.float32))
+    with pytest.raises(ChipError, match=r"c1\.npz: 'image' has shape \(8, 8, 5\), expected H x W x 8"):
+        challenge_split(tmp_path, "train", ["rgb"], val_fraction=0.0)

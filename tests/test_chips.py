@@ -1,0 +1,127 @@
+"""COCO chip folders and the challenge .npz release, exported from the synthetic
+world so the loaders are checked against the same content read from the GeoTIFFs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from affine import Affine
+
+from rts_thaw.data.chips import CHALLENGE_BANDS, CocoChipDataset, challenge_split, coco_chip_split
+from rts_thaw.data.collate import collate_samples
+from rts_thaw.data.datamodule import RTSDataModule
+from rts_thaw.data.export import CHIP_SIZES, export_challenge, export_coco_chips
+from rts_thaw.data.geotiff import SceneReader, load_scene_list, tile_windows
+
+
+@pytest.fixture(scope="module")
+def exported(synthetic_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    return export_coco_chips(synthetic_world, root / "coco"), export_challenge(synthetic_world, root / "challenge")
+
+
+def _window_of(file_name: str, specs):
+    """scene_001_004.png -> (spec, window): chips are cut with the scene's chip size."""
+    scene_id, k = file_name.rsplit(".", 1)[0].rsplit("_", 1)
+    index = [s.id for s in specs].index(scene_id)
+    with SceneReader(specs[index], ["rgb"]) as reader:
+        size = CHIP_SIZES[index % len(CHIP_SIZES)]
+        return specs[index], tile_windows(reader.width, reader.height, size)[int(k)]
+
+
+def test_coco_chips_hold_the_geotiff_content(exported, synthetic_world):
+    coco_root, _ = exported
+    specs = load_scene_list(synthetic_world)
+    dataset = coco_chip_split(coco_root, "train", ["rgb", "dem"])
+    assert dataset.channels == {"rgb": 3, "dem": 1}
+    with_slumps = [i for i in range(len(dataset)) if len(dataset[i]["target"]["masks"])]
+    assert with_slumps
+    i = with_slumps[0]
+    spec, window = _window_of(dataset.images[i]["file_name"], specs)
+    with SceneReader(spec, ["rgb"]) as reader:
+        images, valid = reader.read(window)
+    chip_images, chip_valid = dataset.read_raw(i)
+    np.testing.assert_array_equal(chip_images["rgb"], images["rgb"])
+    sample = dataset[i]
+    assert sample["valid"].shape == valid.shape and sample["meta"]["image_id"] == dataset.images[i]["id"]
+    masks = sample["target"]["masks"]
+    assert masks.dtype == torch.uint8 and masks.shape[1:] == valid.shape
+
+
+def test_coco_area_is_recomputed_and_polygons_decode(tmp_path):
+    folder = tmp_path / "train"
+    (folder / "images").mkdir(parents=True)
+    with rasterio.open(folder / "images" / "a.tif", "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
+                       crs="EPSG:32606", transform=Affine(4, 0, 0, 0, -4, 0)) as dst:
+        dst.write(np.full((3, 30, 40), 9, np.uint8))
+    polygon = [[5, 5, 25, 5, 25, 15, 5, 15]]  # 20 x 10 px
+    coco = {"images": [{"id": 7, "file_name": "a.tif", "height": 30, "width": 40}],
+            "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": polygon, "area": 99999.0,
+                             "bbox": [0, 0, 1, 1], "iscrowd": 0},
+                            {"id": 2, "image_id": 7, "category_id": 1, "segmentation": [[30, 20, 32, 20, 32, 22]],
+                             "area": 5000.0, "bbox": [30, 20, 2, 2], "iscrowd": 0}],  # ~2 px: below min area
+            "categories": [{"id": 1, "name": "rts"}]}
+    (folder / "annotations.json").write_text(json.dumps(coco))
+    dataset = CocoChipDataset(folder / "annotations.json", {"rgb": folder / "images"}, ["rgb"], min_instance_area=10)
+    target = dataset[0]["target"]
+    assert len(target["masks"]) == 1 and abs(int(target["masks"].sum()) - 200) <= 30
+    assert target["boxes"][0].tolist() == pytest.approx([5, 5, 25, 15], abs=1)
+    assert dataset.channels == {"rgb": 3}  # a single images/ folder is RGB only
+
+
+def test_coco_chips_of_varying_size_are_batched(exported):
+    coco_root, _ = exported
+    dm = RTSDataModule(source="coco_chips", path=coco_root, modalities=["rgb", "ndvi", "nir"], batch_size=16,
+                       stats_cache_dir=coco_root / "stats")
+    dm.setup("fit")
+    assert dm.modality_channels == {"rgb": 3, "ndvi": 1, "nir": 1}
+    train = dm.datasets["train"]  # scenes 0 and 1: chips of 96 and 128 px
+    batch = collate_samples([train[0], train[len(train) - 1]])
+    sizes = set(batch["image_sizes"])
+    assert len(sizes) > 1 and {h for h, _ in sizes} <= set(CHIP_SIZES)
+    height = batch["image"]["rgb"].shape[-2]
+    assert height % 32 == 0 and height >= max(h for h, _ in sizes)
+
+
+def test_challenge_release_bands_labels_and_test_manifest(exported):
+    coco_root, release = exported
+    train = challenge_split(release, "train", ["rgb", "dem", "nir"], val_fraction=0.25)
+    val = challenge_split(release, "val", ["rgb"], val_fraction=0.25)
+    test = challenge_split(release, "test", ["rgb", "ndvi"])
+    assert train.channels == {"rgb": 3, "dem": 2, "nir": 1}
+    assert not {im["id"] for im in train.images} & {im["id"] for im in val.images}
+    # Bands are picked by name from the H x W x 8 array.
+    i = 0
+    with np.load(train.files[i]) as npz:
+        array = npz["image"]
+    images, valid = train.read_raw(i)
+    np.testing.assert_array_equal(images["dem"][1][valid], array[..., CHALLENGE_BANDS.index("shaded_relief")][valid])
+    np.testing.assert_array_equal(images["rgb"][2][valid], array[..., CHALLENGE_BANDS.index("blue")][valid])
+    # The same labels as the COCO chips of the same content (compressed RLE both ways).
+    chips = coco_chip_split(coco_root, "train", ["rgb"], val_fraction=0.25)
+    chip_masks = {Path(chips.images[k]["file_name"]).stem: chips[k]["target"]["masks"] for k in range(len(chips))}
+    npz_masks = {Path(train.images[k]["file_name"]).stem: train[k]["target"]["masks"] for k in range(len(train))}
+    shared = set(chip_masks) & set(npz_masks)
+    assert shared and all(torch.equal(chip_masks[s], npz_masks[s]) for s in shared)
+    # The test split is unlabelled and follows the manifest.
+    with open(release / "metadata" / "test_manifest.csv") as f:
+        manifest = [int(r["image_id"]) for r in csv.DictReader(f)]
+    assert [test[k]["meta"]["image_id"] for k in range(len(test))] == manifest
+    assert all(len(test[k]["target"]["masks"]) == 0 for k in range(len(test)))
+
+
+def test_challenge_datamodule(exported):
+    _, release = exported
+    dm = RTSDataModule(source="arctic_challenge", path=release, modalities=["rgb", "ndwi"], batch_size=4,
+                       stats_cache_dir=release / "stats")
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.modality_channels == {"rgb": 3, "ndwi": 1}
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["image"]["ndwi"].shape[:2] == (4, 1) and all(len(t["boxes"]) == 0 for t in batch["targets"])

@@ -1,0 +1,217 @@
+"""The whole detector from Hydra configs: output contract, frozen encoders, staged init, learning, config errors."""
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from torchmetrics.detection import MeanAveragePrecision
+
+from rts_thaw.models.detector import MultiModalDetector
+from rts_thaw.models.encoders import check_tile_size
+from rts_thaw.models.summary import format_summary
+
+SIZE = 64
+CHANNELS = {"rgb": 3, "ndvi": 1, "nir": 1}
+LOSSES_CASCADE = {"loss_objectness", "loss_rpn_box_reg", "loss_mask",
+                  *(f"loss_{p}_stage{k}" for p in ("cls", "box_reg") for k in (1, 2, 3))}
+LOSSES_MASKRCNN = {"loss_objectness", "loss_rpn_box_reg", "loss_mask", "loss_cls_stage1", "loss_box_reg_stage1"}
+
+
+def model_cfg(model="cascade_mvit", fusion="none", *overrides, tile=SIZE):
+    with initialize_config_module("rts_thaw.conf", version_base=None):
+        cfg = compose(overrides=[f"+model={model}", f"+fusion={fusion}", f"+data.tile_size={tile}", *overrides])
+    return cfg
+
+
+def build(model="cascade_mvit", fusion="none", modalities=("rgb",), *overrides) -> MultiModalDetector:
+    torch.manual_seed(0)
+    return instantiate(model_cfg(model, fusion, *overrides).model)(modality_channels={m: CHANNELS[m] for m in modalities})
+
+
+def make_tiles(n=4, seed=0):
+    """Ellipse 'slumps' that are brighter in every modality, on noise; 1 or 2 per tile."""
+    g = torch.Generator().manual_seed(seed)
+    images = {m: torch.randn(n, c, SIZE, SIZE, generator=g) * 0.3 for m, c in CHANNELS.items()}
+    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    targets = []
+    for i in range(n):
+        count = 1 + i % 2
+        masks = torch.zeros(count, SIZE, SIZE, dtype=torch.uint8)
+        boxes = []
+        for j in range(count):
+            h, w = torch.randint(12, 26, (2,), generator=g).tolist()
+            y, x = torch.randint(2, SIZE - 28, (2,), generator=g).tolist()
+            if j == 1:  # keep the second one apart from the first
+                y, x = (y + 32) % (SIZE - 28), (x + 32) % (SIZE - 28)
+            inside = ((yy - y - h / 2) / (h / 2)) ** 2 + ((xx - x - w / 2) / (w / 2)) ** 2 <= 1
+            masks[j] = inside
+            ys, xs = torch.where(inside)
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            for m in images:
+                images[m][i, :, inside] += 1.5
+        targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32),
+                        "labels": torch.ones(count, dtype=torch.int64), "masks": masks})
+    return images, targets
+
+
+def mask_ap50(detector, images, targets) -> float:
+    detector.eval()
+    with torch.no_grad():
+        out = detector(images, [(SIZE, SIZE)] * len(targets))
+    metric = MeanAveragePrecision(iou_type="segm", iou_thresholds=[0.5])
+    metric.update([{"masks": o["masks"] > 0.5, "scores": o["scores"], "labels": o["labels"]} for o in out],
+                  [{"masks": t["masks"].bool(), "labels": t["labels"]} for t in targets])
+    return metric.compute()["map_50"].item()
+
+
+def check_train_and_eval_contract(detector, losses_expected):
+    images, targets = make_tiles(n=2)
+    images = {m: images[m] for m in detector.modalities}
+    detector.train()
+    losses = detector(images, [(SIZE, SIZE), (SIZE, SIZE)], targets)
+    assert set(losses) == losses_expected
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    detector.eval()
+    sizes = [(SIZE, SIZE), (56, 40)]  # the second image is padded in the batch
+    with torch.no_grad():
+        out = detector(images, sizes)
+    assert len(out) == 2
+    for det, (h, w) in zip(out, sizes):
+        n = len(det["boxes"])
+        assert det["boxes"].shape == (n, 4) and det["boxes"].dtype == torch.float32
+        assert det["scores"].shape == (n,) and ((det["scores"] >= 0) & (det["scores"] <= 1)).all()
+        assert det["labels"].dtype == torch.int64 and (det["labels"] == 1).all()
+        assert det["masks"].shape == (n, h, w) and det["masks"].dtype == torch.float32
+        assert ((det["masks"] >= 0) & (det["masks"] <= 1)).all()
+        assert (det["boxes"][:, 2] <= w).all() and (det["boxes"][:, 3] <= h).all()
+
+
+@pytest.mark.parametrize("model,losses", [("cascade_mvit", LOSSES_CASCADE), ("maskrcnn_mvit", LOSSES_MASKRCNN)])
+@pytest.mark.parametrize("fusion", ["none", "data_level", "concat_conv", "cross_attention", "residual_cross_attention"])
+def test_every_fusion_with_both_head_types_follows_the_output_contract(model, losses, fusion):
+    modalities = ("rgb",) if fusion == "none" else ("rgb", "ndvi", "nir")
+    detector = build(model, fusion, modalities)
+    assert detector.modalities == list(modalities)
+    assert list(detector.encoders) == (["stacked"] if fusion == "data_level" else list(modalities))
+    check_train_and_eval_contract(detector, losses)
+
+
+@pytest.mark.parametrize("model,overrides,losses", [
+    ("maskrcnn_r50", (), LOSSES_MASKRCNN),
+    ("cascade_mvit", ("model/encoder=mvitv2_tiny",), LOSSES_CASCADE),
+    ("cascade_mvit", ("model/heads=cascade",), LOSSES_CASCADE),
+    ("maskrcnn_mvit", ("model/heads=maskrcnn",), LOSSES_MASKRCNN),
+])
+def test_other_encoders_and_paper_scale_heads_follow_the_output_contract(model, overrides, losses):
+    check_train_and_eval_contract(build(model, "none", ("ndvi",), *overrides), losses)
+
+
+@pytest.mark.parametrize("encoder", ["mvitv2_small", "mvitv2_base"])
+def test_larger_mvit_encoders_build_with_their_widths(encoder):
+    detector = build("cascade_mvit", "none", ("rgb",), f"model/encoder={encoder}")
+    width = {"mvitv2_small": 96, "mvitv2_base": 96}[encoder]
+    assert detector.encoders["rgb"].out_channels == [width, 2 * width, 4 * width, 8 * width]
+    assert detector.fusion.out_channels == detector.encoders["rgb"].out_channels
+
+
+def test_frozen_encoders_get_no_gradients_and_stay_bit_identical_while_the_rest_learns():
+    detector = build("cascade_mvit", "residual_cross_attention", ("rgb", "ndvi", "nir"), "model.encoder.frozen=true")
+    before = {k: v.clone() for k, v in detector.state_dict().items()}
+    optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-2)  # all parameters, frozen ones included
+    images, targets = make_tiles(n=2)
+    detector.train()
+    assert not any(m.training for m in detector.encoders.modules())
+    sum(detector(images, [(SIZE, SIZE)] * 2, targets).values()).backward()
+    assert all(p.grad is None for p in detector.encoders.parameters())
+    optimizer.step()
+    after = detector.state_dict()
+    for key, value in before.items():
+        if key.startswith("encoders."):
+            assert torch.equal(value, after[key]), key
+    for part in ("fusion", "neck", "rpn", "roi_heads"):
+        assert any(not torch.equal(v, after[k]) for k, v in before.items() if k.startswith(part + ".")), part
+    summary = detector.summary()
+    assert summary["encoders"]["trainable"] == 0 and summary["encoders"]["total"] > 0
+    assert summary["all"]["trainable"] == sum(p.numel() for p in detector.parameters() if p.requires_grad)
+
+
+def test_summary_counts_every_part_and_prints_beside_the_paper():
+    detector = build("cascade_mvit", "residual_cross_attention", ("rgb", "ndvi", "nir"))
+    summary = detector.summary()
+    assert set(summary) == {"encoders", "fusion", "neck", "rpn", "roi_heads", "all"}
+    assert summary["all"]["total"] == sum(p.numel() for p in detector.parameters())
+    text = format_summary(summary, num_encoders=3)
+    assert "roi_heads" in text and "230M total" in text and "78M trainable" in text
+
+
+def lightning_checkpoint(detector, path):
+    torch.save({"state_dict": {f"detector.{k}": v for k, v in detector.state_dict().items()}}, path)
+    return str(path)
+
+
+def test_stage2_model_starts_as_the_stage1_rgb_model(tmp_path):
+    """Encoders from stage-1 checkpoints, neck/RPN/heads from the RGB one, residual fusion at identity."""
+    rgb_model = build("cascade_mvit", "none", ("rgb",))
+    rgb_ckpt = lightning_checkpoint(rgb_model, tmp_path / "rgb.ckpt")
+    weights = {"rgb": rgb_ckpt}
+    for m in ("ndvi", "nir"):
+        weights[m] = lightning_checkpoint(build("cascade_mvit", "none", (m,)), tmp_path / f"{m}.ckpt")
+    fused = build("cascade_mvit", "residual_cross_attention", ("rgb", "ndvi", "nir"), "model.encoder.frozen=true",
+                  f"model.encoder.weights={weights}", f"model.init_from={rgb_ckpt}")
+    images, _ = make_tiles(n=2)
+    rgb_model.eval(), fused.eval()
+    with torch.no_grad():
+        expected = rgb_model({"rgb": images["rgb"]}, [(SIZE, SIZE)] * 2)
+        got = fused(images, [(SIZE, SIZE)] * 2)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g["boxes"], e["boxes"])
+        torch.testing.assert_close(g["scores"], e["scores"])
+
+    with pytest.raises(ValueError, match=r"has no encoder for modality 'nir' \(it holds encoders for: \['rgb'\]\)"):
+        build("cascade_mvit", "residual_cross_attention", ("rgb", "ndvi", "nir"),
+              f"model.encoder.weights={{rgb: {rgb_ckpt}, ndvi: {weights['ndvi']}, nir: {rgb_ckpt}}}")
+    with pytest.raises(FileNotFoundError, match="init_from checkpoint not found"):
+        build("cascade_mvit", "none", ("rgb",), f"model.init_from={tmp_path / 'missing.ckpt'}")
+
+
+@pytest.mark.parametrize("model,fusion,modalities", [
+    ("cascade_mvit", "residual_cross_attention", ("rgb", "ndvi", "nir")),  # the paper's model
+    ("maskrcnn_r50", "none", ("rgb",)),  # Table 1 CNN baseline
+    ("cascade_mvit", "data_level", ("rgb", "ndvi", "nir")),
+])
+def test_model_overfits_a_handful_of_tiles_to_high_mask_ap50(model, fusion, modalities):
+    detector = build(model, fusion, modalities)
+    images, targets = make_tiles(n=4)
+    images = {m: images[m] for m in modalities}
+    optimizer = torch.optim.AdamW([p for p in detector.parameters() if p.requires_grad], lr=2e-3, weight_decay=0)
+    ap50 = mask_ap50(detector, images, targets)
+    assert ap50 < 0.5  # an untrained model does not already solve it
+    for step in range(1, 61):
+        detector.train()
+        loss = sum(detector(images, [(SIZE, SIZE)] * 4, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0:
+            ap50 = mask_ap50(detector, images, targets)
+            if ap50 >= 0.9:
+                break
+    assert ap50 >= 0.9, f"mask AP50 {ap50:.2f} after {step} steps"
+
+
+def test_bad_configuration_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs at least one auxiliary modality besides 'rgb'"):
+        build("cascade_mvit", "residual_cross_attention", ("rgb",))
+    with pytest.raises(ValueError, match=r"encoder weights given for unknown modality \['dem'\]"):
+        build("cascade_mvit", "none", ("rgb",), "model.encoder.weights={dem: /x.ckpt}")
+    cfg = model_cfg("cascade_mvit", "none", "model.img_size=64", tile=128)
+    with pytest.raises(ValueError, match="Tile size 128 px is larger than the mvitv2_micro encoder's img_size 64"):
+        check_tile_size(cfg.data.tile_size, cfg.model.encoder, cfg.model.img_size)
+    detector = build("cascade_mvit", "concat_conv", ("rgb", "ndvi"))
+    images, _ = make_tiles(n=1)
+    with pytest.raises(ValueError, match=r"the batch lacks \['ndvi'\]"):
+        detector({"rgb": images["rgb"]}, [(SIZE, SIZE)])
+    with pytest.raises(ValueError, match=r"modality 'ndvi' must be \[B,1,H,W\]"):
+        detector({"rgb": images["rgb"], "ndvi": images["rgb"]}, [(SIZE, SIZE)])
+    with pytest.raises(ValueError, match="needs targets in training mode"):
+        detector.train()({"rgb": images["rgb"], "ndvi": images["ndvi"]}, [(SIZE, SIZE)])

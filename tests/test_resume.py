@@ -1,0 +1,92 @@
+"""Interrupted training resumes: SIGKILL mid-run and Ctrl-C both leave a last checkpoint
+from which the same command finishes with the same number of steps."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from rts_thaw.training.single_run import fit_and_test
+
+
+def tiny_overrides(tiny_world_config, tmp_path):
+    return [
+        "+experiment=unimodal", "data=geotiff", f"data.path={tiny_world_config['path']}",
+        "data.tile_size=64", "data.stride=64", "data.batch_size=4", "data.eval_batch_size=8",
+        "data.num_workers=0", "data.augment=null", f"data.stats_cache_dir={tiny_world_config['stats_cache_dir']}",
+        f"paths.cache_dir={tmp_path}/cache", "trainer=cpu", "trainer.enable_progress_bar=false",
+        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+    ]
+
+
+def readable_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # not there yet, or still being written
+        return None
+
+
+def test_killed_run_resumes_with_the_same_step_count(tiny_world_config, tmp_path):
+    command = [sys.executable, "-m", "rts_thaw.train", *tiny_overrides(tiny_world_config, tmp_path),
+               "trainer.max_epochs=3", "logger=csv"]
+    env = {**os.environ, "RTS_THAW_LOG_DIR": str(tmp_path / "outputs")}
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    checkpoint = None
+    while time.time() < deadline and first.poll() is None:
+        found = list((tmp_path / "outputs").glob("unimodal/*/checkpoints/last.ckpt"))
+        if found and readable_checkpoint(found[0]) is not None:
+            checkpoint = found[0]
+            break
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert checkpoint is not None, first.stderr.read().decode()[-3000:]
+    run_dir = checkpoint.parents[1]
+    killed_at = readable_checkpoint(checkpoint)["global_step"]
+    assert killed_at < 6 and not (run_dir / "results.json").exists()
+
+    # The same command again: the same run directory, continued from last.ckpt.
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in (run_dir / "train.log").read_text()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["global_step"] == 3 * 2
+    assert readable_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 6
+
+
+def test_keyboard_interrupt_leaves_a_usable_last_checkpoint(tiny_world_config, tmp_path, monkeypatch):
+    import lightning.pytorch as pl
+
+    from rts_thaw.training import single_run
+
+    class CtrlC(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                raise KeyboardInterrupt
+
+    with initialize_config_module("rts_thaw.conf", version_base="1.3"):
+        cfg = compose("train", overrides=tiny_overrides(tiny_world_config, tmp_path)
+                      + ["trainer.max_epochs=2", "logger=none"])
+    real_instantiate = single_run.instantiate
+
+    def with_ctrl_c(config, **kwargs):  # the trainer of the first run gets a Ctrl-C at step 3
+        if "callbacks" in kwargs:
+            kwargs["callbacks"] = [*kwargs["callbacks"], CtrlC()]
+        return real_instantiate(config, **kwargs)
+
+    monkeypatch.setattr(single_run, "instantiate", with_ctrl_c)
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
+        fit_and_test(cfg, tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert readable_checkpoint(last)["global_step"] == 3
+
+    monkeypatch.setattr(single_run, "instantiate", real_instantiate)
+    results = fit_and_test(cfg, tmp_path / "run")
+    assert results["global_step"] == 2 * 2

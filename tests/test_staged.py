@@ -1,0 +1,136 @@
+"""Staged training: the stage-1 cache (reuse, retrain on change, bad entries), frozen
+encoders through stage 2, the final table, and evaluate reproducing the test metrics."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from rts_thaw.train import train
+from rts_thaw.training import staged
+from rts_thaw.training.evaluation import evaluate_checkpoint
+
+
+def tiny_overrides(tiny_world_config, cache_dir):
+    """The small world, 64 px tiles, RGB + NDVI, a CPU trainer and one short epoch."""
+    return [
+        "data=geotiff", f"data.path={tiny_world_config['path']}", "data.tile_size=64", "data.stride=64",
+        "data.batch_size=4", "data.eval_batch_size=8", "data.num_workers=0", "data.augment=null",
+        f"data.stats_cache_dir={tiny_world_config['stats_cache_dir']}", "data.modalities=[rgb,ndvi]",
+        f"paths.cache_dir={cache_dir}", "trainer=cpu", "trainer.enable_progress_bar=false",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+    ]
+
+
+def compose_train(overrides):
+    with initialize_config_module("rts_thaw.conf", version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def encoder_state(checkpoint_path, modality):
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["state_dict"]
+    prefix = f"detector.encoders.{modality}."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+@pytest.fixture(scope="module")
+def staged_run(tiny_world_config, tmp_path_factory):
+    """One staged run (stage 1 for rgb and ndvi, then stage 2), shared by the tests below."""
+    cache = tmp_path_factory.mktemp("cache")
+    overrides = ["+experiment=staged_fusion"] + tiny_overrides(tiny_world_config, cache)
+    run_dir = tmp_path_factory.mktemp("staged_run")
+    results = train(compose_train(overrides), run_dir)
+    return {"overrides": overrides, "cache": cache, "run_dir": run_dir, "results": results}
+
+
+def test_stage1_entries_are_complete_and_keyed(staged_run):
+    stage1 = staged_run["results"]["stage1"]
+    assert set(stage1) == {"rgb", "ndvi"}
+    for modality, result in stage1.items():
+        directory = Path(result["checkpoint"]).parents[1]
+        assert directory.parent == staged_run["cache"] / "stage1"
+        assert directory.name == f"{modality}-{result['stage1_key']}"
+        marker = json.loads((directory / staged.MARKER).read_text())
+        assert marker["stage1_key"] == result["stage1_key"] and not result["reused"]
+        assert "segm_AP50" in marker["test"]
+        assert torch.load(result["checkpoint"], weights_only=False)["rts_thaw"]["modalities"] == [modality]
+    assert stage1["rgb"]["stage1_key"] != stage1["ndvi"]["stage1_key"]
+
+
+def test_stage2_keeps_stage1_encoders_frozen_and_writes_the_table(staged_run):
+    results = staged_run["results"]
+    stage2 = results["stage2"]
+    assert stage2["params/trainable"] < stage2["params/total"]
+    for checkpoint in (stage2["best_checkpoint"], stage2["last_checkpoint"]):
+        for modality in ("rgb", "ndvi"):
+            before = encoder_state(results["stage1"][modality]["checkpoint"], modality)
+            after = encoder_state(checkpoint, modality)
+            assert before.keys() == after.keys() and before
+            assert all(torch.equal(before[k], after[k]) for k in before), modality
+    info = torch.load(stage2["best_checkpoint"], weights_only=False)["rts_thaw"]
+    assert info["modalities"] == ["rgb", "ndvi"] and info["tile_size"] == 64
+    assert set(info["norm_stats"]["mean"]) == {"rgb", "ndvi"}
+    rows = json.loads((staged_run["run_dir"] / "final_table.json").read_text())
+    assert [r["model"] for r in rows] == ["stage1 rgb", "stage1 ndvi", "stage2 rgb+ndvi"]
+    assert (staged_run["run_dir"] / "final_table.csv").read_text().count("\n") == 4
+    for row in rows:
+        assert row["trainable_params"] > 0 and row["wall_s"] > 0 and 0 <= row["segm_AP50"] <= 1
+
+
+def test_second_run_reuses_stage1_and_separate_unimodal_job_finds_it(staged_run, tmp_path):
+    markers = {m: Path(r["checkpoint"]).parents[1] / staged.MARKER for m, r in staged_run["results"]["stage1"].items()}
+    mtimes = {m: p.stat().st_mtime_ns for m, p in markers.items()}
+    # The same stage-1 settings through the stand-alone stage-1 job of a sweep:
+    overrides = [o for o in staged_run["overrides"] if o not in ("+experiment=staged_fusion", "data.modalities=[rgb,ndvi]")]
+    job = compose_train(["+experiment=unimodal", "data.modalities=[ndvi]", "training.stage1_cache=true"] + overrides)
+    result = train(job, tmp_path / "ndvi_job")
+    assert result["reused"] is True
+    assert result["checkpoint"] == staged_run["results"]["stage1"]["ndvi"]["checkpoint"]
+    assert {m: p.stat().st_mtime_ns for m, p in markers.items()} == mtimes  # nothing retrained
+
+
+def test_changed_stage1_setting_trains_anew(staged_run, tmp_path):
+    base = compose_train(staged_run["overrides"])
+    changed = compose_train(staged_run["overrides"] + ["training.optimizer.lr=0.0005"])
+    same_device = compose_train(staged_run["overrides"] + ["trainer.accelerator=cpu", "logger=none",
+                                                            "training.stage2.max_epochs=3"])
+    key = lambda cfg: staged.stage1_key(staged.stage1_config(cfg, "rgb"))
+    assert key(changed) != key(base)
+    assert key(same_device) == key(base)  # device, logger and stage-2 settings are not stage-1 settings
+    result = staged.ensure_stage1(staged.stage1_config(changed, "rgb"))
+    assert result["reused"] is False
+    assert Path(result["checkpoint"]).parents[1] != Path(staged_run["results"]["stage1"]["rgb"]["checkpoint"]).parents[1]
+
+
+def test_bad_stage1_entries_are_reported_never_used(staged_run, tmp_path):
+    source = Path(staged_run["results"]["stage1"]["rgb"]["checkpoint"]).parents[1]
+    key = staged_run["results"]["stage1"]["rgb"]["stage1_key"]
+    entry = tmp_path / source.name
+    shutil.copytree(source, entry)
+    assert staged.load_stage1(entry, key)["checkpoint"].startswith(str(entry))
+    with pytest.raises(staged.Stage1Error, match="another configuration"):
+        staged.load_stage1(entry, "0123456789ab")
+    checkpoint = entry / json.loads((entry / staged.MARKER).read_text())["checkpoint"]
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    with pytest.raises(staged.Stage1Error, match="corrupt"):
+        staged.load_stage1(entry, key)
+    checkpoint.unlink()
+    with pytest.raises(staged.Stage1Error, match="missing"):
+        staged.load_stage1(entry, key)
+    (entry / staged.MARKER).write_text("{not json")
+    with pytest.raises(staged.Stage1Error, match="corrupt"):
+        staged.load_stage1(entry, key)
+
+
+def test_evaluate_reproduces_the_test_metrics(staged_run):
+    stage2 = staged_run["results"]["stage2"]
+    metrics = evaluate_checkpoint(stage2["best_checkpoint"], trainer_kwargs={"accelerator": "cpu",
+                                                                           "limit_test_batches": 1,
+                                                                           "enable_progress_bar": False})
+    for name, value in stage2["test"].items():
+        assert (math.isnan(value) and math.isnan(metrics[name])) or metrics[name] == pytest.approx(value, abs=1e-6), name
