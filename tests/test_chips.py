@@ -78,7 +78,7 @@ def test_coco_area_is_recomputed_and_polygons_decode(tmp_path):
 def test_coco_chips_of_varying_size_are_batched(exported):
     coco_root, _ = exported
     dm = RTSDataModule(source="coco_chips", path=coco_root, modalities=["rgb", "ndvi", "nir"], batch_size=16,
-                       stats_cache_dir=coco_root / "stats")
+                       tile_size=max(CHIP_SIZES), stats_cache_dir=coco_root / "stats")
     dm.setup("fit")
     assert dm.modality_channels == {"rgb": 3, "ndvi": 1, "nir": 1}
     train = dm.datasets["train"]  # scenes 0 and 1: chips of 96 and 128 px
@@ -119,9 +119,17 @@ def test_challenge_release_bands_labels_and_test_manifest(exported):
 def test_challenge_datamodule(exported):
     _, release = exported
     dm = RTSDataModule(source="arctic_challenge", path=release, modalities=["rgb", "ndwi"], batch_size=4,
-                       stats_cache_dir=release / "stats")
+                       tile_size=max(CHIP_SIZES), stats_cache_dir=release / "stats")
     dm.setup("fit")
     dm.setup("test")
     assert dm.modality_channels == {"rgb": 3, "ndwi": 1}
     batch = next(iter(dm.test_dataloader()))
     assert batch["image"]["ndwi"].shape[:2] == (4, 1) and all(len(t["boxes"]) == 0 for t in batch["targets"])
+
+
+def test_training_chips_larger_than_the_tile_size_are_refused(exported):
+    coco_root, _ = exported
+    dm = RTSDataModule(source="coco_chips", path=coco_root, modalities=["rgb"], tile_size=128,
+                       norm_stats={"mean": {"rgb": [0, 0, 0]}, "std": {"rgb": [1, 1, 1]}})
+    with pytest.raises(ValueError, match=r"scene_00\d_\d+\.png: \w+ chip is 160 x 160, larger than data.tile_size=128"):
+        dm.setup("fit")

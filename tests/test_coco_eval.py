@@ -214,3 +214,48 @@ def test_bad_input_is_reported():
     ev.update(preds, targets, sizes, image_ids=[3])
     with pytest.raises(ValueError, match="already added"):
         ev.update(preds, targets, sizes, image_ids=[3])
+
+
+def _evaluate_cfg(*overrides):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("rts_thaw.conf", version_base="1.3"):
+        return compose("evaluate", overrides=list(overrides))
+
+
+def test_evaluate_command_scores_files_like_pycocotools(tmp_path):
+    """`python -m rts_thaw.evaluate gt=... predictions=... preset=...` on files written here."""
+    from rts_thaw import evaluate
+
+    preds, targets, sizes = _synthetic_batch(seed=5, n_images=5)
+    ev = CocoEvaluator()
+    ev.update(preds, targets, sizes, image_ids=[21, 22, 23, 24, 25])
+    (tmp_path / "gt_true_areas.json").write_text(json.dumps(ev.ground_truth()))
+    gt = json.loads(json.dumps(ev.ground_truth()))
+    for ann in gt["annotations"]:
+        ann["area"] = 1.0  # wrong on purpose: areas must come from the masks
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "bbox"} for r in ev.results]))
+    cfg = _evaluate_cfg(f"gt={tmp_path / 'gt.json'}", f"predictions={tmp_path / 'results.json'}",
+                        "preset=arctic_challenge", f"output={tmp_path / 'metrics.json'}")
+    metrics = evaluate.main.__wrapped__(cfg)
+
+    stats = _reference(tmp_path / "gt_true_areas.json", tmp_path / "results.json", "segm", "arctic_challenge")
+    for name, index in (("AP", 0), ("AP50", 1), ("APs", 3), ("APm", 4), ("APl", 5), ("AR", 8)):
+        assert metrics[f"segm_{name}"] == pytest.approx(stats[index] if stats[index] >= 0 else math.nan, nan_ok=True)
+    assert math.isnan(metrics["bbox_AP"])  # a segmentation-only results file has no box metrics
+    written = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert written["segm_AP50"] == pytest.approx(metrics["segm_AP50"])
+
+
+def test_evaluate_command_reports_bad_files(tmp_path):
+    from rts_thaw import evaluate
+
+    (tmp_path / "gt.json").write_text(json.dumps({"images": [{"id": 1, "height": 4, "width": 4}], "annotations": []}))
+    (tmp_path / "results.json").write_text("{broken")
+    cfg = _evaluate_cfg(f"gt={tmp_path / 'gt.json'}", f"predictions={tmp_path / 'results.json'}", f"output={tmp_path / 'm.json'}")
+    with pytest.raises(ValueError, match=r"predictions file .*results.json is not valid JSON"):
+        evaluate.main.__wrapped__(cfg)
+    cfg = _evaluate_cfg(f"gt={tmp_path / 'nope.json'}", f"predictions={tmp_path / 'results.json'}", f"output={tmp_path / 'm.json'}")
+    with pytest.raises(FileNotFoundError, match="ground-truth file not found: .*nope.json"):
+        evaluate.main.__wrapped__(cfg)

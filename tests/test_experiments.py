@@ -22,7 +22,7 @@ def tiny_overrides(tiny_world_config, tmp_path):
     """The small world, 64 px tiles, a CPU trainer and one short epoch."""
     return [
         "data=geotiff", f"data.path={tiny_world_config['path']}", "data.tile_size=64", "data.stride=64",
-        "data.batch_size=4", "data.eval_batch_size=8", "data.num_workers=0", "data.augment=null",
+        "data.batch_size=4", "data.eval_batch_size=2", "data.num_workers=0", "data.augment=null",
         f"data.stats_cache_dir={tiny_world_config['stats_cache_dir']}",
         f"paths.cache_dir={tmp_path}/cache", "trainer=cpu", "trainer.enable_progress_bar=false",
     ]

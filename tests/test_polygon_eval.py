@@ -80,3 +80,24 @@ def test_empty_layers():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.gpkg"):
         read_layer(tmp_path / "nope.gpkg")
+
+
+def test_evaluate_command_polygon_mode(tmp_path):
+    """`python -m rts_thaw.evaluate gt=truth.gpkg predictions=mapped.gpkg iou_threshold=...`."""
+    import json
+
+    from hydra import compose, initialize_config_module
+
+    from rts_thaw import evaluate
+
+    predicted, truth = _layers()
+    write_layer(predicted, tmp_path / "mapped.gpkg")
+    write_layer(truth, tmp_path / "truth.gpkg")
+    with initialize_config_module("rts_thaw.conf", version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"gt={tmp_path / 'truth.gpkg'}", f"predictions={tmp_path / 'mapped.gpkg'}",
+                                             "iou_threshold=0.3", f"output={tmp_path / 'polygons.json'}"])
+    report = evaluate.main.__wrapped__(cfg)
+    assert report["true_positives"] == 3 and report["iou_threshold"] == 0.3
+    written = json.loads((tmp_path / "polygons.json").read_text())["metrics"]
+    assert written["by_size"]["medium"]["recall"] == 1.0
+    assert written["by_size"]["large"]["precision"] is None  # NaN (no prediction that large) -> null

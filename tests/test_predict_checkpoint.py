@@ -141,10 +141,13 @@ def test_resume_after_kill_and_sharding(world, checkpoint, tmp_path):
         read_layer(out / path)
     stamps = {p: (out / p).stat().st_mtime_ns for p in done}
 
-    # the rerun, as two shards in one Hydra multirun, finishes the rest and skips what is done
-    result = _predict_cli("-m", f"ckpt_path={checkpoint}", f"scenes={world}", f"output_dir={out}", *TILING,
-                      "num_shards=2", "shard=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    assert result.stdout.count('"status": "skipped (done)"') == len(done)
+    # the rerun, as two shards (the jobs of `-m shard=0,1 num_shards=2`), finishes the rest and skips what is done
+    statuses = []
+    for shard in (0, 1):
+        statuses += predict.main.__wrapped__(_predict_cfg(f"ckpt_path={checkpoint}", f"scenes={world}",
+                                                          f"output_dir={out}", *TILING, "num_shards=2", f"shard={shard}"))
+    assert sorted(s["scene_id"] for s in statuses) == ["scene_000", "scene_001", "scene_002"]
+    assert sorted(s["scene_id"] for s in statuses if s["status"] == "skipped (done)") == [p[:-5] for p in done]
     assert sorted(p.name for p in out.iterdir()) == ["scene_000.gpkg", "scene_001.gpkg", "scene_002.gpkg"]
     assert {p: (out / p).stat().st_mtime_ns for p in done} == stamps
 
@@ -196,3 +199,40 @@ def test_challenge_submission_validates(checkpoint, tmp_path):
         assert any("image_id is not in the test manifest" in p for p in problems)
     if any(r["image_id"] == 103 for r in submission):
         assert any("differs from the chip's H x W [41, 56]" in p for p in problems)
+
+
+def test_challenge_commands_on_the_exported_world(world, checkpoint, tmp_path, capsys):
+    """predict data=arctic_challenge -> submission.json; evaluate validate_submission=...; evaluate gt=... predictions=..."""
+    from rts_thaw import evaluate
+    from rts_thaw.data.export import export_challenge
+
+    release = export_challenge(world, tmp_path / "release")
+    submission = tmp_path / "submission.json"
+    predict.main.__wrapped__(_predict_cfg(f"ckpt_path={checkpoint}", "data=arctic_challenge", f"data.path={release}",
+                                          "split=test", f"output={submission}", "submission_score_threshold=0.0",
+                                          "tiling.num_workers=0", "progress=false"))
+    assert "(valid)" in capsys.readouterr().out
+
+    def evaluate_cfg(*overrides):
+        with initialize_config_module("rts_thaw.conf", version_base="1.3"):
+            return compose("evaluate", overrides=[*overrides, f"output={tmp_path / 'metrics.json'}"])
+
+    check = ["data=arctic_challenge", f"data.path={release}"]
+    assert evaluate.main.__wrapped__(evaluate_cfg(f"validate_submission={submission}", *check)) == []
+    # scored like the challenge's local evaluation, against the export's held-back test truth
+    metrics = evaluate.main.__wrapped__(evaluate_cfg(f"gt={release / 'metadata' / 'test_ground_truth.json'}",
+                                                     f"predictions={submission}", "preset=arctic_challenge"))
+    assert 0.0 <= metrics["segm_AP50"] <= 1.0
+
+    entries = json.loads(submission.read_text())
+    entries[0]["score"] = 1.7
+    entries.append({**entries[0], "image_id": 424242, "score": 0.5})
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(entries))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        evaluate.main.__wrapped__(evaluate_cfg(f"validate_submission={bad}", *check))
+    out = capsys.readouterr().out
+    assert "entry 0 " in out and "score 1.7 is outside [0, 1]" in out
+    assert f"entry {len(entries) - 1} (image_id 424242): image_id is not in the test manifest" in out
+    assert "2 problem(s)" in out

@@ -123,8 +123,8 @@ def test_staged_sweep_on_slurm_shares_stage1_and_reports(slurm_cluster, env, tmp
 def _submitit_job_id(sweep: Path, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        # submitit makes one folder per array task, named <array id>_<task>.
-        folders = [p.name for p in (sweep / ".submitit").glob("*_*") if p.is_dir()]
+        # submitit makes one folder per job: <job id>, or <array id>_<task> in an array.
+        folders = [p.name for p in (sweep / ".submitit").glob("*") if p.is_dir()]
         if folders:
             return folders[0]
         time.sleep(1)
@@ -151,6 +151,7 @@ def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(slurm_cluster
     command = [sys.executable, "-m", "rts_thaw.train", "-m", *args]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
+    job_id = None
     try:
         job_id = _submitit_job_id(sweep, timeout=120)
         last = _wait_for(lambda: next(sweep.glob("*/checkpoints/last.ckpt"), None), 300,
@@ -158,13 +159,14 @@ def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(slurm_cluster
         # Preempt it as SLURM does: the signal submitit asked sbatch for (USR2). submitit
         # then saves its state and calls `scontrol requeue`.
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
-        log_out = sweep / ".submitit" / job_id / f"{job_id}_0_log.err"
 
         def requeued():
-            text = log_out.read_text(errors="replace") if log_out.exists() else ""
-            return "Requeued job" in text or "Exiting gracefully after preemption" in text
+            # submitit logs "Requeued job <id>"; SLURM shows the job pending again.
+            job = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+            return "Requeued job" in _job_logs(sweep) and "JobState=PENDING" in job
 
         _wait_for(requeued, 120, "submitit to requeue the job", process)
+        assert not (last.parent.parent / "results.json").exists(), "the job finished before it was preempted"
         # SLURM holds a requeued job for ~2 minutes (its begin time); release it now.
         _wait_for(lambda: subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
                                          capture_output=True, timeout=30).returncode == 0
@@ -173,13 +175,15 @@ def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(slurm_cluster
     finally:
         if process.poll() is None:
             process.kill()
-            subprocess.run(["scancel", job_id], timeout=30) if "job_id" in locals() else None
+        if job_id is not None and process.returncode != 0:
+            subprocess.run(["scancel", job_id], timeout=30)
     assert process.returncode == 0, output[-5000:] + _job_logs(sweep)[-5000:]
 
     run_dir = last.parent.parent
     results = json.loads((run_dir / "results.json").read_text())
     logs = _job_logs(sweep)
     assert f"resuming from {last}" in logs, logs[-5000:]
+    assert "Restored all states from the checkpoint" in logs, logs[-5000:]
     # The resumed run finished the planned steps, no more (it did not start over).
     assert results["global_step"] == epochs * batches, results["global_step"]
     restarts = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout

@@ -19,7 +19,7 @@ def tiny_overrides(tiny_world_config, cache_dir):
     """The small world, 64 px tiles, RGB + NDVI, a CPU trainer and one short epoch."""
     return [
         "data=geotiff", f"data.path={tiny_world_config['path']}", "data.tile_size=64", "data.stride=64",
-        "data.batch_size=4", "data.eval_batch_size=8", "data.num_workers=0", "data.augment=null",
+        "data.batch_size=4", "data.eval_batch_size=2", "data.num_workers=0", "data.augment=null",
         f"data.stats_cache_dir={tiny_world_config['stats_cache_dir']}", "data.modalities=[rgb,ndvi]",
         f"paths.cache_dir={cache_dir}", "trainer=cpu", "trainer.enable_progress_bar=false",
         "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",

@@ -40,7 +40,7 @@ def test_wandb_logs_offline_without_an_api_key(tiny_world_config, tmp_path, monk
     monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
     overrides = [
         "+experiment=unimodal", "logger=wandb", "data=geotiff", f"data.path={tiny_world_config['path']}",
-        "data.tile_size=64", "data.stride=64", "data.batch_size=4", "data.eval_batch_size=8",
+        "data.tile_size=64", "data.stride=64", "data.batch_size=4", "data.eval_batch_size=2",
         "data.num_workers=0", "data.augment=null", f"data.stats_cache_dir={tiny_world_config['stats_cache_dir']}",
         f"paths.cache_dir={tmp_path}/cache", "trainer=cpu", "trainer.enable_progress_bar=false",
         "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",

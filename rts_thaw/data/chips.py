@@ -89,7 +89,10 @@ def decode_segmentation(segm, height: int, width: int, where: str) -> np.ndarray
 
 
 class _ChipDataset(Dataset):
-    """Common part: COCO-style image records + annotations -> samples."""
+    """Common part: COCO-style image records + annotations -> samples.
+
+    `sizes` lists (file, height, width) of every chip, so a caller can check that
+    none is larger than the model accepts before training starts."""
 
     source = "chips"
 
@@ -154,6 +157,7 @@ class CocoChipDataset(_ChipDataset):
             by_image.setdefault(a["image_id"], []).append(a)
         super().__init__(images, by_image, modalities, norm_stats, augment, min_instance_area, annotation_file)
         self.image_dirs = image_dirs
+        self.sizes = [(str(image_dirs[self.modalities[0]] / im["file_name"]), im.get("height", 0), im.get("width", 0)) for im in images]
         self.channels = {}
         if images:
             first, _ = self.read_raw(0)
@@ -222,10 +226,12 @@ class ChallengeNpzDataset(_ChipDataset):
         if unknown:
             raise ChipError(f"{where}: modalities {unknown} are not in the challenge band map {sorted(band_map)}")
         self.band_index = {m: [CHALLENGE_BANDS.index(b) for b in band_map[m]] for m in modalities}
+        self.sizes = []
         for path in files:
             shape = _npz_image_shape(path)
             if len(shape) != 3 or shape[2] != len(CHALLENGE_BANDS):
                 raise ChipError(f"{path}: 'image' has shape {shape}, expected H x W x {len(CHALLENGE_BANDS)} ({', '.join(CHALLENGE_BANDS)})")
+            self.sizes.append((str(path), shape[0], shape[1]))
         super().__init__(images, annotations, modalities, norm_stats, augment, min_instance_area, where)
         self.files = files
         self.channels = {m: len(idx) for m, idx in self.band_index.items()}

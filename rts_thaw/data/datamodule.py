@@ -104,6 +104,8 @@ class RTSDataModule(L.LightningDataModule):
         for split in splits:
             if split not in self.datasets:
                 self.datasets[split] = self.dataset(split)
+                if split in ("train", "val"):
+                    self._check_chip_sizes(split)
         if not self.modality_channels:
             self.modality_channels = dict(next(iter(self.datasets.values())).channels)
 
@@ -126,10 +128,22 @@ class RTSDataModule(L.LightningDataModule):
                 )
             return dataset
         if self.source == "coco_chips":
-            return chips.coco_chip_split(self.path, split, self.modalities, self.val_fraction,
-                                         norm_stats=self.norm_stats, augment=aug, min_instance_area=self.min_instance_area)
-        return chips.challenge_split(self.path, split, self.modalities, self.val_fraction, band_map=self.band_map,
-                                     norm_stats=self.norm_stats, augment=aug, min_instance_area=self.min_instance_area)
+            dataset = chips.coco_chip_split(self.path, split, self.modalities, self.val_fraction, norm_stats=self.norm_stats,
+                                            augment=aug, min_instance_area=self.min_instance_area)
+        else:
+            dataset = chips.challenge_split(self.path, split, self.modalities, self.val_fraction, band_map=self.band_map,
+                                            norm_stats=self.norm_stats, augment=aug, min_instance_area=self.min_instance_area)
+        return dataset
+
+    def _check_chip_sizes(self, split: str) -> None:
+        """Training chips must fit the encoders, which are built for tile_size and crash
+        on larger inputs. (Prediction may tile larger chips itself, so only train/val.)"""
+        dataset = self.datasets[split]
+        too_big = [(f, h, w) for f, h, w in getattr(dataset, "sizes", []) if max(h, w) > self.tile_size]
+        if too_big:
+            f, h, w = too_big[0]
+            raise ValueError(f"{f}: {split} chip is {h} x {w}, larger than data.tile_size={self.tile_size} "
+                             f"({len(too_big)} such chips); raise data.tile_size")
 
     def _scenes(self) -> list[geotiff.SceneSpec]:
         if not hasattr(self, "_scene_specs"):

@@ -42,7 +42,7 @@ from scipy import ndimage
 from shapely.affinity import rotate, scale, translate
 from shapely.geometry import LineString, Point, Polygon
 
-GENERATOR_VERSION = 1  # bump when the output changes, so caches are not reused
+GENERATOR_VERSION = 2  # bump when the output changes, so caches are not reused
 UTM_CRS = "EPSG:32606"  # UTM zone 6N (northern Alaska)
 DEM_CRS = "EPSG:3413"  # NSIDC polar stereographic north, the CRS of ArcticDEM
 RGB_RES, NIR_RES, DEM_RES, TRUTH_RES = 4.0, 3.0, 2.0, 2.0

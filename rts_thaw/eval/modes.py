@@ -14,14 +14,26 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from rts_thaw.mapping.vector_io import DRIVERS
+# Ground truth in one of these is vector truth (polygon mode); .json is COCO.
+VECTOR_SUFFIXES = (".gpkg", ".geojson", ".shp")
+
+
+def _json_safe(value):
+    """NaN (an undefined metric) as null: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
 
 
 def _write_json(path: str | Path, data) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+    tmp.write_text(json.dumps(_json_safe(data), indent=2))
     os.replace(tmp, path)
     return path
 
@@ -30,7 +42,7 @@ def score_files_mode(cfg: DictConfig) -> dict:
     if not cfg.get("gt") or not cfg.get("predictions"):
         raise ValueError("scoring files needs both gt=<ground truth> and predictions=<predictions>")
     gt, predictions = Path(cfg.gt), Path(cfg.predictions)
-    if gt.suffix.lower() in DRIVERS:
+    if gt.suffix.lower() in VECTOR_SUFFIXES:
         from rts_thaw.eval.polygons import evaluate_polygon_files
 
         report = evaluate_polygon_files(predictions, gt, cfg.get("iou_threshold", 0.5))

@@ -47,7 +47,7 @@ def _tiles(dataset, tile_size: int, overlap: int, num_workers: int) -> Iterator[
         for k, window in enumerate(windows):
             r, c, th, tw = window_tuple(window)
             valid = sample["valid"][r:r + th, c:c + tw]
-            yield {"image_id": image_id, "chip_size": (h, w), "last": k == len(windows) - 1,
+            yield {"image_id": image_id, "scene": image_id, "chip_size": (h, w), "last": k == len(windows) - 1,
                    "index": k, "window": (r, c, th, tw), "valid": valid,
                    "image": {m: x[:, r:r + th, c:c + tw] for m, x in sample["image"].items()}}
 

@@ -7,19 +7,20 @@ each scene's files appear only when complete, so a killed run resumes cleanly.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import shapely
 import torch
 from rasterio.transform import array_bounds
-from tqdm import tqdm
 
 from rts_thaw.data.geotiff import SceneReader, SceneSpec, load_scene_list
 from rts_thaw.data.normalization import NormStats
 from rts_thaw.mapping.scene_outputs import SceneOutputs, checkpoint_identity, scene_layer, write_scene
-from rts_thaw.mapping.scene_predictor import TilingConfig, predict_scene
+from rts_thaw.mapping.scene_predictor import TilingConfig, predict_scenes
 from rts_thaw.mapping.score_raster import ScoreRasterWriter
+from rts_thaw.mapping.seam_merge import merge_across_seams
 from rts_thaw.mapping.shards import shard_scenes
 from rts_thaw.mapping.vectorize import area_m2
 
@@ -74,41 +75,65 @@ def check_modalities(scenes: list[SceneSpec], modalities: list[str], source: Pat
 def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Path, tiling: TilingConfig,
                device: torch.device, shard: int = 0, num_shards: int = 1, geojson: bool = False,
                score_raster: bool = False, progress: bool = True) -> list[dict]:
-    """Predict every scene of this shard that is not done yet; returns one summary per scene."""
+    """Predict every scene of this shard that is not done yet; returns one summary per scene.
+
+    Merging, vectorising and writing a finished scene run in a background thread while
+    the model goes on with the next scene's tiles.
+    """
     scenes_path, output_dir = Path(scenes_path), Path(output_dir)
-    set_detection_limits(model.detector, tiling.score_threshold, tiling.max_detections)
     scenes = shard_scenes(load_scene_list(scenes_path), shard, num_shards)
     check_modalities(scenes, list(model.detector.modalities), scenes_path)
+    set_detection_limits(model.detector, tiling.score_threshold, tiling.max_detections)
     output_dir.mkdir(parents=True, exist_ok=True)
-    summaries = []
-    for spec in tqdm(scenes, desc="scenes", unit="scene", disable=not progress):
-        outputs = SceneOutputs(output_dir, spec.id)
-        if outputs.done():
-            summaries.append({"scene_id": spec.id, "status": "skipped (done)"})
-            continue
-        outputs.remove_leftovers()
-        summaries.append(_map_one(model, spec, outputs, tiling, device, geojson, score_raster, progress))
-    return summaries
+    summaries = {s.id: {"scene_id": s.id, "status": "skipped (done)"} for s in scenes}
+    todo = [s for s in scenes if not SceneOutputs(output_dir, s.id).done()]
+    grids = []
+    for spec in todo:
+        SceneOutputs(output_dir, spec.id).remove_leftovers()
+        with SceneReader(spec, list(model.detector.modalities)) as reader:
+            grids.append((reader.crs, reader.transform, (reader.height, reader.width)))
+    writers: dict[int, ScoreRasterWriter] = {}  # opened at a scene's first tile, closed when it is written
 
+    def writer(k: int) -> ScoreRasterWriter:
+        if k not in writers:
+            crs, transform, (height, width) = grids[k]
+            writers[k] = ScoreRasterWriter(SceneOutputs(output_dir, todo[k].id).score_tif, width, height, transform, crs)
+        return writers[k]
 
-def _map_one(model, spec, outputs, tiling, device, geojson, score_raster, progress) -> dict:
-    start = time.perf_counter()
-    with SceneReader(spec, list(model.detector.modalities)) as reader:
-        crs, transform, shape = reader.crs, reader.transform, (reader.height, reader.width)
-    writer = ScoreRasterWriter(outputs.score_tif, shape[1], shape[0], transform, crs) if score_raster else None
-    try:
-        instances, stats = predict_scene(model.detector, spec, shape, model.norm_stats, tiling, device,
-                                         on_tile=writer.mark_valid if writer else None, progress=progress)
-        layer = scene_layer(instances, transform, crs, spec.id, model.name, model.identity)
-        if writer:
-            writer.add_instances(instances)
-            writer.close()
-            writer = None
-        write_scene(layer, outputs, geojson)
-    finally:
-        if writer:  # failed part-way: leave no draft behind
-            writer.abort()
-    return {"scene_id": spec.id, "status": "done", "tiles": stats.tiles, "empty_tiles": stats.empty_tiles,
-            "instances": stats.instances, "raw_instances": stats.raw_instances,
-            "seconds": round(time.perf_counter() - start, 3),
-            "km2": area_m2(shapely.box(*array_bounds(shape[0], shape[1], transform)), crs) / 1e6}
+    index = {s.id: k for k, s in enumerate(todo)}
+    started = time.perf_counter()
+
+    def finish(spec, instances, stats) -> dict:
+        k = index[spec.id]
+        crs, transform, shape = grids[k]
+        start = time.perf_counter()
+        merged = merge_across_seams(instances, tiling.min_shared_iou)
+        stats.seconds["merge"] = time.perf_counter() - start
+        start = time.perf_counter()
+        layer = scene_layer(merged, transform, crs, spec.id, model.name, model.identity)
+        if score_raster:
+            writer(k).add_instances(merged)
+            writers.pop(k).close()
+        write_scene(layer, SceneOutputs(output_dir, spec.id), geojson)
+        stats.seconds["write"] = time.perf_counter() - start
+        return {"scene_id": spec.id, "status": "done", "tiles": stats.tiles, "empty_tiles": stats.empty_tiles,
+                "instances": len(merged), "raw_instances": stats.raw_instances,
+                "seconds": {name: round(v, 3) for name, v in stats.seconds.items()},
+                "km2": area_m2(shapely.box(*array_bounds(shape[0], shape[1], transform)), crs) / 1e6}
+
+    futures = []
+    with ThreadPoolExecutor(max_workers=1) as finisher:
+        try:
+            predict_scenes(model.detector, todo, [g[2] for g in grids], model.norm_stats, tiling, device,
+                           on_scene_done=lambda spec, inst, stats: futures.append(finisher.submit(finish, spec, inst, stats)),
+                           on_tile=(lambda k, window, valid: writer(k).mark_valid(window, valid)) if score_raster else None,
+                           progress=progress)
+            for future in futures:
+                summary = future.result()
+                summaries[summary["scene_id"]] = summary
+        finally:
+            for unfinished in list(writers.values()):  # a scene that did not finish leaves no draft behind
+                unfinished.abort()
+    if todo and progress:
+        print(f"mapped {len(todo)} scene(s) in {time.perf_counter() - started:.1f} s")
+    return [summaries[s.id] for s in scenes]

@@ -1,8 +1,14 @@
-"""One scene through the model: tiles -> detector -> per-tile instances -> merged across seams."""
+"""Scenes through the model: tiles -> detector -> per-tile instances, handed over scene by scene.
+
+One DataLoader streams the tiles of all scenes in order; as soon as the last tile of a
+scene has been through the model, `on_scene_done` receives that scene's tile instances
+(the caller merges and writes them, in a background thread, while the model goes on).
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -13,7 +19,6 @@ from rts_thaw.data.geotiff import SceneSpec, tile_windows
 from rts_thaw.data.normalization import NormStats
 from rts_thaw.mapping.instances import SceneInstance, instances_from_tile
 from rts_thaw.mapping.scene_tiles import SceneTiles, collate_tiles
-from rts_thaw.mapping.seam_merge import merge_across_seams
 
 
 @dataclass
@@ -40,52 +45,82 @@ class SceneStats:
     tiles: int = 0
     empty_tiles: int = 0
     raw_instances: int = 0
-    instances: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: {"infer": 0.0, "merge": 0.0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"wait_for_tiles": 0.0, "infer": 0.0})
+
+
+@dataclass
+class _Scene:
+    spec: SceneSpec
+    remaining: int
+    stats: SceneStats
+    instances: list[SceneInstance] = field(default_factory=list)
 
 
 def _loader(dataset: SceneTiles, config: TilingConfig) -> DataLoader:
     workers = config.num_workers if len(dataset) > config.batch_size else 0
     return DataLoader(dataset, batch_size=config.batch_size, num_workers=workers, collate_fn=collate_tiles,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                      prefetch_factor=4 if workers else None)
+                      pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
 
 
 @torch.inference_mode()
-def predict_scene(detector: torch.nn.Module, spec: SceneSpec, reader_shape: tuple[int, int], norm_stats: NormStats,
-                  config: TilingConfig, device: torch.device, on_tile=None, progress: bool = True
-                  ) -> tuple[list[SceneInstance], SceneStats]:
-    """Instances of one scene on its reference grid.
+def predict_scenes(detector: torch.nn.Module, specs: list[SceneSpec], shapes: list[tuple[int, int]],
+                   norm_stats: NormStats, config: TilingConfig, device: torch.device,
+                   on_scene_done: Callable[[SceneSpec, list[SceneInstance], SceneStats], None],
+                   on_tile: Callable[[int, tuple, object], None] | None = None, progress: bool = True) -> None:
+    """Run every tile of `specs` (scene shapes (height, width)) through the detector.
 
-    `reader_shape` is the scene's (height, width); `on_tile(window, valid)` is called
-    for every tile that was read and not empty (the score raster marks valid pixels).
+    `on_tile(scene index, window, valid)` is called for every non-empty tile (the score
+    raster marks the valid pixels); `on_scene_done(spec, instances, stats)` once per scene.
     """
-    height, width = reader_shape
-    windows = tile_windows(width, height, config.tile_size, config.stride)
-    dataset = SceneTiles(spec, list(detector.modalities), windows, norm_stats)
-    stats = SceneStats(tiles=len(windows))
-    tile_instances: list[SceneInstance] = []
-    bar = tqdm(total=len(windows), desc=f"{spec.id} tiles", unit="tile", disable=not progress, leave=False)
-    for batch in _loader(dataset, config):
-        stats.empty_tiles += batch["n_empty"]
-        if batch["index"]:
+    scenes, tiles = [], []
+    for k, (spec, (height, width)) in enumerate(zip(specs, shapes)):
+        windows = tile_windows(width, height, config.tile_size, config.stride)
+        scenes.append(_Scene(spec, len(windows), SceneStats(tiles=len(windows))))
+        tiles += [(k, w) for w in windows]
+    dataset = SceneTiles(specs, tiles, list(detector.modalities), norm_stats)
+    bar = tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not progress)
+    batches = iter(_loader(dataset, config))
+    while True:
+        start = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            break
+        waited = time.perf_counter() - start
+        touched = batch["scene"] + batch["empty_scenes"]
+        for k in touched:  # the wait is shared by the scenes in the batch
+            scenes[k].stats.seconds["wait_for_tiles"] += waited / len(touched)
+        for k in batch["empty_scenes"]:
+            scenes[k].stats.empty_tiles += 1
+            scenes[k].remaining -= 1
+        if batch["scene"]:
             start = time.perf_counter()
             images = {m: x.to(device, non_blocking=True) for m, x in batch["image"].items()}
             outputs = detector(images, batch["image_sizes"])
-            for index, window, valid, output in zip(batch["index"], batch["window"], batch["valid"], outputs):
+            for k, window, valid, output in zip(batch["scene"], batch["window"], batch["valid"], outputs):
                 keep = output["scores"] >= config.score_threshold
                 # threshold on the device: bool masks are 4x smaller to move than float ones
                 output = {"scores": output["scores"][keep].cpu(),
                           "masks": (output["masks"][keep] >= config.mask_threshold).cpu()}
-                tile_instances += instances_from_tile(output, window, valid.numpy(), index,
-                                                      mask_threshold=0.5, min_pixels=config.min_pixels)
+                valid = valid.numpy()
+                scenes[k].instances += instances_from_tile(output, window, valid, _tile_id(window),
+                                                           min_pixels=config.min_pixels)
                 if on_tile is not None:
-                    on_tile(window, valid.numpy())
-            stats.seconds["infer"] += time.perf_counter() - start
-        bar.update(len(batch["index"]) + batch["n_empty"])
+                    on_tile(k, window, valid)
+                scenes[k].remaining -= 1
+            elapsed = time.perf_counter() - start
+            for k in batch["scene"]:
+                scenes[k].stats.seconds["infer"] += elapsed / len(batch["scene"])
+        bar.update(len(touched))
+        for k in sorted(set(touched)):
+            if scenes[k].remaining == 0:
+                scene = scenes[k]
+                scene.stats.raw_instances = len(scene.instances)
+                on_scene_done(scene.spec, scene.instances, scene.stats)
+                scene.instances = []
     bar.close()
-    start = time.perf_counter()
-    merged = merge_across_seams(tile_instances, config.min_shared_iou)
-    stats.seconds["merge"] += time.perf_counter() - start
-    stats.raw_instances, stats.instances = len(tile_instances), len(merged)
-    return merged, stats
+
+
+def _tile_id(window: tuple[int, int, int, int]) -> int:
+    """A tile's identity within its scene (seam merging never joins two instances of one tile)."""
+    row, col, _, _ = window
+    return row * 1_000_003 + col

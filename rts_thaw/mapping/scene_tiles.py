@@ -1,8 +1,9 @@
-"""The tiles of one scene as a Dataset, so DataLoader workers read ahead of the model.
+"""The tiles of a list of scenes as one Dataset, so DataLoader workers read ahead of the model,
+across scene boundaries too (the next scene's tiles are read while this one is finishing).
 
-Each worker opens its own SceneReader (file handles do not cross processes); a tile
-that is entirely nodata comes back marked empty and the collate function drops it,
-so the model never runs on it.
+Each worker opens its own SceneReader (file handles do not cross processes) and keeps only
+the reader of the scene it is on; a tile that is entirely nodata comes back marked empty
+and the collate function drops it, so the model never runs on it.
 """
 
 from __future__ import annotations
@@ -23,25 +24,33 @@ def window_tuple(window: Window) -> tuple[int, int, int, int]:
 
 
 class SceneTiles(Dataset):
-    def __init__(self, spec: SceneSpec, modalities: list[str], windows: list[Window], norm_stats: NormStats):
-        self.spec = spec
+    """Tiles of several scenes, in scene order: item k is (scene index, window) of `tiles[k]`."""
+
+    def __init__(self, specs: list[SceneSpec], tiles: list[tuple[int, Window]], modalities: list[str],
+                 norm_stats: NormStats):
+        self.specs = list(specs)
+        self.tiles = list(tiles)
         self.modalities = list(modalities)
-        self.windows = list(windows)
         self.norm_stats = norm_stats.subset(self.modalities)
-        self._reader: SceneReader | None = None
+        self._reader: tuple[int, SceneReader] | None = None
 
     def __len__(self) -> int:
-        return len(self.windows)
+        return len(self.tiles)
 
     def __getstate__(self):
         return {**self.__dict__, "_reader": None}
 
+    def _reader_for(self, scene: int) -> SceneReader:
+        if self._reader is None or self._reader[0] != scene:
+            if self._reader is not None:
+                self._reader[1].close()
+            self._reader = (scene, SceneReader(self.specs[scene], self.modalities))
+        return self._reader[1]
+
     def __getitem__(self, index: int) -> dict:
-        if self._reader is None:
-            self._reader = SceneReader(self.spec, self.modalities)
-        window = self.windows[index]
-        images, valid = self._reader.read(window)
-        tile = {"index": index, "window": window_tuple(window)}
+        scene, window = self.tiles[index]
+        images, valid = self._reader_for(scene).read(window)
+        tile = {"scene": scene, "window": window_tuple(window)}
         if not valid.any():
             return tile
         valid = torch.from_numpy(valid)
@@ -51,10 +60,12 @@ class SceneTiles(Dataset):
 
 
 def collate_tiles(tiles: list[dict]) -> dict:
-    """Stack the non-empty tiles, padded bottom/right to a multiple of 32 as in training."""
+    """Stack the non-empty tiles, padded bottom/right to a multiple of 32 as in training;
+    `empty_scenes` lists the scene of each dropped all-nodata tile."""
     kept = [t for t in tiles if "image" in t]
-    batch = {"n_empty": len(tiles) - len(kept), "index": [t["index"] for t in kept],
-             "window": [t["window"] for t in kept], "image_sizes": [tuple(t["valid"].shape) for t in kept]}
+    batch = {"empty_scenes": [t["scene"] for t in tiles if "image" not in t],
+             "scene": [t["scene"] for t in kept], "window": [t["window"] for t in kept],
+             "image_sizes": [tuple(t["valid"].shape) for t in kept]}
     if not kept:
         return batch
     height = -(-max(h for h, _ in batch["image_sizes"]) // PAD_MULTIPLE) * PAD_MULTIPLE

@@ -37,6 +37,7 @@ def detector_from_checkpoint(checkpoint: dict[str, Any]) -> torch.nn.Module:
         # Every weight is in the checkpoint: no stage-1 files or downloads are needed.
         model_cfg.encoder.weights = None
         model_cfg.encoder.pretrained = False
+        model_cfg.encoder.frozen = False
         model_cfg.init_from = None
     detector = instantiate(model_cfg)(modality_channels=dict(info["modality_channels"]))
     state = {k[len("detector."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("detector.")}

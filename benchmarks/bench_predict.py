@@ -1,0 +1,142 @@
+"""Whole-scene prediction throughput vs the model's forward pass alone, on the same tiles, in one run.
+
+Pipeline: `rts_thaw.mapping.map_scenes` end to end (read tiles with DataLoader workers ->
+normalise -> infer -> per-tile instances -> merge across seams -> vectorise -> write
+GeoPackage). Forward only: the same tiles, read and normalised beforehand and held in
+memory, batched identically, through the same detector. The ratio says how much of the
+model's speed the mapping machinery keeps (target on a GPU: >= 90%).
+
+    python benchmarks/bench_predict.py                       # synthetic world, random-init micro cascade
+    python benchmarks/bench_predict.py --ckpt run/best.ckpt --device cuda --tile-size 256 --batch-size 16
+
+Without --ckpt the detector is the default CPU model (micro MViTv2 cascade) with random
+weights; its heads are told to keep --max-detections detections per tile at any score, so
+merging and vectorising get real work (a trained model on real scenes keeps far fewer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rts_thaw.data.geotiff import SceneReader, load_scene_list, tile_windows
+from rts_thaw.data.normalization import NormStats
+from rts_thaw.data.synthetic import WorldParams, generate_world
+from rts_thaw.mapping.map_scenes import LoadedModel, load_model, map_scenes, resolve_device, set_detection_limits
+from rts_thaw.mapping.scene_predictor import TilingConfig
+from rts_thaw.mapping.scene_tiles import SceneTiles, collate_tiles
+
+MODALITIES = ["rgb", "ndvi", "nir"]
+
+
+def random_model(tile_size: int, modalities: list[str], channels: dict[str, int]) -> LoadedModel:
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    with initialize_config_module("rts_thaw.conf", version_base="1.3"):
+        cfg = compose(None, overrides=["+model=cascade_mvit", "+fusion=residual_cross_attention",
+                                       f"+data.tile_size={tile_size}"])
+    detector = instantiate(cfg.model)(modality_channels={m: channels[m] for m in modalities})
+    # statistics of the synthetic world's bands, roughly: inputs of the right scale
+    stats = NormStats({"rgb": [120.0] * 3, "ndvi": [0.4], "nir": [2500.0]}, {"rgb": [40.0] * 3, "ndvi": [0.2], "nir": [800.0]})
+    return LoadedModel(detector, stats.subset(modalities), tile_size, "random_micro_cascade", "none")
+
+
+def in_memory_batches(scenes, model: LoadedModel, tiling: TilingConfig) -> list[dict]:
+    batches = []
+    for spec in scenes:
+        with SceneReader(spec, list(model.detector.modalities)) as reader:
+            windows = tile_windows(reader.width, reader.height, tiling.tile_size, tiling.stride)
+        tiles = SceneTiles(spec, list(model.detector.modalities), windows, model.norm_stats)
+        items = [tiles[i] for i in range(len(tiles))]
+        for start in range(0, len(items), tiling.batch_size):
+            batch = collate_tiles(items[start:start + tiling.batch_size])
+            if batch["index"]:
+                batches.append(batch)
+    return batches
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def forward_only(model: LoadedModel, batches: list[dict], device: torch.device) -> float:
+    start = time.perf_counter()
+    for batch in batches:
+        images = {m: x.to(device, non_blocking=True) for m, x in batch["image"].items()}
+        model.detector(images, batch["image_sizes"])
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", help="a training checkpoint (default: random-init micro cascade)")
+    parser.add_argument("--scenes", type=int, default=2)
+    parser.add_argument("--size", type=int, default=512, help="scene side in 4 m pixels")
+    parser.add_argument("--tile-size", type=int, default=128)
+    parser.add_argument("--overlap", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--max-detections", type=int, default=20)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
+    try:
+        scene_list = generate_world(work / "world", WorldParams(scenes=args.scenes, size=args.size, seed=11))
+        scenes = load_scene_list(scene_list)
+        if args.ckpt:
+            model = load_model(args.ckpt, device)
+        else:
+            with SceneReader(scenes[0], MODALITIES) as reader:
+                channels = dict(reader.channels)
+            model = random_model(args.tile_size, MODALITIES, channels)
+            model.detector.to(device).eval()
+        score_threshold = 0.0 if not args.ckpt else 0.3
+        tiling = TilingConfig(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
+                              num_workers=args.workers, score_threshold=score_threshold, max_detections=args.max_detections)
+        set_detection_limits(model.detector, tiling.score_threshold, tiling.max_detections)
+
+        batches = in_memory_batches(scenes, model, tiling)
+        n_tiles = sum(len(b["index"]) for b in batches)
+        forward_only(model, batches[:2], device)  # warm-up (allocator, cuDNN autotune)
+        t_forward = forward_only(model, batches, device)
+
+        start = time.perf_counter()
+        summaries = map_scenes(model, scene_list, work / "out", tiling, device, progress=False)
+        sync(device)
+        t_pipeline = time.perf_counter() - start
+        km2 = sum(s["km2"] for s in summaries)
+        instances = sum(s["instances"] for s in summaries)
+        raw = sum(s["raw_instances"] for s in summaries)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    print(f"device: {name}; torch {torch.__version__}")
+    print(f"{args.scenes} scenes of {args.size} px (4 m) = {km2:.2f} km2; {n_tiles} tiles of {args.tile_size} px, "
+          f"overlap {args.overlap}, batch {args.batch_size}, {args.workers} workers; "
+          f"{raw} tile detections merged into {instances} slumps")
+    rows = [("forward only (tiles in memory)", t_forward), ("pipeline read->infer->merge->write", t_pipeline)]
+    print(f"{'':38s} {'seconds':>8s} {'tiles/s':>8s} {'km2/h':>10s}")
+    for label, seconds in rows:
+        print(f"{label:38s} {seconds:8.2f} {n_tiles / seconds:8.2f} {km2 / seconds * 3600:10.1f}")
+    ratio = t_forward / t_pipeline
+    print(f"pipeline / forward-only throughput: {100 * ratio:.1f}%")
+    print(f"device-hours per million km2 at this tile size: {1e6 / (km2 / t_pipeline * 3600):.0f}")
+
+
+if __name__ == "__main__":
+    main()

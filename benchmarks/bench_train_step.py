@@ -1,0 +1,159 @@
+"""One training step: staged 3-modality cascade (frozen encoders) vs the same end to end vs
+torchvision's maskrcnn_resnet50_fpn on RGB, side by side in one run.
+
+    python benchmarks/bench_train_step.py                      # CPU, 256 px, batch 8
+    python benchmarks/bench_train_step.py --device cuda --size 512
+
+Each model runs in its own fresh process so that its peak memory is its own:
+on CUDA `torch.cuda.max_memory_allocated`; on CPU the process's peak resident set
+size (ru_maxrss), reported as the growth over the RSS just before the first step
+(model and inputs already built), and as the absolute peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from importlib.resources import files
+
+import torch
+from omegaconf import OmegaConf
+
+MODELS = ("staged_cascade", "end_to_end_cascade", "torchvision_maskrcnn_r50")
+CHANNELS = {"rgb": 3, "ndvi": 1, "nir": 1}
+
+
+def conf(*parts: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(str(files("rts_thaw.conf").joinpath(*parts))))
+
+
+def synthetic_batch(batch: int, size: int, device: str, per_image: int = 4):
+    """Random images with `per_image` box+mask instances each (the step cost, not accuracy, matters)."""
+    g = torch.Generator().manual_seed(0)
+    images = {m: torch.randn(batch, c, size, size, generator=g) for m, c in CHANNELS.items()}
+    targets = []
+    for _ in range(batch):
+        xy = torch.randint(0, size - size // 4, (per_image, 2), generator=g).float()
+        wh = torch.randint(size // 32 + 4, size // 4, (per_image, 2), generator=g).float()
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        masks = torch.zeros(per_image, size, size, dtype=torch.uint8)
+        for m, (x0, y0, x1, y1) in zip(masks, boxes.long().tolist()):
+            m[y0:y1, x0:x1] = 1
+        targets.append({"boxes": boxes.to(device), "labels": torch.ones(per_image, dtype=torch.int64, device=device),
+                        "masks": masks.to(device)})
+    return {m: x.to(device) for m, x in images.items()}, targets
+
+
+def build(name: str, args):
+    if name == "torchvision_maskrcnn_r50":
+        from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+        # min/max size = the tile size: no hidden resize, same pixels as ours.
+        return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2,
+                                     min_size=args.size, max_size=args.size)
+    from rts_thaw.models.detector import build_detector
+
+    encoder = conf("model", "encoder", f"{args.encoder}.yaml")
+    encoder["frozen"] = name == "staged_cascade"
+    return build_detector(CHANNELS, encoder, conf("fusion", f"{args.fusion}.yaml"),
+                          conf("model", "heads", f"{args.heads}.yaml"), img_size=args.size)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def run_one(name: str, args) -> dict:
+    torch.manual_seed(0)
+    device = args.device
+    model = build(name, args).to(device).train()
+    images, targets = synthetic_batch(args.batch, args.size, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    sizes = [(args.size, args.size)] * args.batch
+
+    def step():
+        if name == "torchvision_maskrcnn_r50":
+            losses = model(list(images["rgb"]), targets)
+        else:
+            losses = model(images, sizes, targets)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    rss_before = rss_mb()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    seconds = (time.perf_counter() - start) / args.steps
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        peak_abs = peak
+    else:
+        peak_abs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak = peak_abs - rss_before
+    return {"model": name, "images_per_s": args.batch / seconds, "s_per_step": seconds, "peak_mb": peak,
+            "peak_abs_mb": peak_abs, "trainable_M": sum(p.numel() for p in params) / 1e6,
+            "total_M": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 2 on CPU, 10 on CUDA)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--encoder", default="mvitv2_tiny", help="conf/model/encoder option (paper: mvitv2_tiny)")
+    p.add_argument("--heads", default="cascade", help="conf/model/heads option (paper: cascade)")
+    p.add_argument("--fusion", default="residual_cross_attention", help="conf/fusion option")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--only", choices=MODELS, help=argparse.SUPPRESS)  # child-process mode
+    args = p.parse_args()
+    if args.steps is None:
+        args.steps = 10 if args.device.startswith("cuda") else 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.only:
+        print(json.dumps(run_one(args.only, args)))
+        return
+
+    rows = []
+    for name in MODELS:
+        cmd = [sys.executable, __file__, "--only", name] + [a for a in sys.argv[1:]]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  done {name}: {rows[-1]['s_per_step']:.2f} s/step", file=sys.stderr, flush=True)
+
+    mem = "peak CUDA memory allocated" if args.device.startswith("cuda") else "peak RSS growth during the steps"
+    print(f"device={args.device} size={args.size} batch={args.batch} steps={args.steps} warmup={args.warmup} "
+          f"encoder={args.encoder} heads={args.heads} fusion={args.fusion} threads={torch.get_num_threads()}")
+    print(f"{'model':<26} {'img/s':>8} {'s/step':>8} {'mem MB':>9} {'abs MB':>8} {'train M':>8} {'total M':>8}")
+    for r in rows:
+        print(f"{r['model']:<26} {r['images_per_s']:>8.2f} {r['s_per_step']:>8.2f} {r['peak_mb']:>9.0f} "
+              f"{r['peak_abs_mb']:>8.0f} {r['trainable_M']:>8.1f} {r['total_M']:>8.1f}")
+    staged, e2e, tv = rows
+    print(f"memory ({mem}): staged / end-to-end = {staged['peak_mb'] / e2e['peak_mb']:.2f} "
+          f"(target <= 0.40 on GPU; paper 0.52)")
+    print(f"speed: staged / end-to-end = {staged['images_per_s'] / e2e['images_per_s']:.2f}; "
+          f"staged / torchvision = {staged['images_per_s'] / tv['images_per_s']:.2f} (target >= 1 on GPU)")
+
+
+if __name__ == "__main__":
+    main()
