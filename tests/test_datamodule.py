@@ -183,3 +183,19 @@ def test_data_configs_mirror_the_datamodule(name, tmp_path):
     accepted = set(inspect.signature(RTSDataModule.__init__).parameters)
     assert set(cfg.data) - {"_target_"} <= accepted
     assert cfg.data.source in datamodule_module.SOURCES
+
+
+def test_setup_without_a_stage_loads_the_splits_the_data_has(tiny_world_config, tmp_path):
+    import yaml
+    from pathlib import Path
+
+    doc = yaml.safe_load(Path(tiny_world_config["path"]).read_text())
+    root = Path(tiny_world_config["path"]).parent
+    scenes = [{**s, "rasters": {m: str(root / p) for m, p in s["rasters"].items()}, "labels": str(root / s["labels"])}
+              for s in doc["scenes"] if s["split"] != "test"]
+    (tmp_path / "no_test.yaml").write_text(yaml.safe_dump({"scenes": scenes}))
+    dm = RTSDataModule(**{**tiny_world_config, "path": tmp_path / "no_test.yaml", "modalities": ["rgb"]})
+    dm.setup()
+    assert set(dm.datasets) == {"train", "val"}
+    with pytest.raises(ValueError, match=r"no_test\.yaml: no scenes in split 'test'"):
+        dm.setup("test")

@@ -96,11 +96,16 @@ def test_every_fusion_with_both_head_types_follows_the_output_contract(model, lo
     check_train_and_eval_contract(detector, losses)
 
 
+# Paper-scale heads keep their layers and widths; only the RoI counts shrink to fit a CPU test.
+FEW_ROIS = ("model.heads.rpn.post_nms_top_n_train=32", "model.heads.rpn.post_nms_top_n_test=32",
+            "model.heads.roi.batch_size_per_image=32")
+
+
 @pytest.mark.parametrize("model,overrides,losses", [
     ("maskrcnn_r50", (), LOSSES_MASKRCNN),
     ("cascade_mvit", ("model/encoder=mvitv2_tiny",), LOSSES_CASCADE),
-    ("cascade_mvit", ("model/heads=cascade",), LOSSES_CASCADE),
-    ("maskrcnn_mvit", ("model/heads=maskrcnn",), LOSSES_MASKRCNN),
+    ("cascade_mvit", ("model/heads=cascade", *FEW_ROIS), LOSSES_CASCADE),
+    ("maskrcnn_mvit", ("model/heads=maskrcnn", *FEW_ROIS), LOSSES_MASKRCNN),
 ])
 def test_other_encoders_and_paper_scale_heads_follow_the_output_contract(model, overrides, losses):
     check_train_and_eval_contract(build(model, "none", ("ndvi",), *overrides), losses)
@@ -115,12 +120,13 @@ def test_larger_mvit_encoders_build_with_their_widths(encoder):
 
 
 def test_frozen_encoders_get_no_gradients_and_stay_bit_identical_while_the_rest_learns():
-    detector = build("cascade_mvit", "residual_cross_attention", ("rgb", "ndvi", "nir"), "model.encoder.frozen=true")
+    with pytest.warns(UserWarning, match="frozen encoders with random weights"):
+        detector = build("cascade_mvit", "residual_cross_attention", ("rgb", "ndvi", "nir"), "model.encoder.frozen=true")
     before = {k: v.clone() for k, v in detector.state_dict().items()}
     optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-2)  # all parameters, frozen ones included
     images, targets = make_tiles(n=2)
     detector.train()
-    assert not any(m.training for m in detector.encoders.modules())
+    assert not any(m.training for encoder in detector.encoders.values() for m in encoder.modules())
     sum(detector(images, [(SIZE, SIZE)] * 2, targets).values()).backward()
     assert all(p.grad is None for p in detector.encoders.parameters())
     optimizer.step()
@@ -149,6 +155,10 @@ def lightning_checkpoint(detector, path):
     return str(path)
 
 
+def hydra_dict(d):
+    return "{" + ",".join(f"{k}:'{v}'" for k, v in d.items()) + "}"
+
+
 def test_stage2_model_starts_as_the_stage1_rgb_model(tmp_path):
     """Encoders from stage-1 checkpoints, neck/RPN/heads from the RGB one, residual fusion at identity."""
     rgb_model = build("cascade_mvit", "none", ("rgb",))
@@ -157,7 +167,7 @@ def test_stage2_model_starts_as_the_stage1_rgb_model(tmp_path):
     for m in ("ndvi", "nir"):
         weights[m] = lightning_checkpoint(build("cascade_mvit", "none", (m,)), tmp_path / f"{m}.ckpt")
     fused = build("cascade_mvit", "residual_cross_attention", ("rgb", "ndvi", "nir"), "model.encoder.frozen=true",
-                  f"model.encoder.weights={weights}", f"model.init_from={rgb_ckpt}")
+                  f"model.encoder.weights={hydra_dict(weights)}", f"model.init_from='{rgb_ckpt}'")
     images, _ = make_tiles(n=2)
     rgb_model.eval(), fused.eval()
     with torch.no_grad():
@@ -169,9 +179,9 @@ def test_stage2_model_starts_as_the_stage1_rgb_model(tmp_path):
 
     with pytest.raises(ValueError, match=r"has no encoder for modality 'nir' \(it holds encoders for: \['rgb'\]\)"):
         build("cascade_mvit", "residual_cross_attention", ("rgb", "ndvi", "nir"),
-              f"model.encoder.weights={{rgb: {rgb_ckpt}, ndvi: {weights['ndvi']}, nir: {rgb_ckpt}}}")
+              f"model.encoder.weights={hydra_dict({**weights, 'nir': rgb_ckpt})}")
     with pytest.raises(FileNotFoundError, match="init_from checkpoint not found"):
-        build("cascade_mvit", "none", ("rgb",), f"model.init_from={tmp_path / 'missing.ckpt'}")
+        build("cascade_mvit", "none", ("rgb",), f"model.init_from='{tmp_path / 'missing.ckpt'}'")
 
 
 @pytest.mark.parametrize("model,fusion,modalities", [

@@ -1,6 +1,5 @@
 """Per-scene GIS outputs: GeoPackage/GeoJSON read back with GDAL, score COG, atomic writes, shard merge."""
 
-from pathlib import Path
 
 import numpy as np
 import pyproj

@@ -86,6 +86,16 @@ def _job_logs(sweep: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted((sweep / ".submitit").rglob("*_log.*")))
 
 
+def test_start_cluster_is_a_no_op_on_a_healthy_cluster(slurm_cluster):
+    if os.geteuid() != 0:
+        pytest.skip("start_cluster.sh needs root")
+    started = time.monotonic()
+    done = subprocess.run(["bash", str(REPO / "tests" / "slurm" / "start_cluster.sh")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "cluster already up" in done.stderr and time.monotonic() - started < 30
+
+
 def test_staged_sweep_on_slurm_shares_stage1_and_reports(slurm_cluster, env, tmp_path):
     """4 staged-fusion jobs (2 fusions x 2 modality sets) as one SLURM array."""
     sweep = tmp_path / "sweep"

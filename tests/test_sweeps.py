@@ -3,6 +3,7 @@ SLURM request a cluster user expects, without running anything."""
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import subprocess
@@ -38,12 +39,19 @@ TINY = [
 ]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def hydra_conf():
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="rts_thaw.conf", version_base="1.3"):
         yield
     GlobalHydra.instance().clear()
+    composed.cache_clear()
+
+
+@functools.lru_cache(maxsize=None)
+def composed(job: tuple[str, ...]):
+    """A job's config with Hydra's part (runtime choices), composed once per test module."""
+    return compose("train", overrides=list(job), return_hydra_config=True)
 
 
 def sweep_jobs(name: str, extra: list[str] = ()) -> list[list[str]]:
@@ -68,7 +76,7 @@ def test_every_job_of_the_sweep_composes_and_builds(hydra_conf, name, tmp_path):
     assert len(jobs) >= 3
     configurations = set()
     for job in jobs:
-        cfg = compose("train", overrides=job, return_hydra_config=True)
+        cfg = composed(tuple(job))
         choices = cfg.hydra.runtime.choices
         assert cfg.name == name, f"{job}: the sweep's name must win, so every job shares one group/dir"
         for override in job:
@@ -97,7 +105,7 @@ def test_table2_grid(hydra_conf):
     assert len(jobs) == 21  # 3 feature-level fusions x (staged, end to end) + data level, x 3 modality sets
     seen = set()
     for job in jobs:
-        cfg = compose("train", overrides=job, return_hydra_config=True)
+        cfg = composed(tuple(job))
         seen.add((cfg.hydra.runtime.choices.fusion, bool(cfg.training.staged), tuple(cfg.data.modalities)))
     fusions = {"concat_conv", "cross_attention", "residual_cross_attention"}
     sets = {("rgb", "ndvi"), ("rgb", "nir"), ("rgb", "ndvi", "nir")}
@@ -110,7 +118,7 @@ def test_seeds_repeat_any_sweep(hydra_conf):
     jobs = sweep_jobs("table1_backbones", ["seed=0,1,2"])
     assert len(jobs) == 9
     assert len({tuple(sorted(configuration_overrides(j))) for j in jobs}) == 3
-    assert {compose("train", overrides=j).seed for j in jobs[:3]} == {0, 1, 2}
+    assert {composed(tuple(j)).seed for j in jobs[:3]} == {0, 1, 2}
 
 
 def test_reduced_grid_from_the_command_line(hydra_conf):

@@ -44,7 +44,7 @@ def test_wandb_logs_offline_without_an_api_key(tiny_world_config, tmp_path, monk
         "data.num_workers=0", "data.augment=null", f"data.stats_cache_dir={tiny_world_config['stats_cache_dir']}",
         f"paths.cache_dir={tmp_path}/cache", "trainer=cpu", "trainer.enable_progress_bar=false",
         "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1",
+        "trainer.limit_test_batches=1", "trainer.log_every_n_steps=1",
     ]
     with initialize_config_module("rts_thaw.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)

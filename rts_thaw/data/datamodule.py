@@ -98,7 +98,9 @@ class RTSDataModule(L.LightningDataModule):
             dataset.norm_stats = self.norm_stats
 
     def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}.get(stage, ["train", "val", "test"])
+        splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}.get(stage)
+        if splits is None:  # no stage: whichever of train/val/test the data has
+            splits = [split for split in ("train", "val", "test") if self.has_split(split)]
         if self.norm_stats is None:
             self.norm_stats = self._train_stats()
         for split in splits:
@@ -108,6 +110,13 @@ class RTSDataModule(L.LightningDataModule):
                     self._check_chip_sizes(split)
         if not self.modality_channels:
             self.modality_channels = dict(next(iter(self.datasets.values())).channels)
+
+    def has_split(self, split: str) -> bool:
+        if self.source == "geotiff":
+            return any(s.split == split for s in self._scenes())
+        if self.source == "coco_chips":
+            return (self.path / split).is_dir() or (split == "val" and (self.path / "train").is_dir())
+        return split in ("train", "val", "test") and (self.path / ("test" if split == "test" else "train")).is_dir()
 
     def dataset(self, split: str, augment: bool | None = None) -> Dataset:
         """The dataset of one split (augmented only for train unless told otherwise)."""

@@ -42,7 +42,7 @@ from scipy import ndimage
 from shapely.affinity import rotate, scale, translate
 from shapely.geometry import LineString, Point, Polygon
 
-GENERATOR_VERSION = 2  # bump when the output changes, so caches are not reused
+GENERATOR_VERSION = 6  # bump when the output changes, so caches are not reused
 UTM_CRS = "EPSG:32606"  # UTM zone 6N (northern Alaska)
 DEM_CRS = "EPSG:3413"  # NSIDC polar stereographic north, the CRS of ArcticDEM
 RGB_RES, NIR_RES, DEM_RES, TRUTH_RES = 4.0, 3.0, 2.0, 2.0
@@ -69,7 +69,7 @@ class WorldParams:
     scenes: int = 8
     size: int = 512  # RGB pixels per side
     seed: int = 0
-    rts_per_scene: tuple[int, int] = (5, 9)
+    rts_per_scene: tuple[int, int] = (6, 10)
     distractors_per_scene: tuple[int, int] = (6, 10)
 
     def key(self) -> str:
@@ -203,8 +203,10 @@ class _Canvas:
         self.nir[r0:r1, c0:c1] += alpha * (obj.nir + 0.02 * texture - self.nir[r0:r1, c0:c1])
         if obj.kind == RTS:
             self._carve_slump(obj, window)
-        elif obj.kind == WATER:
-            self.elev[r0:r1, c0:c1] += alpha * (obj.elev - self.elev[r0:r1, c0:c1])
+        elif obj.kind == WATER:  # a smooth surface a little below the ground around it
+            ground = self.elev[r0:r1, c0:c1]
+            level = ndimage.gaussian_filter(ground, 15.0, mode="nearest") + obj.elev
+            self.elev[r0:r1, c0:c1] += alpha * (level - ground)
         else:
             self.elev[r0:r1, c0:c1] += alpha * obj.elev
 
@@ -261,7 +263,8 @@ def _draw_scene(rng: np.random.Generator, params: WorldParams, x0: float, y0: fl
         radius = math.exp(rng.uniform(math.log(15), math.log(85)))
 
         def make(x, y, radius=radius):
-            local = _slump_shape(rng, radius, canvas.downslope_deg(x0 + x, y0 - y))
+            # Local frame has y pointing down (rows), so a map angle is negated here.
+            local = _slump_shape(rng, radius, -canvas.downslope_deg(x0 + x, y0 - y))
             return translate(local, x, y)
 
         geom = _place(rng, extent, radius * 2, slumps, make)
@@ -272,16 +275,19 @@ def _draw_scene(rng: np.random.Generator, params: WorldParams, x0: float, y0: fl
             cx, cy = geom.centroid.x, geom.centroid.y
             angle = rng.uniform(0, 2 * np.pi)
             nx, ny = cx + 1.6 * radius * np.cos(angle), cy + 1.6 * radius * np.sin(angle)
-            twin = translate(_slump_shape(rng, radius * rng.uniform(0.6, 1.0), canvas.downslope_deg(x0 + nx, y0 - ny)), nx, ny)
+            shape = _slump_shape(rng, radius * rng.uniform(0.6, 1.0), -canvas.downslope_deg(x0 + nx, y0 - ny))
+            twin = translate(shape, nx, ny)
             for other in slumps:
-                twin = twin.difference(other)
+                twin = twin.difference(other)  # they touch, never overlap: one pixel, one instance
             twin = _largest_part(twin)
-            if not twin.is_empty and twin.area > 200 and twin.bounds[0] > 0 and twin.bounds[2] < extent and twin.bounds[1] > 0 and twin.bounds[3] < extent:
+            if not twin.is_empty and twin.area > 200 and shapely.box(0, 0, extent, extent).contains(twin):
                 slumps.append(twin)
 
     # Distractors avoid slumps; half borrow the slump shape so shape is no giveaway.
     objects = [(WATER, _river(rng, extent))] if rng.random() < 0.6 else []
-    objects = [(k, g.difference(shapely.union_all([s.buffer(6) for s in slumps])) if slumps else g) for k, g in objects]
+    if slumps and objects:
+        keep_clear = shapely.union_all([s.buffer(6) for s in slumps])
+        objects = [(kind, geom.difference(keep_clear)) for kind, geom in objects]
     taken = list(slumps) + [g for _, g in objects]
     for _ in range(rng.integers(*params.distractors_per_scene, endpoint=True)):
         kind = rng.choice([WATER, GRAVEL, BURN, GRAVEL, BURN, SNOW])
@@ -309,17 +315,28 @@ def _draw_scene(rng: np.random.Generator, params: WorldParams, x0: float, y0: fl
         for kind, g in objects
         if not g.is_empty
     ]
+    ndvi, nir, _ = SIGNATURE[RTS]
     for geom in slumps:
-        ndvi, nir, _ = SIGNATURE[RTS]
-        painted.append(_Object(RTS, to_utm(geom), colour(RTS), ndvi + rng.normal(0, 0.03), nir + rng.normal(0, 0.02), rng.uniform(2.0, 5.0)))
+        depth = rng.uniform(2.0, 5.0)  # metres below the rim
+        painted.append(_Object(RTS, to_utm(geom), colour(RTS), ndvi + rng.normal(0, 0.03), nir + rng.normal(0, 0.02), depth))
     for obj in painted:
         canvas.paint(obj, rng)
 
-    if rng.random() < 0.5:  # a cloud and its shadow, somewhere away from the scene centre
+    if rng.random() < 0.5:  # a cloud (NaN in NDVI) and its shadow (darker RGB and NIR)
         cx, cy = rng.uniform(0.1, 0.9, size=2) * extent
         cloud = to_utm(translate(_blob_shape(rng, rng.uniform(40, 90)), cx, cy))
         canvas.add_cloud(cloud, (rng.uniform(-120, 120), rng.uniform(-120, 120)))
     return canvas, [to_utm(g) for g in slumps]
+
+
+def _relative_elevation(elev: np.ndarray, sigma: float) -> np.ndarray:
+    """Elevation minus its smooth trend. The regional slope (a plane) is removed
+    first, so the smoothing does not bend it at the scene edges."""
+    rows, cols = np.mgrid[0 : elev.shape[0], 0 : elev.shape[1]]
+    design = np.column_stack([rows.ravel(), cols.ravel(), np.ones(elev.size)])
+    plane = (design @ np.linalg.lstsq(design, elev.ravel(), rcond=None)[0]).reshape(elev.shape)
+    residual = elev - plane
+    return residual - ndimage.gaussian_filter(residual, sigma, mode="nearest")
 
 
 def _grid_coords(transform, width, height):
@@ -406,7 +423,7 @@ def _generate_scene(scene_dir: Path, params: WorldParams, index: int) -> None:
     dx, dy = _grid_coords(dem_tf, width, height)
     ux, uy = _transform_smooth(to_utm, dx, dy)
     # Relative elevation: the DEM minus its ~100 m-scale trend, so scarps stand out.
-    relative = canvas.elev - ndimage.gaussian_filter(canvas.elev, 50.0 / TRUTH_RES)
+    relative = _relative_elevation(canvas.elev, 50.0 / TRUTH_RES)
     dem = canvas.sample(relative, ux, uy) + rng.normal(0, 0.05, dx.shape)
     dem = np.where(np.isnan(dem), DEM_NODATA, dem)
     _write(scene_dir / "dem.tif", dem[None], DEM_CRS, dem_tf, DEM_NODATA, "float32")
@@ -450,7 +467,7 @@ def ensure_world(
     scenes: int = 8,
     seed: int = 0,
     size: int = 512,
-    rts_per_scene: tuple[int, int] | list[int] = (5, 9),
+    rts_per_scene: tuple[int, int] | list[int] = (6, 10),
     distractors_per_scene: tuple[int, int] | list[int] = (6, 10),
 ) -> str:
     """Generate the world once under `root/synthetic_<key>` and return its scene list path.

@@ -60,9 +60,10 @@ class SceneOutputs:
 def scene_layer(instances: list[SceneInstance], transform, crs, scene_id: str, model: str, ckpt: str) -> VectorLayer:
     polygons = [instance_polygon(inst, transform) for inst in instances]
     n = len(polygons)
+    crs = crs.to_wkt() if hasattr(crs, "to_wkt") else crs
     return VectorLayer(
         polygons,
-        crs.to_wkt() if hasattr(crs, "to_wkt") else crs,
+        crs,
         {
             "scene_id": np.array([scene_id] * n, dtype=object),
             "score": np.array([inst.score for inst in instances], dtype=np.float64),
