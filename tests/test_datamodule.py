@@ -11,10 +11,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
+from rasterio.windows import Window
 
 from rts_thaw.data import datamodule as datamodule_module
 from rts_thaw.data.collate import collate_samples
 from rts_thaw.data.datamodule import RTSDataModule
+from rts_thaw.data.geotiff import SceneReader, load_scene_list
 from rts_thaw.data.normalization import NormStats, RunningStats
 from rts_thaw.data.transforms import Augment
 
@@ -50,15 +52,24 @@ def test_sample_contract_and_normalisation(tiny_world_config):
     meta = sample["meta"]
     assert set(meta) == {"image_id", "scene_id", "window", "transform", "crs", "source"}
     assert meta["window"][2:] == (128, 128) and len(meta["transform"]) == 6 and "UTM" in meta["crs"]
-    # Normalised over the train split: pooled train pixels are ~N(0, 1) per channel.
+    # The statistics are those of every pixel of the train scenes where the modality
+    # (and the reference) is valid ...
     pooled = {m: [] for m in dm.modalities}
-    for i in range(len(dm.datasets["train"])):
-        s = dm.datasets["train"][i]
+    for spec in [s for s in load_scene_list(tiny_world_config["path"]) if s.split == "train"]:
         for m in dm.modalities:
-            pooled[m].append(s["image"][m][:, s["valid"]])
+            with SceneReader(spec, [m]) as reader:
+                images, valid = reader.read(Window(0, 0, reader.width, reader.height))
+            pooled[m].append(images[m][:, valid])
     for m in dm.modalities:
-        values = torch.cat(pooled[m], dim=1)
-        assert values.mean(dim=1).abs().max() < 0.05 and (values.std(dim=1) - 1).abs().max() < 0.05
+        values = np.concatenate(pooled[m], axis=1).astype(np.float64)
+        np.testing.assert_allclose(dm.norm_stats.mean[m], values.mean(axis=1), rtol=1e-4)
+        np.testing.assert_allclose(dm.norm_stats.std[m], values.std(axis=1), rtol=1e-3)
+    # ... and served tiles are their raw values normalised by them.
+    raw, raw_valid, _ = dm.datasets["train"].read_tile(0)
+    for m in dm.modalities:
+        mean = np.array(dm.norm_stats.mean[m])[:, None, None]
+        std = np.array(dm.norm_stats.std[m])[:, None, None]
+        np.testing.assert_allclose(sample["image"][m].numpy(), (raw[m] - mean) / std * raw_valid, rtol=1e-4, atol=1e-4)
     assert (sample["image"]["rgb"][:, ~sample["valid"]] == 0).all()
 
 

@@ -190,7 +190,7 @@ def test_stage2_model_starts_as_the_stage1_rgb_model(tmp_path):
     ("cascade_mvit", "data_level", ("rgb", "ndvi", "nir")),
 ])
 def test_model_overfits_a_handful_of_tiles_to_high_mask_ap50(model, fusion, modalities):
-    detector = build(model, fusion, modalities)
+    detector = build(model, fusion, modalities, "model.heads.roi.detections_per_img=20")  # <= 2 slumps per tile
     images, targets = make_tiles(n=4)
     images = {m: images[m] for m in modalities}
     optimizer = torch.optim.AdamW([p for p in detector.parameters() if p.requires_grad], lr=2e-3, weight_decay=0)
@@ -202,7 +202,7 @@ def test_model_overfits_a_handful_of_tiles_to_high_mask_ap50(model, fusion, moda
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 10 == 0:
+        if step >= 20 and step % 10 == 0:
             ap50 = mask_ap50(detector, images, targets)
             if ap50 >= 0.9:
                 break

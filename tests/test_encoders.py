@@ -42,6 +42,14 @@ def test_frozen_encoder_has_no_trainable_params_stays_in_eval_and_builds_no_grap
     assert all(f.grad_fn is None and not f.requires_grad for f in feats)
 
 
+def test_frozen_resnet_keeps_its_batch_norm_statistics():
+    enc = build_encoder("resnet50", 3, SIZE, "rgb", frozen=True)
+    stats = enc.body.bn1.running_mean.clone()
+    enc.train()
+    enc(torch.randn(2, 3, 32, 32) * 5 + 3)
+    assert torch.equal(enc.body.bn1.running_mean, stats)
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     plain = build_encoder("mvitv2_micro", 3, SIZE, "rgb")

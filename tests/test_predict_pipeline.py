@@ -157,7 +157,7 @@ def test_rerun_skips_done_scenes_and_cleans_leftovers(oracle_world, tmp_path):
     (tmp_path / ".tmp-12345" / "scene_b.gpkg").write_bytes(b"half a layer")
     (tmp_path / ".tmp-12345" / "scene_b_score.draft.tif").write_bytes(b"half a raster")
     oracle = BlobOracle()
-    summaries = map_scenes(_model(oracle), scene_list, tmp_path, TILING, torch.device("cpu"), progress=False)
+    summaries = map_scenes(_model(oracle), scene_list, tmp_path, TILING, torch.device("cpu"), progress=True)
     assert [s["status"] for s in summaries] == ["skipped (done)", "done", "skipped (done)"]
     assert (tmp_path / "scene_a.gpkg").stat().st_mtime_ns == first
     assert oracle.tiles == 16  # only scene_b was read
@@ -172,3 +172,8 @@ def test_missing_modality_is_an_error_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"scenes.yaml: the checkpoint reads modalities \['rgb', 'ndvi'\].*s lacks \['ndvi'\]"):
         map_scenes(_model(oracle), tmp_path / "scenes.yaml", tmp_path / "out", TILING, torch.device("cpu"), progress=False)
     assert oracle.calls == 0 and not (tmp_path / "out").exists()
+
+
+def test_overlap_must_be_smaller_than_the_tile():
+    with pytest.raises(ValueError, match="tiling.overlap=64 must be at least 0 and smaller than the tile size 64"):
+        TilingConfig(tile_size=64, overlap=64)

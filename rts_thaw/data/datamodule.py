@@ -176,7 +176,9 @@ class RTSDataModule(L.LightningDataModule):
 
     def _train_stats(self) -> NormStats:
         """Per-modality statistics of the train split, each cached on disk by
-        (source, modality) so later runs and stages reuse them."""
+        (source, modality) so later runs and stages reuse them. A modality's statistics
+        use the pixels valid in it (and in the reference), whatever else is served, so
+        a stage-1 encoder and the fusion stage see identically normalised inputs."""
         key = self._source_key()
         mean, std = {}, {}
         for modality in self.modalities:

@@ -42,7 +42,7 @@ from scipy import ndimage
 from shapely.affinity import rotate, scale, translate
 from shapely.geometry import LineString, Point, Polygon
 
-GENERATOR_VERSION = 6  # bump when the output changes, so caches are not reused
+GENERATOR_VERSION = 7  # bump when the output changes, so caches are not reused
 UTM_CRS = "EPSG:32606"  # UTM zone 6N (northern Alaska)
 DEM_CRS = "EPSG:3413"  # NSIDC polar stereographic north, the CRS of ArcticDEM
 RGB_RES, NIR_RES, DEM_RES, TRUTH_RES = 4.0, 3.0, 2.0, 2.0
@@ -131,9 +131,23 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) 
     coarse = rng.standard_normal((cells + 3, cells + 3))
     # Cubic up to a quarter size, then bilinear: smooth enough, and ten times faster.
     quarter = ndimage.zoom(coarse, (shape[0] / 4 / cells, shape[1] / 4 / cells), order=3)
-    zoomed = ndimage.zoom(quarter, 4, order=1)
-    field = zoomed[: shape[0], : shape[1]]
+    rows = np.linspace(0, quarter.shape[0] - 1, 4 * quarter.shape[0])[: shape[0]]
+    cols = np.linspace(0, quarter.shape[1] - 1, 4 * quarter.shape[1])[: shape[1]]
+    field = _bilinear_on_axes(quarter, rows, cols)
     return (field - field.mean()) / (field.std() + 1e-9)
+
+
+def _bilinear_on_axes(field: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Bilinear samples at every (row, col) of two 1-D fractional pixel positions
+    (clamped at the edges): what map_coordinates does for an axis-aligned grid, as
+    separable gathers, several times faster."""
+    rows = np.clip(rows, 0, field.shape[0] - 1)
+    cols = np.clip(cols, 0, field.shape[1] - 1)
+    r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
+    r1, c1 = np.minimum(r0 + 1, field.shape[0] - 1), np.minimum(c0 + 1, field.shape[1] - 1)
+    fr, fc = (rows - r0)[:, None], cols - c0
+    along_cols = field[:, c0] * (1 - fc) + field[:, c1] * fc
+    return along_cols[r0] * (1 - fr) + along_cols[r1] * fr
 
 
 @dataclass
@@ -235,7 +249,10 @@ class _Canvas:
         """Bilinear samples of a truth field at UTM coordinates (NaN outside the canvas)."""
         rows = (self.y0 - ys) / TRUTH_RES - 0.5
         cols = (xs - self.x0) / TRUTH_RES - 0.5
-        out = ndimage.map_coordinates(field, [rows, cols], order=1, mode="nearest")
+        if np.ptp(rows, axis=1).max() == 0 and np.ptp(cols, axis=0).max() == 0:  # a north-up grid
+            out = _bilinear_on_axes(field, rows[:, 0], cols[0])
+        else:
+            out = ndimage.map_coordinates(field, [rows, cols], order=1, mode="nearest")
         outside = (rows < -0.5) | (cols < -0.5) | (rows > self.n - 0.5) | (cols > self.n - 0.5)
         return np.where(outside, np.nan, out)
 
@@ -332,10 +349,10 @@ def _draw_scene(rng: np.random.Generator, params: WorldParams, x0: float, y0: fl
 def _relative_elevation(elev: np.ndarray, sigma: float) -> np.ndarray:
     """Elevation minus its smooth trend. The regional slope (a plane) is removed
     first, so the smoothing does not bend it at the scene edges."""
-    rows, cols = np.mgrid[0 : elev.shape[0], 0 : elev.shape[1]]
-    design = np.column_stack([rows.ravel(), cols.ravel(), np.ones(elev.size)])
-    plane = (design @ np.linalg.lstsq(design, elev.ravel(), rcond=None)[0]).reshape(elev.shape)
-    residual = elev - plane
+    rows, cols = np.mgrid[0 : elev.shape[0] : 8, 0 : elev.shape[1] : 8]  # a plane needs few samples
+    design = np.column_stack([rows.ravel(), cols.ravel(), np.ones(rows.size)])
+    a, b, c = np.linalg.lstsq(design, elev[::8, ::8].ravel(), rcond=None)[0]
+    residual = elev - (a * np.arange(elev.shape[0])[:, None] + b * np.arange(elev.shape[1])[None, :] + c)
     return residual - ndimage.gaussian_filter(residual, sigma, mode="nearest")
 
 

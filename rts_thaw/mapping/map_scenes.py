@@ -7,7 +7,7 @@ each scene's files appear only when complete, so a killed run resumes cleanly.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,12 +128,14 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
                            on_scene_done=lambda spec, inst, stats: futures.append(finisher.submit(finish, spec, inst, stats)),
                            on_tile=(lambda k, window, valid: writer(k).mark_valid(window, valid)) if score_raster else None,
                            progress=progress)
-            for future in futures:
-                summary = future.result()
-                summaries[summary["scene_id"]] = summary
         finally:
+            # even when interrupted, scenes whose tiles all went through the model are written
+            wait(futures)
             for unfinished in list(writers.values()):  # a scene that did not finish leaves no draft behind
                 unfinished.abort()
+    for future in futures:
+        summary = future.result()
+        summaries[summary["scene_id"]] = summary
     if todo and progress:
         print(f"mapped {len(todo)} scene(s) in {time.perf_counter() - started:.1f} s")
     return [summaries[s.id] for s in scenes]

@@ -33,10 +33,13 @@ class TilingConfig:
     min_pixels: int = 4
     min_shared_iou: float = 0.3
 
+    def __post_init__(self):
+        if not 0 <= self.overlap < self.tile_size:
+            raise ValueError(f"tiling.overlap={self.overlap} must be at least 0 and smaller than the tile size "
+                             f"{self.tile_size}")
+
     @property
     def stride(self) -> int:
-        if not 0 <= self.overlap < self.tile_size:
-            raise ValueError(f"overlap={self.overlap} must be in [0, tile_size={self.tile_size})")
         return self.tile_size - self.overlap
 
 
@@ -79,6 +82,8 @@ def predict_scenes(detector: torch.nn.Module, specs: list[SceneSpec], shapes: li
         tiles += [(k, w) for w in windows]
     dataset = SceneTiles(specs, tiles, list(detector.modalities), norm_stats)
     bar = tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not progress)
+    bar.set_postfix(scenes=f"0/{len(scenes)}")
+    finished = 0
     batches = iter(_loader(dataset, config))
     while True:
         start = time.perf_counter()
@@ -117,6 +122,8 @@ def predict_scenes(detector: torch.nn.Module, specs: list[SceneSpec], shapes: li
                 scene.stats.raw_instances = len(scene.instances)
                 on_scene_done(scene.spec, scene.instances, scene.stats)
                 scene.instances = []
+                finished += 1
+                bar.set_postfix(scenes=f"{finished}/{len(scenes)}")
     bar.close()
 
 

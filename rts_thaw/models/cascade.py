@@ -128,13 +128,15 @@ class CascadeRoIHeads(nn.Module):
         losses = {"loss_mask": self._mask_loss(features, proposals, matched_idxs, labels, image_sizes, targets)}
         boxes = proposals
         for k in range(self.num_stages):
-            if k > 0:
-                boxes = self._next_stage_boxes(k - 1, deltas, boxes, image_sizes)
-                matched_idxs, labels = self._match_and_label(k, boxes, targets)
             class_logits, deltas = self.run_stage(k, features, boxes, image_sizes)
             loss_cls, loss_box = self._stage_loss(k, class_logits, deltas, boxes, matched_idxs, labels, targets)
             losses[f"loss_cls_stage{k + 1}"] = loss_cls
             losses[f"loss_box_reg_stage{k + 1}"] = loss_box
+            if k + 1 < self.num_stages:
+                # The output boxes of this stage are the next stage's RoIs, re-labelled
+                # with the next stage's stricter IoU threshold.
+                boxes = self._next_stage_boxes(k, deltas, boxes, image_sizes)
+                matched_idxs, labels = self._match_and_label(k + 1, boxes, targets)
         return losses
 
     def _mask_loss(self, features, proposals, matched_idxs, labels, image_sizes, targets) -> torch.Tensor:
@@ -151,10 +153,10 @@ class CascadeRoIHeads(nn.Module):
         boxes = proposals
         stage_probs = []
         for k in range(self.num_stages):
-            if k > 0:
-                boxes = self._next_stage_boxes(k - 1, deltas, boxes, image_sizes)
             class_logits, deltas = self.run_stage(k, features, boxes, image_sizes)
             stage_probs.append(F.softmax(class_logits, dim=-1))
+            if k + 1 < self.num_stages:
+                boxes = self._next_stage_boxes(k, deltas, boxes, image_sizes)
         final_boxes = self._next_stage_boxes(self.num_stages - 1, deltas, boxes, image_sizes)
         scores = torch.stack(stage_probs).mean(0)  # averaged over stages
         stage_probs = torch.stack(stage_probs, dim=1)  # [R, stages, classes]

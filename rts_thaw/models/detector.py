@@ -21,7 +21,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from rts_thaw.models.cascade import CascadeRoIHeads
-from rts_thaw.models.encoders import Encoder, build_encoder, check_tile_size
+from rts_thaw.models.encoders import build_encoder, check_tile_size
 from rts_thaw.models.fusion import STACKED, build_fusion, uses_stacked_input
 from rts_thaw.models.heads import BoxHead, BoxPredictor, MaskHead
 from rts_thaw.models.summary import parameter_summary
@@ -171,7 +171,7 @@ def build_detector(modality_channels: Mapping[str, int], encoder: Mapping[str, A
     if bad:
         raise ValueError(f"modality_channels must map names to positive channel counts, got {bad}")
     fusion = fusion or {"name": "none"}
-    check_tile_size(img_size, encoder, img_size)
+    check_tile_size(img_size, encoder, img_size)  # a known encoder name and a usable size
     stacked = uses_stacked_input(fusion)
     encoders = build_encoders(modality_channels, encoder, stacked, img_size)
     fusion_module = build_fusion(fusion, {k: e.out_channels for k, e in encoders.items()})
@@ -184,4 +184,4 @@ def build_detector(modality_channels: Mapping[str, int], encoder: Mapping[str, A
     return detector
 
 
-__all__ = ["MultiModalDetector", "build_detector", "check_tile_size", "Encoder"]
+__all__ = ["MultiModalDetector", "build_detector"]
