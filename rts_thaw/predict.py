@@ -61,9 +61,10 @@ def challenge_mode(cfg: DictConfig) -> Path:
         raise ValueError("challenge mode needs output=<submission.json>")
     device = resolve_device(cfg.device)
     model = load_model(cfg.ckpt_path, device)
+    tiling = _tiling(cfg, model.tile_size)
     path, problems = predict_challenge(model, cfg.data, cfg.split, cfg.output, device,
-                                       batch_size=cfg.tiling.batch_size, num_workers=cfg.tiling.num_workers,
-                                       mask_threshold=cfg.tiling.mask_threshold,
+                                       batch_size=tiling.batch_size, num_workers=tiling.num_workers,
+                                       overlap=tiling.overlap, mask_threshold=tiling.mask_threshold,
                                        score_threshold=cfg.get("submission_score_threshold"), progress=cfg.progress)
     print(f"submission written to {path} ({'valid' if not problems else f'{len(problems)} problem(s)'})")
     for problem in problems:

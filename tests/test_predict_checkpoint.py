@@ -210,7 +210,7 @@ def test_challenge_commands_on_the_exported_world(world, checkpoint, tmp_path, c
     submission = tmp_path / "submission.json"
     predict.main.__wrapped__(_predict_cfg(f"ckpt_path={checkpoint}", "data=arctic_challenge", f"data.path={release}",
                                           "split=test", f"output={submission}", "submission_score_threshold=0.0",
-                                          "tiling.num_workers=0", "progress=false"))
+                                          "tiling.overlap=16", "tiling.num_workers=0", "progress=false"))
     assert "(valid)" in capsys.readouterr().out
 
     def evaluate_cfg(*overrides):

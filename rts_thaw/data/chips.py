@@ -236,6 +236,10 @@ class ChallengeNpzDataset(_ChipDataset):
         self.files = files
         self.channels = {m: len(idx) for m, idx in self.band_index.items()}
 
+    def chip_sizes(self) -> dict[int, tuple[int, int]]:
+        """Image id -> (H, W) of every chip, from the file headers (what a submission must match)."""
+        return {int(record["id"]): (h, w) for record, (_, h, w) in zip(self.images, self.sizes)}
+
     def read_raw(self, index: int, modalities: list[str] | None = None):
         with np.load(self.files[index]) as npz:
             array = np.asarray(npz["image"], dtype=np.float32)

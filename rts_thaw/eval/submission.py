@@ -133,7 +133,6 @@ def validate_submission(submission, expected_sizes: Mapping[int, tuple[int, int]
 
 def challenge_test_sizes(root: str | Path, split: str = "test") -> dict[int, tuple[int, int]]:
     """Image id -> (H, W) of every chip of a challenge release split (manifest + .npz headers)."""
-    from rts_thaw.data.chips import _npz_image_shape, challenge_split
+    from rts_thaw.data.chips import challenge_split
 
-    dataset = challenge_split(Path(root), split, ["rgb"])
-    return {int(record["id"]): tuple(_npz_image_shape(path)[:2]) for record, path in zip(dataset.images, dataset.files)}
+    return challenge_split(Path(root), split, ["rgb"]).chip_sizes()

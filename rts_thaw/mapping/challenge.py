@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from rts_thaw.data.chips import _npz_image_shape
 from rts_thaw.data.geotiff import tile_windows
 from rts_thaw.eval.coco import mask_to_rle
 from rts_thaw.eval.submission import RTS_CATEGORY_ID, validate_submission, write_submission
@@ -43,7 +42,7 @@ def _tiles(dataset, tile_size: int, overlap: int, num_workers: int) -> Iterator[
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
     for sample in loader:
         image_id, (h, w) = int(sample["meta"]["image_id"]), tuple(sample["valid"].shape)
-        windows = tile_windows(w, h, tile_size, max(tile_size - overlap, 1))
+        windows = tile_windows(w, h, tile_size, tile_size - overlap)
         for k, window in enumerate(windows):
             r, c, th, tw = window_tuple(window)
             valid = sample["valid"][r:r + th, c:c + tw]
@@ -67,6 +66,8 @@ def _chip_results(image_id: int, size: tuple[int, int], instances: list[SceneIns
 def predict_chips(model, dataset, device: torch.device, batch_size: int = 4, num_workers: int = 0,
                   overlap: int = 32, mask_threshold: float = 0.5, progress: bool = True) -> list[dict]:
     """COCO results for every chip: every detection the model's heads keep."""
+    if not 0 <= overlap < model.tile_size:
+        raise ValueError(f"overlap={overlap} must be at least 0 and smaller than the tile size {model.tile_size}")
     results: list[dict] = []
     pending: list[dict] = []
     per_chip: dict[int, list[SceneInstance]] = {}
@@ -102,13 +103,8 @@ def predict_chips(model, dataset, device: torch.device, batch_size: int = 4, num
     return results
 
 
-def expected_sizes(dataset) -> dict[int, tuple[int, int]]:
-    """(H, W) of each chip from its file header, independent of what the model was given."""
-    return {int(record["id"]): tuple(_npz_image_shape(path)[:2]) for record, path in zip(dataset.images, dataset.files)}
-
-
 def predict_challenge(model, data_cfg: DictConfig, split: str, output: str | Path, device: torch.device,
-                      batch_size: int = 4, num_workers: int = 0, mask_threshold: float = 0.5,
+                      batch_size: int = 4, num_workers: int = 0, overlap: int = 32, mask_threshold: float = 0.5,
                       score_threshold: float | None = None, progress: bool = True) -> tuple[Path, list[str]]:
     """Write the submission for `split` and return its path and the validator's problems (none expected).
 
@@ -118,7 +114,7 @@ def predict_challenge(model, data_cfg: DictConfig, split: str, output: str | Pat
     if score_threshold is not None:
         set_detection_limits(model.detector, score_threshold)
     dataset = challenge_dataset(data_cfg, model, split)
-    results = predict_chips(model, dataset, device, batch_size, num_workers, mask_threshold=mask_threshold,
-                            progress=progress)
+    results = predict_chips(model, dataset, device, batch_size, num_workers, overlap=overlap,
+                            mask_threshold=mask_threshold, progress=progress)
     path = write_submission(results, output)
-    return path, validate_submission(path, expected_sizes(dataset))
+    return path, validate_submission(path, dataset.chip_sizes())
