@@ -37,6 +37,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     from rts_thaw.training import staged
     from rts_thaw.training.single_run import fit_and_test, write_json_atomic
 
+    from rts_thaw.models.encoders import check_tile_size
+
+    # Fail before any data is generated or read when the tiles cannot pass the encoder.
+    check_tile_size(int(cfg.data.tile_size), cfg.model.encoder, cfg.model.get("img_size"))
     run_dir = Path(run_dir)
     if cfg.training.staged:
         return staged.run_staged(cfg, run_dir)
@@ -60,6 +64,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 @hydra.main(config_path="pkg://rts_thaw.conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    # Lightning prints its own messages; without this Hydra's root handler repeats them.
+    logging.getLogger("lightning.pytorch").propagate = False
     results = train(cfg, HydraConfig.get().runtime.output_dir)
     final = results["stage2"] if "stage2" in results else results
     value = final.get("test", {}).get("segm_AP50", math.nan)

@@ -114,7 +114,7 @@ def test_other_encoders_and_paper_scale_heads_follow_the_output_contract(model, 
 @pytest.mark.parametrize("encoder", ["mvitv2_small", "mvitv2_base"])
 def test_larger_mvit_encoders_build_with_their_widths(encoder):
     detector = build("cascade_mvit", "none", ("rgb",), f"model/encoder={encoder}")
-    width = {"mvitv2_small": 96, "mvitv2_base": 96}[encoder]
+    width = 96  # timm's small and base share the tiny widths and add depth
     assert detector.encoders["rgb"].out_channels == [width, 2 * width, 4 * width, 8 * width]
     assert detector.fusion.out_channels == detector.encoders["rgb"].out_channels
 

@@ -101,6 +101,11 @@ def test_encoder_is_extracted_by_modality_from_a_lightning_checkpoint(tmp_path):
     for (k, a), b in zip(trained.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
 
+    # A stage-1 model trained on smaller tiles loads into a larger encoder (relative positions resized).
+    larger = build_encoder("mvitv2_micro", 1, 2 * SIZE, "nir", weights=str(path))
+    table = lambda enc: enc.body.model.stages[0].blocks[0].attn.rel_pos_h  # noqa: E731
+    assert table(larger).shape[0] > table(trained).shape[0]
+
     with pytest.raises(ValueError, match=r"has no encoder for modality 'ndvi' \(it holds encoders for: \['nir'\]\)"):
         build_encoder("mvitv2_micro", 1, SIZE, "ndvi", weights=str(path))
     with pytest.raises(ValueError, match="do not fit the 'nir' encoder"):

@@ -4,6 +4,8 @@ encoders through stage 2, the final table, and evaluate reproducing the test met
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,27 @@ def test_evaluate_reproduces_the_test_metrics(staged_run):
                                                                            "enable_progress_bar": False})
     for name, value in stage2["test"].items():
         assert (math.isnan(value) and math.isnan(metrics[name])) or metrics[name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_evaluate_command_writes_the_metrics(staged_run, tmp_path):
+    stage2 = staged_run["results"]["stage2"]
+    output = tmp_path / "metrics.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "rts_thaw.evaluate", f"ckpt_path={stage2['best_checkpoint']}", f"output={output}",
+         "trainer.accelerator=cpu", "+trainer.limit_test_batches=1", f"paths.log_dir={tmp_path}/outputs"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = json.loads(output.read_text())
+    assert written["split"] == "test"
+    assert written["metrics"]["segm_AP50"] == pytest.approx(stage2["test"]["segm_AP50"], abs=1e-6)
+    assert "segm_AP50" in done.stdout
+
+
+def test_evaluate_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    bogus = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}}, bogus)
+    with pytest.raises(ValueError, match="not an rts_thaw training checkpoint"):
+        evaluate_checkpoint(bogus)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        evaluate_checkpoint(tmp_path / "missing.ckpt")

@@ -127,13 +127,21 @@ def _load_timm_file(encoder: "Encoder", family: str, path: str, modality: str) -
     if family == "mvitv2":
         # The features-only model drops the classifier and the final norm.
         target, first_conv, classifier = encoder.body.model, "patch_embed.proj.weight", ("head.", "norm.")
-        state = mvitv2_checkpoint_filter(state, target)  # resizes relative-position tables to img_size
+        state = _resize_rel_pos(state, target, path, modality)
     else:
         target, first_conv, classifier = encoder.body, "conv1.weight", ("fc.",)
     state = {k: v for k, v in state.items() if not k.startswith(classifier)}
     if first_conv in state and state[first_conv].shape[1] != encoder.in_chans:
         state[first_conv] = adapt_input_conv(encoder.in_chans, state[first_conv])
     _load_strict(target, state, path, modality)
+
+
+def _resize_rel_pos(state: dict, model: nn.Module, path: Any, modality: str) -> dict:
+    """Relative-position tables are sized by img_size: interpolate them to this model's (timm's filter)."""
+    try:
+        return mvitv2_checkpoint_filter(dict(state), model)
+    except (KeyError, AssertionError, RuntimeError) as err:
+        raise ValueError(f"Encoder weights in {path} do not fit the '{modality}' MViTv2 encoder: {err!r}") from err
 
 
 def _build_resnet50(in_chans: int, pretrained: bool) -> nn.Module:
@@ -188,6 +196,11 @@ def build_encoder(name: str, in_chans: int, img_size: int, modality: str, pretra
         channels = [256, 512, 1024, 2048]
     encoder = Encoder(body, channels, name, in_chans, img_size if spec.family == "mvitv2" else None)
     if lightning_state is not None:
+        if spec.family == "mvitv2" and all(k.startswith("body.model.") for k in lightning_state):
+            # A stage-1 model trained at another tile size still fits.
+            inner = {k[len("body.model."):]: v for k, v in lightning_state.items()}
+            inner = _resize_rel_pos(inner, body.model, weights, modality)
+            lightning_state = {f"body.model.{k}": v for k, v in inner.items()}
         _load_strict(encoder, lightning_state, weights, modality)
     elif weights_file is not None:
         _load_timm_file(encoder, spec.family, weights_file, modality)

@@ -122,9 +122,13 @@ def collect_runs(sweep_dir: str | Path) -> list[Run]:
         raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
     runs = [read_run(run_dir, sweep_dir) for run_dir in job_dirs(sweep_dir)]
     seen = {tuple(sorted(run.overrides)) for run in runs}
-    for job in expected_jobs(sweep_dir):
+    expected = expected_jobs(sweep_dir)
+    for job in expected:
         if tuple(sorted(job)) not in seen:
             runs.append(Run(overrides=job))
+    # Launch order (the sweep's grid order) reads better than the folders' hash order.
+    order = {tuple(sorted(job)): i for i, job in enumerate(expected)}
+    runs.sort(key=lambda run: order.get(tuple(sorted(run.overrides)), len(order)))
     if not runs:
         raise ValueError(
             f"{sweep_dir}: no runs found (no */.hydra/overrides.yaml and no multirun.yaml); "
