@@ -14,7 +14,9 @@ class BoxHead(nn.Module):
         layers: list[nn.Module] = []
         channels = in_channels
         for _ in range(num_conv):
-            layers += [nn.Conv2d(channels, conv_dim, 3, padding=1, bias=False), nn.GroupNorm(32 if conv_dim % 32 == 0 else 1, conv_dim),
+            # Normalised convs, as detectron2's cascade heads; group norm works at any RoI batch size.
+            groups = 32 if conv_dim % 32 == 0 else 1
+            layers += [nn.Conv2d(channels, conv_dim, 3, padding=1, bias=False), nn.GroupNorm(groups, conv_dim),
                        nn.ReLU(inplace=True)]
             channels = conv_dim
         layers.append(nn.Flatten())
