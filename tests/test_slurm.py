@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from rts_thaw.report import write_report
 
@@ -177,6 +178,9 @@ def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(slurm_cluster
 
         _wait_for(requeued, 120, "submitit to requeue the job", process)
         assert not (last.parent.parent / "results.json").exists(), "the job finished before it was preempted"
+        # What the requeued run will continue from: a checkpoint part-way through training.
+        step_at_preemption = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+        assert 0 < step_at_preemption < epochs * batches, step_at_preemption
         # SLURM holds a requeued job for ~2 minutes (its begin time); release it now.
         _wait_for(lambda: subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
                                          capture_output=True, timeout=30).returncode == 0
@@ -193,7 +197,6 @@ def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(slurm_cluster
     results = json.loads((run_dir / "results.json").read_text())
     logs = _job_logs(sweep)
     assert f"resuming from {last}" in logs, logs[-5000:]
-    assert "Restored all states from the checkpoint" in logs, logs[-5000:]
     # The resumed run finished the planned steps, no more (it did not start over).
     assert results["global_step"] == epochs * batches, results["global_step"]
     restarts = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
