@@ -123,6 +123,23 @@ def test_matches_pycocotools_on_same_files(tmp_path, preset):
     assert 0.05 < ours["bbox_AP50"] < 1.0
 
 
+def test_merged_rank_states_score_like_one_evaluator():
+    """What DDP gathering does: each rank's state merged, a sample repeated on two ranks kept once."""
+    preds, targets, sizes = _synthetic_batch(seed=3, n_images=5)
+    whole = CocoEvaluator()
+    whole.update(preds, targets, sizes, image_ids=[1, 2, 3, 4, 5])
+    rank0, rank1 = CocoEvaluator(), CocoEvaluator()
+    rank0.update(preds[:3], targets[:3], sizes[:3], image_ids=[1, 2, 3])
+    rank1.update(preds[2:], targets[2:], sizes[2:], image_ids=[3, 4, 5])  # image 3 padded onto rank 1 too
+    merged = CocoEvaluator()
+    for state in (rank0.state(), rank1.state()):
+        merged.merge_state(*state)
+    assert [img["id"] for img in merged.images] == [1, 2, 3, 4, 5]
+    assert len(merged.annotations) == len(whole.annotations)
+    assert len({ann["id"] for ann in merged.annotations}) == len(merged.annotations)
+    assert merged.compute() == pytest.approx(whole.compute(), nan_ok=True)
+
+
 def test_challenge_preset_ranks_at_ten():
     """The one true slump is the 11th-ranked detection: found under COCO, not under the challenge."""
     h, w = 64, 64

@@ -264,6 +264,20 @@ class CocoEvaluator:
                 }
             )
 
+    def state(self) -> tuple[list, list, list]:
+        """What this evaluator accumulated, as plain lists (picklable, for gathering across ranks)."""
+        return self.images, self.annotations, self.results
+
+    def merge_state(self, images: list, annotations: list, results: list) -> None:
+        """Add another evaluator's `state()`; images already here (a repeated sample) are kept once."""
+        new_ids = {img["id"] for img in images} - self._seen_ids
+        self.images.extend(img for img in images if img["id"] in new_ids)
+        for ann in annotations:
+            if ann["image_id"] in new_ids:
+                self.annotations.append({**ann, "id": len(self.annotations) + 1})
+        self.results.extend(r for r in results if r["image_id"] in new_ids)
+        self._seen_ids |= new_ids
+
     def ground_truth(self) -> dict:
         """The accumulated targets as a COCO ground-truth dict."""
         return {"images": self.images, "annotations": self.annotations, "categories": [RTS_CATEGORY]}

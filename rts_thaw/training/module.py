@@ -140,14 +140,8 @@ def _gathered(evaluator: CocoEvaluator) -> CocoEvaluator:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return evaluator
     parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (evaluator.images, evaluator.annotations, evaluator.results))
+    dist.all_gather_object(parts, evaluator.state())
     merged = CocoEvaluator(evaluator.preset, evaluator.mask_threshold)
-    for images, annotations, results in parts:
-        new_ids = {img["id"] for img in images} - merged._seen_ids
-        merged.images.extend(img for img in images if img["id"] in new_ids)
-        for ann in annotations:
-            if ann["image_id"] in new_ids:
-                merged.annotations.append({**ann, "id": len(merged.annotations) + 1})
-        merged.results.extend(r for r in results if r["image_id"] in new_ids)
-        merged._seen_ids |= new_ids
+    for part in parts:
+        merged.merge_state(*part)
     return merged
