@@ -35,7 +35,7 @@ def _perfect_tiles(slumps, valid=None, jitter=None):
         masks = [s[r:r + h, c:c + w] for s in slumps if s[r:r + h, c:c + w].any()]
         if jitter is not None:  # the same slump seen slightly differently by each tile
             masks = [np.roll(m, jitter(t), axis=1) for m in masks]
-        prediction = {"masks": np.array(masks, np.float32).reshape(-1, h, w),
+        prediction = {"masks": np.array(masks, bool).reshape(-1, h, w),
                       "scores": np.linspace(0.9, 0.6, len(masks))}
         instances += instances_from_tile(prediction, (r, c, h, w), valid[r:r + h, c:c + w], tile=t)
     return instances

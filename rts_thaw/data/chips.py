@@ -32,6 +32,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from rts_thaw.data.sample import make_sample
+from rts_thaw.eval.coco import compressed_rle
 
 CHALLENGE_BANDS = ("red", "green", "blue", "ndvi", "relative_elevation", "shaded_relief", "nir", "ndwi")
 CHALLENGE_BAND_MAP = {
@@ -69,18 +70,9 @@ def _load_coco(path: Path) -> dict:
 def decode_segmentation(segm, height: int, width: int, where: str) -> np.ndarray:
     """A COCO segmentation (polygons, compressed or uncompressed RLE) as a uint8 mask."""
     try:
-        if isinstance(segm, list):
-            rles = mask_utils.frPyObjects(segm, height, width)
-            rle = mask_utils.merge(rles)
-        elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
-            rle = mask_utils.frPyObjects(segm, height, width)
-        elif isinstance(segm, dict):
-            rle = dict(segm)
-            if isinstance(rle["counts"], str):
-                rle["counts"] = rle["counts"].encode()
-        else:
+        if not isinstance(segm, (list, dict)):
             raise TypeError(f"unknown segmentation type {type(segm).__name__}")
-        mask = mask_utils.decode(rle)
+        mask = mask_utils.decode(compressed_rle(segm, height, width))
     except Exception as err:
         raise ChipError(f"{where}: cannot decode segmentation ({err})") from err
     if mask.shape[:2] != (height, width):

@@ -47,6 +47,8 @@ _METRICS = {
 }
 _AREA_INDEX = {"all": 0, "small": 1, "medium": 2, "large": 3}
 METRIC_KEYS = [f"{iou_type}_{name}" for iou_type in ("segm", "bbox") for name in _METRICS]
+# The precision metrics, the columns of every results table.
+AP_KEYS = [key for key in METRIC_KEYS if not key.endswith("_AR")]
 
 
 def mask_to_rle(mask: np.ndarray) -> dict:
@@ -58,11 +60,11 @@ def mask_to_rle(mask: np.ndarray) -> dict:
 
 def rle_to_mask(rle: dict) -> np.ndarray:
     """Decode a compressed (str or bytes counts) or uncompressed RLE to uint8 [h, w]."""
-    rle = _compressed(rle, *rle["size"])
+    rle = compressed_rle(rle, *rle["size"])
     return mask_utils.decode(rle)
 
 
-def _compressed(segmentation, height: int, width: int) -> dict:
+def compressed_rle(segmentation, height: int, width: int) -> dict:
     """Any COCO segmentation (polygons, uncompressed or compressed RLE) as compressed RLE."""
     if isinstance(segmentation, list):  # polygons
         return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
@@ -89,7 +91,7 @@ def with_mask_areas(gt: dict) -> dict:
                     f"annotation {ann.get('id')} refers to image_id {ann['image_id']}, "
                     "which is not in the ground truth's images"
                 )
-            rle = _compressed(ann["segmentation"], *sizes[ann["image_id"]])
+            rle = compressed_rle(ann["segmentation"], *sizes[ann["image_id"]])
             ann["area"] = float(mask_utils.area(rle))
         elif "bbox" in ann:
             ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
@@ -240,7 +242,7 @@ class CocoEvaluator:
                     "category_id": int(label),
                     "segmentation": rle,
                     "bbox": [float(v) for v in box],
-                    "area": float(mask_utils.area(_compressed(rle, h, w))),
+                    "area": float(mask_utils.area(compressed_rle(rle, h, w))),
                     "iscrowd": 0,
                 }
             )

@@ -46,8 +46,8 @@ def crop_to_content(mask: np.ndarray) -> tuple[int, int, np.ndarray] | None:
 
 
 def instances_from_tile(prediction: dict, window: tuple[int, int, int, int], valid: np.ndarray,
-                        tile: int, mask_threshold: float = 0.5, min_pixels: int = 4) -> list[SceneInstance]:
-    """Turn one tile's detector output into scene instances.
+                        tile: int, min_pixels: int = 4) -> list[SceneInstance]:
+    """Turn one tile's detector output (masks already thresholded) into scene instances.
 
     Pixels where the input was invalid (nodata) are removed from every mask: the
     model saw zeros there, not land, so nothing it says about them is kept.
@@ -61,8 +61,7 @@ def instances_from_tile(prediction: dict, window: tuple[int, int, int, int], val
     scores = scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
     valid = np.asarray(valid, dtype=bool)[:height, :width]
     instances = []
-    for mask, score in zip(masks[:, :height, :width] >= mask_threshold, scores):
-        mask &= valid
+    for mask, score in zip(masks[:, :height, :width] & valid, scores):
         if mask.sum() < min_pixels:
             continue
         r, c, cropped = crop_to_content(mask)

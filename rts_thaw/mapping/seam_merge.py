@@ -50,7 +50,7 @@ def _union(group: list[SceneInstance]) -> SceneInstance:
 
 def merge_across_seams(instances: list[SceneInstance], min_shared_iou: float = 0.3) -> list[SceneInstance]:
     if len(instances) < 2:
-        return [SceneInstance(i.row, i.col, i.mask, i.score, None, -1, 1) for i in instances]
+        return [_union([i]) for i in instances]
     parent = list(range(len(instances)))
 
     def find(k: int) -> int:

@@ -10,10 +10,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from rts_thaw.eval.coco import AP_KEYS
 from rts_thaw.reporting.collect import Run, is_number
 from rts_thaw.reporting.jobs import override_key
 
-AP_METRICS = [f"{task}_{m}" for task in ("segm", "bbox") for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
 # Result key -> column name, for the figures every run writes beside its metrics.
 RUN_FIGURES = {
     "params/trainable": "trainable_params",
@@ -22,7 +22,7 @@ RUN_FIGURES = {
     "perf/train_images_per_s": "train_images_per_s",
     "perf/wall_s": "wall_s",
 }
-METRICS = AP_METRICS + list(RUN_FIGURES.values())
+METRICS = AP_KEYS + list(RUN_FIGURES.values())
 DESCRIPTION = ["model", "fusion", "modalities", "training"]
 
 
@@ -54,7 +54,7 @@ def run_values(run: Run) -> dict[str, float]:
     """A finished run's metrics and figures as numbers (NaN where undefined or absent)."""
     test = run.results.get("test") or {}
     values = {}
-    for key in AP_METRICS:
+    for key in AP_KEYS:
         value = test.get(key)
         # The trainer logs undefined AP (no object of that size) as -1.
         values[key] = float(value) if is_number(value) and value >= 0 else math.nan
@@ -132,7 +132,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         cells = [f"`{row['configuration']}`"] * show_overrides + [str(row[k]) for k in DESCRIPTION]
         cells += [f"{row['seeds']}/{row['jobs']}"]
-        cells += [_cell(row, m, 100.0, "{:.2f}") for m in AP_METRICS]
+        cells += [_cell(row, m, 100.0, "{:.2f}") for m in AP_KEYS]
         cells += [_cell(row, "trainable_params", 1e-6, "{:.2f}"), _cell(row, "total_params", 1e-6, "{:.2f}"),
                   _cell(row, "peak_memory_mb", 1.0, "{:.0f}"), _cell(row, "wall_s", 1.0, "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")

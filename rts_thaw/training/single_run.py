@@ -114,7 +114,8 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 def check_resumable(path: Path, key: str) -> None:
     """Refuse to resume from a checkpoint that another configuration wrote."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        # Only the metadata is needed: map the file instead of reading every tensor.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:
         raise RuntimeError(
             f"cannot resume: {path} is unreadable ({error}); delete it or pass training.resume=false"

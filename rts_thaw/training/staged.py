@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from rts_thaw.eval.coco import AP_KEYS
 from rts_thaw.training.single_run import config_key, fit_and_test, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,8 @@ def load_stage1(directory: Path, key: str) -> dict[str, Any] | None:
 
 def verify_stage1_checkpoint(path: Path, key: str) -> None:
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        # Only the metadata is needed: map the file instead of reading every tensor.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:
         raise Stage1Error(f"stage-1 checkpoint {path} is corrupt ({error}); delete its folder to retrain") from error
     stored = checkpoint.get("rts_thaw", {}).get("stage1_key") if isinstance(checkpoint, dict) else None
@@ -220,12 +222,9 @@ def run_staged(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 # ---- the final table ----------------------------------------------------------------
-METRIC_COLUMNS = [f"{t}_{m}" for t in ("segm", "bbox") for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
-
-
 def table_row(name: str, results: dict[str, Any]) -> dict[str, Any]:
     row = {"model": name}
-    row.update({k: results.get("test", {}).get(k, math.nan) for k in METRIC_COLUMNS})
+    row.update({k: results.get("test", {}).get(k, math.nan) for k in AP_KEYS})
     row["trainable_params"] = results.get("params/trainable")
     row["total_params"] = results.get("params/total")
     row["peak_gpu_memory_mb"] = results.get("perf/peak_gpu_memory_mb")
