@@ -8,15 +8,19 @@ model's speed the mapping machinery keeps (target on a GPU: >= 90%).
 
     python benchmarks/bench_predict.py                       # synthetic world, random-init micro cascade
     python benchmarks/bench_predict.py --ckpt run/best.ckpt --device cuda --tile-size 256 --batch-size 16
+    python benchmarks/bench_predict.py --encoder mvitv2_tiny --heads cascade --tile-size 256 --device cuda
 
-Without --ckpt the detector is the default CPU model (micro MViTv2 cascade) with random
-weights; its heads are told to keep --max-detections detections per tile at any score, so
-merging and vectorising get real work (a trained model on real scenes keeps far fewer).
+Without --ckpt the detector has random weights: by default the CPU model (micro MViTv2
+cascade), or the paper's scale with `--encoder mvitv2_tiny --heads cascade`. Its heads are
+told to keep --max-detections detections per tile at any score, so merging and vectorising
+get real work (a trained model on real scenes keeps far fewer). `--world DIR` keeps the
+generated world in DIR and reuses it on the next run (large scenes take a minute each to draw).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import tempfile
@@ -35,18 +39,19 @@ from rts_thaw.mapping.scene_tiles import SceneTiles, collate_tiles
 MODALITIES = ["rgb", "ndvi", "nir"]
 
 
-def random_model(tile_size: int, modalities: list[str], channels: dict[str, int]) -> LoadedModel:
+def random_model(tile_size: int, modalities: list[str], channels: dict[str, int], encoder: str,
+                 heads: str) -> LoadedModel:
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
     with initialize_config_module("rts_thaw.conf", version_base="1.3"):
-        cfg = compose(None, overrides=["+model=cascade_mvit", "+fusion=residual_cross_attention",
-                                       f"+data.tile_size={tile_size}"])
+        cfg = compose(None, overrides=["+model=cascade_mvit", f"model/encoder={encoder}", f"model/heads={heads}",
+                                       "+fusion=residual_cross_attention", f"+data.tile_size={tile_size}"])
     torch.manual_seed(0)  # the same random detector, so runs are comparable
     detector = instantiate(cfg.model)(modality_channels={m: channels[m] for m in modalities})
     # statistics of the synthetic world's bands, roughly: inputs of the right scale
     stats = NormStats({"rgb": [120.0] * 3, "ndvi": [0.4], "nir": [2500.0]}, {"rgb": [40.0] * 3, "ndvi": [0.2], "nir": [800.0]})
-    return LoadedModel(detector, stats.subset(modalities), tile_size, "random_micro_cascade", "none")
+    return LoadedModel(detector, stats.subset(modalities), tile_size, f"random_{encoder}_{heads}", "none")
 
 
 def in_memory_batches(scenes, model: LoadedModel, tiling: TilingConfig) -> list[dict]:
@@ -78,10 +83,13 @@ def forward_only(model: LoadedModel, batches: list[dict], device: torch.device) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", help="a training checkpoint (default: random-init micro cascade)")
+    parser.add_argument("--ckpt", help="a training checkpoint (default: a random-init cascade)")
+    parser.add_argument("--encoder", default="mvitv2_micro", help="conf/model/encoder option of the random model")
+    parser.add_argument("--heads", default="cascade_light", help="conf/model/heads option of the random model")
+    parser.add_argument("--world", help="generate the world here once and reuse it (default: a temporary folder)")
     parser.add_argument("--scenes", type=int, default=2)
     parser.add_argument("--size", type=int, default=512, help="scene side in 4 m pixels")
-    parser.add_argument("--tile-size", type=int, default=128)
+    parser.add_argument("--tile-size", type=int, help="default: the checkpoint's, or 128 for a random model")
     parser.add_argument("--overlap", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
@@ -94,14 +102,20 @@ def main() -> None:
     device = resolve_device(args.device)
     work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
     try:
-        scene_list = generate_world(work / "world", WorldParams(scenes=args.scenes, size=args.size, seed=11))
+        params = WorldParams(scenes=args.scenes, size=args.size, seed=11)
+        world = Path(args.world) / f"synthetic_{params.key()}" if args.world else work / "world"
+        scene_list = world / "scenes.yaml"
+        if not scene_list.exists():
+            scene_list = generate_world(world, params, workers=os.cpu_count() or 1)
         scenes = load_scene_list(scene_list)
         if args.ckpt:
             model = load_model(args.ckpt, device)
+            args.tile_size = args.tile_size or model.tile_size
         else:
+            args.tile_size = args.tile_size or 128
             with SceneReader(scenes[0], MODALITIES) as reader:
                 channels = dict(reader.channels)
-            model = random_model(args.tile_size, MODALITIES, channels)
+            model = random_model(args.tile_size, MODALITIES, channels, args.encoder, args.heads)
             model.detector.to(device).eval()
         score_threshold = 0.0 if not args.ckpt else 0.3
         tiling = TilingConfig(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,

@@ -3,11 +3,15 @@ torchvision's maskrcnn_resnet50_fpn on RGB, side by side in one run.
 
     python benchmarks/bench_train_step.py                      # CPU, 256 px, batch 8
     python benchmarks/bench_train_step.py --device cuda --size 512
+    python benchmarks/bench_train_step.py --device cuda --size 512 --precision bf16-mixed
 
 Each model runs in its own fresh process so that its peak memory is its own:
 on CUDA `torch.cuda.max_memory_allocated`; on CPU the process's peak resident set
 size (ru_maxrss), reported as the growth over the RSS just before the first step
 (model and inputs already built), and as the absolute peak.
+`--precision` is Lightning's name for what the trainer would use: `32` (float32; on CUDA
+with TF32 matrix products, as `torch.set_float32_matmul_precision("high")` sets) or
+`bf16-mixed` (autocast to bfloat16); every model of a run gets the same one.
 """
 from __future__ import annotations
 
@@ -76,11 +80,15 @@ def run_one(name: str, args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     sizes = [(args.size, args.size)] * args.batch
 
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                              enabled=args.precision == "bf16-mixed")
+
     def step():
-        if name == "torchvision_maskrcnn_r50":
-            losses = model(list(images["rgb"]), targets)
-        else:
-            losses = model(images, sizes, targets)
+        with autocast:
+            if name == "torchvision_maskrcnn_r50":
+                losses = model(list(images["rgb"]), targets)
+            else:
+                losses = model(images, sizes, targets)
         optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         optimizer.step()
@@ -122,12 +130,14 @@ def main() -> None:
     p.add_argument("--heads", default="cascade", help="conf/model/heads option (paper: cascade)")
     p.add_argument("--fusion", default="residual_cross_attention", help="conf/fusion option")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--precision", choices=("32", "bf16-mixed"), default="32")
     p.add_argument("--only", choices=MODELS, help=argparse.SUPPRESS)  # child-process mode
     args = p.parse_args()
     if args.steps is None:
         args.steps = 10 if args.device.startswith("cuda") else 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision("high")  # TF32 on CUDA, as a GPU user would train; no effect on CPU
     if args.only:
         print(json.dumps(run_one(args.only, args)))
         return
@@ -136,14 +146,21 @@ def main() -> None:
     for name in MODELS:
         cmd = [sys.executable, __file__, "--only", name] + [a for a in sys.argv[1:]]
         out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
+        if out.returncode:  # say why, and go on with the other models
+            print(f"{name} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
+            failed = float("nan")
+            rows.append({"model": name + " (FAILED)", "images_per_s": failed, "s_per_step": failed, "peak_mb": failed,
+                         "peak_abs_mb": failed, "trainable_M": failed, "total_M": failed})
+            continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"  done {name}: {rows[-1]['s_per_step']:.2f} s/step", file=sys.stderr, flush=True)
 
     mem = "peak CUDA memory allocated" if args.device.startswith("cuda") else "peak RSS growth during the steps"
     print(f"device={args.device} size={args.size} batch={args.batch} steps={args.steps} warmup={args.warmup} "
-          f"encoder={args.encoder} heads={args.heads} fusion={args.fusion} threads={torch.get_num_threads()}")
+          f"encoder={args.encoder} heads={args.heads} fusion={args.fusion} precision={args.precision} "
+          f"threads={torch.get_num_threads()}")
+    if args.device.startswith("cuda"):
+        print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}")
     print(f"{'model':<26} {'img/s':>8} {'s/step':>8} {'mem MB':>9} {'abs MB':>8} {'train M':>8} {'total M':>8}")
     for r in rows:
         print(f"{r['model']:<26} {r['images_per_s']:>8.2f} {r['s_per_step']:>8.2f} {r['peak_mb']:>9.0f} "

@@ -24,9 +24,11 @@ import argparse
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -459,14 +461,25 @@ def split_of(index: int, scenes: int) -> str:
     return "train"
 
 
-def generate_world(out: str | os.PathLike, params: WorldParams = WorldParams()) -> Path:
-    """Write a world into `out` (created) and return the path of its scene list file."""
+def generate_world(out: str | os.PathLike, params: WorldParams = WorldParams(), workers: int = 1) -> Path:
+    """Write a world into `out` (created) and return the path of its scene list file.
+
+    Scenes depend only on (params, index), so `workers` > 1 draws them in parallel
+    processes with identical results; large scenes take over a minute each.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    scene_ids = [f"scene_{index:03d}" for index in range(params.scenes)]
+    if workers > 1 and params.scenes > 1:
+        context = multiprocessing.get_context("spawn")  # no fork of a parent's thread pools
+        with ProcessPoolExecutor(min(workers, params.scenes), mp_context=context) as pool:
+            list(pool.map(_generate_scene, [out / sid for sid in scene_ids], [params] * params.scenes,
+                          range(params.scenes)))
+    else:
+        for index, scene_id in enumerate(scene_ids):
+            _generate_scene(out / scene_id, params, index)
     entries = []
-    for index in range(params.scenes):
-        scene_id = f"scene_{index:03d}"
-        _generate_scene(out / scene_id, params, index)
+    for index, scene_id in enumerate(scene_ids):
         entries.append({
             "id": scene_id,
             "split": split_of(index, params.scenes),
@@ -520,10 +533,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenes", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=512, help="RGB pixels per scene side (4 m)")
+    parser.add_argument("--workers", type=int, default=1, help="scenes drawn in parallel processes")
     parser.add_argument("--coco-chips", help="also export the world as COCO chip folders here")
     parser.add_argument("--challenge", help="also export the world as a challenge-style .npz release here")
     args = parser.parse_args(argv)
-    scene_list = generate_world(args.out, WorldParams(scenes=args.scenes, size=args.size, seed=args.seed))
+    scene_list = generate_world(args.out, WorldParams(scenes=args.scenes, size=args.size, seed=args.seed),
+                                workers=args.workers)
     print(f"scene list: {scene_list}")
     if args.coco_chips or args.challenge:
         from rts_thaw.data import export

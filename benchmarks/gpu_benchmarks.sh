@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every GPU measurement of docs/benchmarks.md in one go (issues 3, 4 and 6), most important
+# first, each under its own time limit so that one failure does not cost the others.
+# Run from the repository root on a CUDA machine with rts_thaw installed:
+#     bash benchmarks/gpu_benchmarks.sh [LOG_DIR]
+set -u
+logs=${1:-gpu_logs}
+mkdir -p "$logs"
+export PYTHONUNBUFFERED=1
+world=${RTS_BENCH_WORLD:-/tmp/rts_thaw_bench_world}  # generated once, shared by the prediction runs
+
+run() {  # run NAME SECONDS COMMAND...: log to $logs/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*"
+    timeout "$limit" "$@" 2>&1 | tee "$logs/$name.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/gpu.txt"
+python -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)" | tee -a "$logs/gpu.txt"
+
+# Issue 3: one training step at 512 px, batch 8, paper scale (MViTv2-T, cascade heads).
+run train_512_fp32 150 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2
+# Issue 6: whole-scene prediction vs forward only; paper-scale model at 256 px tiles.
+run predict_tiny 200 python benchmarks/bench_predict.py --device cuda --world "$world" --scenes 16 --size 1024 \
+    --encoder mvitv2_tiny --heads cascade --tile-size 256 --batch-size 16 --workers 8
+# Issue 4: the same step at 256 px.
+run train_256_fp32 120 python benchmarks/bench_train_step.py --device cuda --size 256 --warmup 2
+# Issue 6, the light CPU-default model: the harder case for the pipeline (the model is fast).
+run predict_micro 150 python benchmarks/bench_predict.py --device cuda --world "$world" --scenes 16 --size 1024 \
+    --tile-size 128 --batch-size 32 --workers 8
+# Issue 3 in bf16 autocast.
+run train_512_bf16 150 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2 --precision bf16-mixed
+
+echo "== summary"
+grep -h -A8 "^device=\|^device:" "$logs"/*.log
