@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--write-workers", type=int, default=2, help="processes finishing scenes (0: a thread)")
     parser.add_argument("--max-detections", type=int, default=20)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -119,7 +120,8 @@ def main() -> None:
             model.detector.to(device).eval()
         score_threshold = 0.0 if not args.ckpt else 0.3
         tiling = TilingConfig(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
-                              num_workers=args.workers, score_threshold=score_threshold, max_detections=args.max_detections)
+                              num_workers=args.workers, write_workers=args.write_workers,
+                              score_threshold=score_threshold, max_detections=args.max_detections)
         set_detection_limits(model.detector, tiling.score_threshold, tiling.max_detections)
 
         batches = in_memory_batches(scenes, model, tiling)
@@ -140,7 +142,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"device: {name}; torch {torch.__version__}")
     print(f"{args.scenes} scenes of {args.size} px (4 m) = {km2:.2f} km2; {n_tiles} tiles of {args.tile_size} px, "
-          f"overlap {args.overlap}, batch {args.batch_size}, {args.workers} workers; "
+          f"overlap {args.overlap}, batch {args.batch_size}, {args.workers} reading / {args.write_workers} writing workers; "
           f"{raw} tile detections merged into {instances} slumps")
     rows = [("forward only (tiles in memory)", t_forward), ("pipeline read->infer->merge->write", t_pipeline)]
     print(f"{'':38s} {'seconds':>8s} {'tiles/s':>8s} {'km2/h':>10s}")

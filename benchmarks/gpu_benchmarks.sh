@@ -23,12 +23,12 @@ python -c "import torch, torchvision, timm; print('torch', torch.__version__, 't
 run train_512_fp32 150 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2
 # Issue 6: whole-scene prediction vs forward only; paper-scale model at 256 px tiles.
 run predict_tiny 200 python benchmarks/bench_predict.py --device cuda --world "$world" --scenes 16 --size 1024 \
-    --encoder mvitv2_tiny --heads cascade --tile-size 256 --batch-size 16 --workers 8
+    --encoder mvitv2_tiny --heads cascade --tile-size 256 --batch-size 16 --workers 8 --write-workers 4
 # Issue 4: the same step at 256 px.
 run train_256_fp32 120 python benchmarks/bench_train_step.py --device cuda --size 256 --warmup 2
 # Issue 6, the light CPU-default model: the harder case for the pipeline (the model is fast).
 run predict_micro 150 python benchmarks/bench_predict.py --device cuda --world "$world" --scenes 16 --size 1024 \
-    --tile-size 128 --batch-size 32 --workers 8
+    --tile-size 128 --batch-size 32 --workers 8 --write-workers 4
 # Issue 3 in bf16 autocast.
 run train_512_bf16 150 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2 --precision bf16-mixed
 

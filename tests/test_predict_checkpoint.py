@@ -127,9 +127,11 @@ def test_maps_scenes_into_gis_layers(world, checkpoint, tmp_path):
 
 def test_resume_after_kill_and_sharding(world, checkpoint, tmp_path):
     out = tmp_path / "maps"
-    # one tile per batch, no workers: slow enough to be killed between scenes
+    # one tile per batch, no reading workers, one writer process (scenes written one after
+    # another): slow enough to be killed between scenes; the writer dies with the run
     process = _predict_cli(f"ckpt_path={checkpoint}", f"scenes={world}", f"output_dir={out}", *TILING,
-                       "tiling.batch_size=1", "tiling.num_workers=0", "tiling.overlap=32", wait=False)
+                           "tiling.batch_size=1", "tiling.num_workers=0", "tiling.write_workers=1",
+                           "tiling.overlap=32", wait=False)
     deadline = time.time() + 120
     while not list(out.glob("*.gpkg")) and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -139,6 +141,8 @@ def test_resume_after_kill_and_sharding(world, checkpoint, tmp_path):
     assert 1 <= len(done) < 3, f"the kill should land between scenes, got {done}"
     for path in done:  # whatever was there is complete
         read_layer(out / path)
+    time.sleep(3)  # no orphaned writer finishes a scene after the run was killed
+    assert sorted(p.name for p in out.glob("*.gpkg")) == done
     stamps = {p: (out / p).stat().st_mtime_ns for p in done}
 
     # the rerun, as two shards (the jobs of `-m shard=0,1 num_shards=2`), finishes the rest and skips what is done

@@ -107,10 +107,12 @@ def _model(oracle=None):
 TILING = TilingConfig(tile_size=64, overlap=16, batch_size=4, num_workers=0, score_threshold=0.5)
 
 
-def test_polygons_match_the_truth_in_the_scene_crs(oracle_world, tmp_path):
+@pytest.mark.parametrize("write_workers", [2, 0], ids=["writer_processes", "writer_thread"])
+def test_polygons_match_the_truth_in_the_scene_crs(oracle_world, tmp_path, write_workers):
     scene_list, truth_masks = oracle_world
     model = _model()
-    with_workers = TilingConfig(tile_size=64, overlap=16, batch_size=4, num_workers=2, score_threshold=0.5)
+    with_workers = TilingConfig(tile_size=64, overlap=16, batch_size=4, num_workers=2, write_workers=write_workers,
+                                score_threshold=0.5)
     summaries = map_scenes(model, scene_list, tmp_path, with_workers, torch.device("cpu"),
                            geojson=True, score_raster=True, progress=False)
     assert [s["status"] for s in summaries] == ["done"] * 3

@@ -6,23 +6,25 @@ each scene's files appear only when complete, so a killed run resumes cleanly.
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-import shapely
+import numpy as np
 import torch
-from rasterio.transform import array_bounds
 
 from rts_thaw.data.geotiff import SceneReader, SceneSpec, load_scene_list
 from rts_thaw.data.normalization import NormStats
-from rts_thaw.mapping.scene_outputs import SceneOutputs, checkpoint_identity, scene_layer, write_scene
+from rts_thaw.mapping.scene_finish import SceneJob, finish_scene
+from rts_thaw.mapping.scene_outputs import SceneOutputs, checkpoint_identity
 from rts_thaw.mapping.scene_predictor import TilingConfig, predict_scenes
-from rts_thaw.mapping.score_raster import ScoreRasterWriter
-from rts_thaw.mapping.seam_merge import merge_across_seams
 from rts_thaw.mapping.shards import shard_scenes
-from rts_thaw.mapping.vectorize import area_m2
 
 
 @dataclass
@@ -77,8 +79,9 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
                score_raster: bool = False, progress: bool = True) -> list[dict]:
     """Predict every scene of this shard that is not done yet; returns one summary per scene.
 
-    Merging, vectorising and writing a finished scene run in a background thread while
-    the model goes on with the next scene's tiles.
+    Merging, vectorising and writing a finished scene run in `tiling.write_workers`
+    separate processes (0: one background thread) while the model goes on with the
+    next scene's tiles.
     """
     scenes_path, output_dir = Path(scenes_path), Path(output_dir)
     scenes = shard_scenes(load_scene_list(scenes_path), shard, num_shards)
@@ -91,51 +94,53 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
     for spec in todo:
         SceneOutputs(output_dir, spec.id).remove_leftovers()
         with SceneReader(spec, list(model.detector.modalities)) as reader:
-            grids.append((reader.crs, reader.transform, (reader.height, reader.width)))
-    writers: dict[int, ScoreRasterWriter] = {}  # opened at a scene's first tile, closed when it is written
-
-    def writer(k: int) -> ScoreRasterWriter:
-        if k not in writers:
-            crs, transform, (height, width) = grids[k]
-            writers[k] = ScoreRasterWriter(SceneOutputs(output_dir, todo[k].id).score_tif, width, height, transform, crs)
-        return writers[k]
-
+            grids.append((reader.crs.to_wkt(), reader.transform, (reader.height, reader.width)))
     index = {s.id: k for k, s in enumerate(todo)}
+    tiles_read: dict[int, list] = {k: [] for k in range(len(todo))} if score_raster else {}
     started = time.perf_counter()
 
-    def finish(spec, instances, stats) -> dict:
+    def on_tile(k: int, window, valid) -> None:
+        tiles_read[k].append((window, None if valid.all() else np.array(valid, dtype=bool)))  # a copy: batches are reused
+
+    def job(spec, instances, stats) -> SceneJob:
         k = index[spec.id]
-        crs, transform, shape = grids[k]
-        start = time.perf_counter()
-        merged = merge_across_seams(instances, tiling.min_shared_iou)
-        stats.seconds["merge"] = time.perf_counter() - start
-        start = time.perf_counter()
-        layer = scene_layer(merged, transform, crs, spec.id, model.name, model.identity)
-        if score_raster:
-            writer(k).add_instances(merged)
-            writers.pop(k).close()
-        write_scene(layer, SceneOutputs(output_dir, spec.id), geojson)
-        stats.seconds["write"] = time.perf_counter() - start
-        return {"scene_id": spec.id, "status": "done", "tiles": stats.tiles, "empty_tiles": stats.empty_tiles,
-                "instances": len(merged), "raw_instances": stats.raw_instances,
-                "seconds": {name: round(v, 3) for name, v in stats.seconds.items()},
-                "km2": area_m2(shapely.box(*array_bounds(shape[0], shape[1], transform)), crs) / 1e6}
+        crs_wkt, transform, shape = grids[k]
+        return SceneJob(spec.id, instances, transform, crs_wkt, shape, output_dir, model.name, model.identity,
+                        tiling.min_shared_iou, geojson, tiles_read.pop(k) if score_raster else None,
+                        {"tiles": stats.tiles, "empty_tiles": stats.empty_tiles, "raw_instances": stats.raw_instances,
+                         "seconds": {name: round(v, 3) for name, v in stats.seconds.items()}})
 
     futures = []
-    with ThreadPoolExecutor(max_workers=1) as finisher:
+    with _finisher(tiling.write_workers) as finisher:
+        for _ in range(tiling.write_workers if todo else 0):  # start the writers now, not at the first scene's end
+            finisher.submit(int)
         try:
             predict_scenes(model.detector, todo, [g[2] for g in grids], model.norm_stats, tiling, device,
-                           on_scene_done=lambda spec, inst, stats: futures.append(finisher.submit(finish, spec, inst, stats)),
-                           on_tile=(lambda k, window, valid: writer(k).mark_valid(window, valid)) if score_raster else None,
-                           progress=progress)
+                           on_scene_done=lambda spec, inst, stats: futures.append(
+                               finisher.submit(finish_scene, job(spec, inst, stats))),
+                           on_tile=on_tile if score_raster else None, progress=progress)
         finally:
-            # even when interrupted, scenes whose tiles all went through the model are written
-            wait(futures)
-            for unfinished in list(writers.values()):  # a scene that did not finish leaves no draft behind
-                unfinished.abort()
+            wait(futures)  # even when interrupted, scenes whose tiles all went through the model are written
     for future in futures:
         summary = future.result()
         summaries[summary["scene_id"]] = summary
     if todo and progress:
         print(f"mapped {len(todo)} scene(s) in {time.perf_counter() - started:.1f} s")
     return [summaries[s.id] for s in scenes]
+
+
+def _finisher(workers: int) -> Executor:
+    if workers <= 0:
+        return ThreadPoolExecutor(max_workers=1)
+    # spawn: the workers must not inherit this process's CUDA context or thread pools
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """A killed run leaves no writer behind to race its rerun (Linux; elsewhere writers finish
+    their scene, atomically, and exit)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the line above
+            os._exit(1)

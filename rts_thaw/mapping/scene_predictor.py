@@ -27,6 +27,7 @@ class TilingConfig:
     overlap: int = 64
     batch_size: int = 4
     num_workers: int = 2
+    write_workers: int = 2
     mask_threshold: float = 0.5
     score_threshold: float = 0.3
     max_detections: int = 100
