@@ -28,6 +28,48 @@ from omegaconf import OmegaConf
 
 MODELS = ("staged_cascade", "end_to_end_cascade", "torchvision_maskrcnn_r50")
 CHANNELS = {"rgb": 3, "ndvi": 1, "nir": 1}
+# the top-level parts of each model whose forward time --breakdown reports
+PARTS = {"torchvision_maskrcnn_r50": ("backbone", "rpn", "roi_heads")}
+OUR_PARTS = ("encoders", "fusion", "neck", "rpn", "roi_heads")
+
+
+class PartTimer:
+    """Milliseconds per step spent in each part's forward (module hooks), in backward and in
+    the optimiser step. On CUDA, events on the stream: a part that keeps the GPU waiting on
+    Python is charged for the wait, which is what matters for the step time."""
+
+    def __init__(self, model: torch.nn.Module, parts: tuple[str, ...], cuda: bool):
+        self.cuda, self.open, self.spans, self.enabled = cuda, {}, [], False
+        for name in parts:
+            module = model.get_submodule(name)
+            # a ModuleDict (one encoder per modality) is never called itself: time its members
+            for member in module.values() if isinstance(module, torch.nn.ModuleDict) else [module]:
+                member.register_forward_pre_hook(lambda *_, name=name: self.start(name))
+                member.register_forward_hook(lambda *_, name=name: self.stop(name))
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self, name: str) -> None:
+        if self.enabled:
+            self.open[name] = self._now()
+
+    def stop(self, name: str) -> None:
+        if self.enabled:
+            self.spans.append((name, self.open.pop(name), self._now()))
+
+    def per_step_ms(self, steps: int) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        totals: dict[str, float] = {}
+        for name, begin, end in self.spans:
+            ms = begin.elapsed_time(end) if self.cuda else (end - begin) * 1000
+            totals[name] = totals.get(name, 0.0) + ms / steps
+        return totals
 
 
 def conf(*parts: str) -> dict:
@@ -80,6 +122,7 @@ def run_one(name: str, args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     sizes = [(args.size, args.size)] * args.batch
 
+    timer = PartTimer(model, PARTS.get(name, OUR_PARTS), device.startswith("cuda")) if args.breakdown else None
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
                               enabled=args.precision == "bf16-mixed")
 
@@ -90,8 +133,15 @@ def run_one(name: str, args) -> dict:
             else:
                 losses = model(images, sizes, targets)
         optimizer.zero_grad(set_to_none=True)
+        if timer:
+            timer.start("backward")
         sum(losses.values()).backward()
+        if timer:
+            timer.stop("backward")
+            timer.start("optimizer")
         optimizer.step()
+        if timer:
+            timer.stop("optimizer")
 
     def sync():
         if device.startswith("cuda"):
@@ -103,11 +153,14 @@ def run_one(name: str, args) -> dict:
     for _ in range(args.warmup):
         step()
     sync()
+    if timer:
+        timer.enabled = True
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
     sync()
     seconds = (time.perf_counter() - start) / args.steps
+    parts = timer.per_step_ms(args.steps) if timer else {}
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
         peak_abs = peak
@@ -116,7 +169,7 @@ def run_one(name: str, args) -> dict:
         peak = peak_abs - rss_before
     return {"model": name, "images_per_s": args.batch / seconds, "s_per_step": seconds, "peak_mb": peak,
             "peak_abs_mb": peak_abs, "trainable_M": sum(p.numel() for p in params) / 1e6,
-            "total_M": sum(p.numel() for p in model.parameters()) / 1e6}
+            "total_M": sum(p.numel() for p in model.parameters()) / 1e6, "parts_ms": parts}
 
 
 def main() -> None:
@@ -131,6 +184,8 @@ def main() -> None:
     p.add_argument("--fusion", default="residual_cross_attention", help="conf/fusion option")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--precision", choices=("32", "bf16-mixed"), default="32")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time each part's forward, the backward and the optimiser step (ms per step)")
     p.add_argument("--only", choices=MODELS, help=argparse.SUPPRESS)  # child-process mode
     args = p.parse_args()
     if args.steps is None:
@@ -165,6 +220,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['model']:<26} {r['images_per_s']:>8.2f} {r['s_per_step']:>8.2f} {r['peak_mb']:>9.0f} "
               f"{r['peak_abs_mb']:>8.0f} {r['trainable_M']:>8.1f} {r['total_M']:>8.1f}")
+    for r in rows:
+        if r.get("parts_ms"):
+            print(f"  {r['model']} ms/step: " + ", ".join(f"{k} {v:.1f}" for k, v in r["parts_ms"].items()))
     staged, e2e, tv = rows
     print(f"memory ({mem}): staged / end-to-end = {staged['peak_mb'] / e2e['peak_mb']:.2f} "
           f"(target <= 0.40 on GPU; paper 0.52)")
