@@ -6,15 +6,14 @@ A thin dispatcher over evaluation modes; each mode lives in its own module.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 
 def evaluate_checkpoint_mode(cfg: DictConfig) -> dict:
+    from rts_thaw.json_files import write_json_atomic
     from rts_thaw.training.evaluation import evaluate_checkpoint
-    from rts_thaw.training.single_run import write_json_atomic
 
     metrics = evaluate_checkpoint(
         cfg.ckpt_path,
@@ -23,9 +22,8 @@ def evaluate_checkpoint_mode(cfg: DictConfig) -> dict:
         preset=cfg.preset,
         trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True),
     )
-    output = Path(cfg.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output, {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, "metrics": metrics})
+    output = write_json_atomic(cfg.output, {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, "metrics": metrics},
+                               sort_keys=True)
     for name, value in metrics.items():
         print(f"{name:>12}: {'-' if math.isnan(value) else f'{100 * value:.2f}'}")
     print(f"metrics written to {output}")

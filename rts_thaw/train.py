@@ -35,7 +35,8 @@ if not OmegaConf.has_resolver("rts_thaw.run_id"):
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run what `cfg` describes in `run_dir`; returns its results."""
     from rts_thaw.training import staged
-    from rts_thaw.training.single_run import fit_and_test, write_json_atomic
+    from rts_thaw.json_files import write_json_atomic
+    from rts_thaw.training.single_run import fit_and_test
 
     from rts_thaw.models.encoders import check_tile_size
 
@@ -53,7 +54,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         stage1 = staged.stage1_config(cfg, cfg.data.modalities[0])
         results = staged.ensure_stage1(stage1)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "results.json", results)
+        write_json_atomic(run_dir / "results.json", results, sort_keys=True)
     else:
         results = fit_and_test(cfg, run_dir)
     row = staged.table_row(cfg.name, results)

@@ -5,6 +5,7 @@ and padding collation."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -100,6 +101,20 @@ def test_norm_stats_are_cached_per_modality_and_reused(tiny_world_config, tmp_pa
     second = RTSDataModule(**{**config, "modalities": ["nir", "rgb"]})  # a subset, another order
     second.setup("fit")
     assert second.norm_stats.to_dict() == first.norm_stats.subset(["nir", "rgb"]).to_dict()
+
+
+def test_cached_norm_stats_are_strict_json_and_null_reads_as_nan(tiny_world_config, tmp_path, monkeypatch):
+    config = {**tiny_world_config, "stats_cache_dir": str(tmp_path), "modalities": ["ndvi"]}
+    RTSDataModule(**config).setup("fit")
+    (cache,) = tmp_path.iterdir()
+    entry = json.loads(cache.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in {cache.name}"))
+    assert "\n" not in cache.read_text()  # compact, as before
+    entry["std"] = [None]  # how a non-finite value is stored (JSON has no NaN)
+    cache.write_text(json.dumps(entry))
+    monkeypatch.setattr(datamodule_module, "RunningStats", None)  # read from the cache, never computed
+    again = RTSDataModule(**config)
+    again.setup("fit")
+    assert again.norm_stats.mean["ndvi"] == entry["mean"] and math.isnan(again.norm_stats.std["ndvi"][0])
 
 
 def test_injected_norm_stats_are_used_without_the_train_split(tiny_world_config, monkeypatch):

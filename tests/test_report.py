@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rts_thaw.json_files import write_json_atomic
 from rts_thaw.report import write_report
 
 SWEEP_PARAMS = {"+fusion_training": "concat_conv_staged,residual_cross_attention_end_to_end",
@@ -76,6 +77,22 @@ def sweep_dir(tmp_path: Path) -> Path:
     (log_dir / "7_4_0_log.err").write_text(
         "Traceback (most recent call last):\n  File \"x.py\", line 1\ntorch.OutOfMemoryError: CUDA out of memory\n")
     return sweep
+
+
+def test_null_metrics_of_strict_json_results_are_undefined(sweep_dir: Path):
+    """results.json as rts_thaw.train writes it now: NaN stored as null."""
+    results_file = sweep_dir / "staged2" / "results.json"
+    results = json.loads(results_file.read_text())
+    results["test"]["segm_AP50"] = math.nan
+    results["perf/peak_gpu_memory_mb"] = math.inf
+    write_json_atomic(results_file, results, sort_keys=True)
+    assert "null" in results_file.read_text() and "NaN" not in results_file.read_text()
+    staged = {row["fusion"]: row for row in write_report(sweep_dir)["rows"]}["concat_conv"]
+    assert staged["seeds"] == 2
+    assert staged["segm_AP50"] == pytest.approx(0.40) and staged["segm_AP50_std"] == 0.0  # seed 1 only
+    assert staged["peak_memory_mb"] == pytest.approx(900.0)
+    assert staged["bbox_AP50"] == pytest.approx(0.46)  # both seeds
+    assert math.isnan(staged["segm_APl"])
 
 
 def test_report_rows_seed_statistics_and_failures(sweep_dir: Path):

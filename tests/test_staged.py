@@ -57,7 +57,8 @@ def test_stage1_entries_are_complete_and_keyed(staged_run):
         directory = Path(result["checkpoint"]).parents[1]
         assert directory.parent == staged_run["cache"] / "stage1"
         assert directory.name == f"{modality}-{result['stage1_key']}"
-        marker = json.loads((directory / staged.MARKER).read_text())
+        marker = json.loads((directory / staged.MARKER).read_text(),
+                            parse_constant=lambda c: pytest.fail(f"{c} in the marker: not strict JSON"))
         assert marker["stage1_key"] == result["stage1_key"] and not result["reused"]
         assert "segm_AP50" in marker["test"]
         assert torch.load(result["checkpoint"], weights_only=False)["rts_thaw"]["modalities"] == [modality]
@@ -115,6 +116,10 @@ def test_bad_stage1_entries_are_reported_never_used(staged_run, tmp_path):
     entry = tmp_path / source.name
     shutil.copytree(source, entry)
     assert staged.load_stage1(entry, key)["checkpoint"].startswith(str(entry))
+    marker = json.loads((entry / staged.MARKER).read_text())
+    marker["test"]["segm_APl"] = None  # an undefined metric, as the marker stores it
+    (entry / staged.MARKER).write_text(json.dumps(marker))
+    assert math.isnan(staged.load_stage1(entry, key)["test"]["segm_APl"])  # NaN again, as a fresh result
     with pytest.raises(staged.Stage1Error, match="another configuration"):
         staged.load_stage1(entry, "0123456789ab")
     checkpoint = entry / json.loads((entry / staged.MARKER).read_text())["checkpoint"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -18,8 +19,13 @@ from rts_thaw.data import chips, geotiff
 from rts_thaw.data.collate import collate_samples
 from rts_thaw.data.normalization import NormStats, RunningStats
 from rts_thaw.data.transforms import Augment
+from rts_thaw.json_files import write_json_atomic
 
 SOURCES = ("geotiff", "coco_chips", "arctic_challenge")
+
+
+def _nan_for_null(values: list) -> list:
+    return [math.nan if v is None else v for v in values]
 
 
 def _plain(value):
@@ -195,7 +201,8 @@ class RTSDataModule(L.LightningDataModule):
                 m, s = running.result()
                 entry = {"mean": m, "std": s, "pixels": running.count}
                 self._write_cache(cache, entry)
-            mean[modality], std[modality] = entry["mean"], entry["std"]
+            # A non-finite value is cached as null (JSON has no NaN): NaN again here.
+            mean[modality], std[modality] = _nan_for_null(entry["mean"]), _nan_for_null(entry["std"])
         return NormStats(mean, std)
 
     def _train_blocks(self, modality: str):
@@ -213,10 +220,7 @@ class RTSDataModule(L.LightningDataModule):
     @staticmethod
     def _write_cache(path: Path, entry: dict) -> None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(entry))
-            os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+            write_json_atomic(path, entry, indent=None)  # atomic: concurrent runs never read half a file
         except OSError as err:
             warnings.warn(f"could not cache normalisation statistics at {path}: {err}", stacklevel=2)
 

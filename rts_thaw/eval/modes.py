@@ -7,35 +7,15 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from rts_thaw.json_files import write_json_atomic
+
 # Ground truth in one of these is vector truth (polygon mode); .json is COCO.
 VECTOR_SUFFIXES = (".gpkg", ".geojson", ".shp")
-
-
-def _json_safe(value):
-    """NaN (an undefined metric) as null: JSON has no NaN."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-def _write_json(path: str | Path, data) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_json_safe(data), indent=2))
-    os.replace(tmp, path)
-    return path
 
 
 def score_files_mode(cfg: DictConfig) -> dict:
@@ -56,7 +36,7 @@ def score_files_mode(cfg: DictConfig) -> dict:
         report = evaluate_files(gt, predictions, cfg.preset or "coco")
         for name, value in report.items():
             print(f"{name:>12}: {'-' if math.isnan(value) else f'{100 * value:.2f}'}")
-    print(f"written to {_write_json(cfg.output, {'gt': str(gt), 'predictions': str(predictions), 'metrics': report})}")
+    print(f"written to {write_json_atomic(cfg.output, {'gt': str(gt), 'predictions': str(predictions), 'metrics': report})}")
     return report
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from rts_thaw.eval.coco import mask_to_rle
+from rts_thaw.json_files import write_json_atomic
 
 REQUIRED_KEYS = ("image_id", "category_id", "segmentation", "score")
 RTS_CATEGORY_ID = 1
@@ -51,12 +51,7 @@ def prediction_to_results(prediction: dict, image_id: int, height: int, width: i
 
 def write_submission(results: Iterable[dict], path: str | Path) -> Path:
     """Write the results list atomically (a half-written submission never exists)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(list(results)))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, list(results), indent=None)  # compact: a submission can be large
 
 
 def _is_int(value) -> bool:

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from rts_thaw.json_files import write_json_atomic
 from rts_thaw.training.callbacks import LastCheckpointOnInterrupt, PredictionImages, RunStats
 from rts_thaw.training.module import DetectionModule
 
@@ -224,19 +225,5 @@ def fit_and_test(
         logger.finalize("success")
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # the next run of this process gets its own W&B run
-    write_json_atomic(run_dir / "results.json", results)
+    write_json_atomic(run_dir / "results.json", results, sort_keys=True)
     return results
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that readers see the old file or the complete new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)

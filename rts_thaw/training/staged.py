@@ -31,7 +31,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rts_thaw.eval.coco import AP_KEYS
-from rts_thaw.training.single_run import config_key, fit_and_test, write_json_atomic
+from rts_thaw.json_files import write_json_atomic
+from rts_thaw.training.single_run import config_key, fit_and_test
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,9 @@ def load_stage1(directory: Path, key: str) -> dict[str, Any] | None:
         raise Stage1Error(f"stage-1 checkpoint {checkpoint} is missing; delete {directory} to retrain")
     verify_stage1_checkpoint(checkpoint, key)
     results["checkpoint"] = str(checkpoint)
+    # An undefined metric is stored as null (JSON has no NaN): NaN again, as in a fresh result.
+    if isinstance(results.get("test"), dict):
+        results["test"] = {k: math.nan if v is None else v for k, v in results["test"].items()}
     return results
 
 
@@ -176,7 +180,7 @@ def ensure_stage1(stage1: DictConfig, smoke_dir: Path | None = None) -> dict[str
         if checkpoint is None:
             raise Stage1Error(f"stage 1 in {directory} produced no checkpoint (fast_dev_run?)")
         results.update(stage1_key=key, checkpoint=str(Path(checkpoint).relative_to(directory)))
-        write_json_atomic(directory / MARKER, results)
+        write_json_atomic(directory / MARKER, results, sort_keys=True)
         results["checkpoint"] = str(directory / results["checkpoint"])
         return {**results, "reused": False}
 
@@ -235,7 +239,7 @@ def table_row(name: str, results: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_table(rows: list[dict], run_dir: Path) -> None:
-    write_json_atomic(run_dir / "final_table.json", rows)
+    write_json_atomic(run_dir / "final_table.json", rows, sort_keys=True)
     with open(run_dir / "final_table.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
