@@ -33,7 +33,7 @@ from rts_thaw.data.geotiff import SceneReader, load_scene_list, tile_windows
 from rts_thaw.data.normalization import NormStats
 from rts_thaw.data.synthetic import WorldParams, generate_world
 from rts_thaw.mapping.map_scenes import LoadedModel, load_model, map_scenes, resolve_device, set_detection_limits
-from rts_thaw.mapping.scene_predictor import TilingConfig
+from rts_thaw.mapping.scene_predictor import TilingConfig, inference_autocast
 from rts_thaw.mapping.scene_tiles import SceneTiles, collate_tiles
 
 MODALITIES = ["rgb", "ndvi", "nir"]
@@ -72,11 +72,13 @@ def sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def forward_only(model: LoadedModel, batches: list[dict], device: torch.device) -> float:
+def forward_only(model: LoadedModel, batches: list[dict], device: torch.device, precision: str) -> float:
+    autocast = inference_autocast(device, precision)
     start = time.perf_counter()
     for batch in batches:
         images = {m: x.to(device, non_blocking=True) for m, x in batch["image"].items()}
-        model.detector(images, batch["image_sizes"])
+        with autocast:
+            model.detector(images, batch["image_sizes"])
     sync(device)
     return time.perf_counter() - start
 
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--write-workers", type=int, default=2, help="processes finishing scenes (0: a thread)")
     parser.add_argument("--max-detections", type=int, default=20)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", choices=("32", "bf16-mixed"), default="32", help="both rows use it")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -126,11 +129,11 @@ def main() -> None:
 
         batches = in_memory_batches(scenes, model, tiling)
         n_tiles = sum(len(b["scene"]) for b in batches)
-        forward_only(model, batches[:2], device)  # warm-up (allocator, cuDNN autotune)
-        t_forward = forward_only(model, batches, device)
+        forward_only(model, batches[:2], device, args.precision)  # warm-up (allocator, cuDNN autotune)
+        t_forward = forward_only(model, batches, device, args.precision)
 
         start = time.perf_counter()
-        summaries = map_scenes(model, scene_list, work / "out", tiling, device, progress=False)
+        summaries = map_scenes(model, scene_list, work / "out", tiling, device, progress=False, precision=args.precision)
         sync(device)
         t_pipeline = time.perf_counter() - start
         km2 = sum(s["km2"] for s in summaries)
@@ -140,7 +143,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"device: {name}; torch {torch.__version__}")
+    print(f"device: {name}; torch {torch.__version__}; precision {args.precision}")
     print(f"{args.scenes} scenes of {args.size} px (4 m) = {km2:.2f} km2; {n_tiles} tiles of {args.tile_size} px, "
           f"overlap {args.overlap}, batch {args.batch_size}, {args.workers} reading / {args.write_workers} writing workers; "
           f"{raw} tile detections merged into {instances} slumps")

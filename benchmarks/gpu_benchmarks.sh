@@ -29,6 +29,11 @@ run train_256_fp32 120 python benchmarks/bench_train_step.py --device cuda --siz
 # Issue 6, the light CPU-default model: the harder case for the pipeline (the model is fast).
 run predict_micro 150 python benchmarks/bench_predict.py --device cuda --world "$world" --scenes 16 --size 1024 \
     --tile-size 128 --batch-size 32 --workers 8 --write-workers 4
+# Issue 6 in bf16 autocast (prediction's precision=bf16-mixed).
+run predict_tiny_bf16 150 python benchmarks/bench_predict.py --device cuda --world "$world" --scenes 16 --size 1024 \
+    --encoder mvitv2_tiny --heads cascade --tile-size 256 --batch-size 16 --workers 8 --write-workers 4 --precision bf16-mixed
+# Issue 3: where a paper-scale step spends its time.
+run train_512_breakdown 150 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2 --steps 5 --breakdown
 # Issue 3 in bf16 autocast.
 run train_512_bf16 150 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2 --precision bf16-mixed
 

@@ -45,7 +45,7 @@ def scenes_mode(cfg: DictConfig) -> list[dict]:
     model = load_model(cfg.ckpt_path, device)
     summaries = map_scenes(model, cfg.scenes, cfg.output_dir, _tiling(cfg, model.tile_size), device,
                            shard=cfg.shard, num_shards=cfg.num_shards, geojson=cfg.geojson,
-                           score_raster=cfg.score_raster, progress=cfg.progress)
+                           score_raster=cfg.score_raster, progress=cfg.progress, precision=cfg.precision)
     for summary in summaries:
         print(json.dumps(summary))
     if cfg.output and cfg.num_shards == 1:
@@ -65,7 +65,8 @@ def challenge_mode(cfg: DictConfig) -> Path:
     path, problems = predict_challenge(model, cfg.data, cfg.split, cfg.output, device,
                                        batch_size=tiling.batch_size, num_workers=tiling.num_workers,
                                        overlap=tiling.overlap, mask_threshold=tiling.mask_threshold,
-                                       score_threshold=cfg.get("submission_score_threshold"), progress=cfg.progress)
+                                       score_threshold=cfg.get("submission_score_threshold"), progress=cfg.progress,
+                                       precision=cfg.precision)
     print(f"submission written to {path} ({'valid' if not problems else f'{len(problems)} problem(s)'})")
     for problem in problems:
         print(f"  {problem}")

@@ -125,6 +125,22 @@ def test_maps_scenes_into_gis_layers(world, checkpoint, tmp_path):
     assert len(read_layer(tmp_path / "all.gpkg")) == total  # output=... merges the scenes into one layer
 
 
+def test_bf16_autocast_prediction(world, checkpoint, tmp_path):
+    """precision=bf16-mixed runs the real model under bfloat16 autocast (CPU here, GPUs in use)
+    and still writes valid layers; an unknown precision is refused before any work."""
+    out = tmp_path / "maps"
+    predict.main.__wrapped__(_predict_cfg(f"ckpt_path={checkpoint}", f"scenes={world}", f"output_dir={out}",
+                                          "precision=bf16-mixed", *TILING))
+    layers = [read_layer(out / f"{spec.id}.gpkg") for spec in load_scene_list(world)]
+    assert sum(len(layer) for layer in layers) > 0
+    for layer in layers:
+        assert ((0 <= layer.columns["score"]) & (layer.columns["score"] <= 1)).all()
+    with pytest.raises(ValueError, match="precision='16' is not supported for prediction"):
+        predict.main.__wrapped__(_predict_cfg(f"ckpt_path={checkpoint}", f"scenes={world}",
+                                              f"output_dir={tmp_path / 'other'}", "precision=16", *TILING))
+    assert not (tmp_path / "other").exists()
+
+
 def test_resume_after_kill_and_sharding(world, checkpoint, tmp_path):
     out = tmp_path / "maps"
     # one tile per batch, no reading workers, one writer process (scenes written one after

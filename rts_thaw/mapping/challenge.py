@@ -22,6 +22,7 @@ from rts_thaw.eval.coco import mask_to_rle
 from rts_thaw.eval.submission import RTS_CATEGORY_ID, validate_submission, write_submission
 from rts_thaw.mapping.instances import SceneInstance, instances_from_tile
 from rts_thaw.mapping.map_scenes import set_detection_limits
+from rts_thaw.mapping.scene_predictor import inference_autocast
 from rts_thaw.mapping.scene_tiles import collate_tiles, window_tuple
 from rts_thaw.mapping.seam_merge import merge_across_seams
 
@@ -64,10 +65,12 @@ def _chip_results(image_id: int, size: tuple[int, int], instances: list[SceneIns
 
 @torch.inference_mode()
 def predict_chips(model, dataset, device: torch.device, batch_size: int = 4, num_workers: int = 0,
-                  overlap: int = 32, mask_threshold: float = 0.5, progress: bool = True) -> list[dict]:
+                  overlap: int = 32, mask_threshold: float = 0.5, progress: bool = True,
+                  precision: str | int = "32") -> list[dict]:
     """COCO results for every chip: every detection the model's heads keep."""
     if not 0 <= overlap < model.tile_size:
         raise ValueError(f"overlap={overlap} must be at least 0 and smaller than the tile size {model.tile_size}")
+    autocast = inference_autocast(device, precision)
     results: list[dict] = []
     pending: list[dict] = []
     per_chip: dict[int, list[SceneInstance]] = {}
@@ -76,8 +79,10 @@ def predict_chips(model, dataset, device: torch.device, batch_size: int = 4, num
     def run(batch_tiles: list[dict]) -> None:
         batch = collate_tiles(batch_tiles)
         images = {m: x.to(device) for m, x in batch["image"].items()}
-        for tile, output in zip(batch_tiles, model.detector(images, batch["image_sizes"])):
-            output = {"scores": output["scores"].cpu(), "masks": (output["masks"] >= mask_threshold).cpu()}
+        with autocast:
+            outputs = model.detector(images, batch["image_sizes"])
+        for tile, output in zip(batch_tiles, outputs):
+            output = {"scores": output["scores"].float().cpu(), "masks": (output["masks"] >= mask_threshold).cpu()}
             # tiles of one chip get distinct tile numbers, so only cross-tile duplicates merge
             per_chip.setdefault(tile["image_id"], []).extend(
                 instances_from_tile(output, tile["window"], tile["valid"].numpy(), tile["index"]))
@@ -105,7 +110,8 @@ def predict_chips(model, dataset, device: torch.device, batch_size: int = 4, num
 
 def predict_challenge(model, data_cfg: DictConfig, split: str, output: str | Path, device: torch.device,
                       batch_size: int = 4, num_workers: int = 0, overlap: int = 32, mask_threshold: float = 0.5,
-                      score_threshold: float | None = None, progress: bool = True) -> tuple[Path, list[str]]:
+                      score_threshold: float | None = None, progress: bool = True,
+                      precision: str | int = "32") -> tuple[Path, list[str]]:
     """Write the submission for `split` and return its path and the validator's problems (none expected).
 
     `score_threshold` None keeps the heads' own threshold: AP rewards low-score detections
@@ -115,6 +121,6 @@ def predict_challenge(model, data_cfg: DictConfig, split: str, output: str | Pat
         set_detection_limits(model.detector, score_threshold)
     dataset = challenge_dataset(data_cfg, model, split)
     results = predict_chips(model, dataset, device, batch_size, num_workers, overlap=overlap,
-                            mask_threshold=mask_threshold, progress=progress)
+                            mask_threshold=mask_threshold, progress=progress, precision=precision)
     path = write_submission(results, output)
     return path, validate_submission(path, dataset.chip_sizes())

@@ -23,7 +23,7 @@ from rts_thaw.data.geotiff import SceneReader, SceneSpec, load_scene_list
 from rts_thaw.data.normalization import NormStats
 from rts_thaw.mapping.scene_finish import SceneJob, finish_scene
 from rts_thaw.mapping.scene_outputs import SceneOutputs, checkpoint_identity
-from rts_thaw.mapping.scene_predictor import TilingConfig, predict_scenes
+from rts_thaw.mapping.scene_predictor import TilingConfig, check_precision, predict_scenes
 from rts_thaw.mapping.shards import shard_scenes
 
 
@@ -76,13 +76,14 @@ def check_modalities(scenes: list[SceneSpec], modalities: list[str], source: Pat
 
 def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Path, tiling: TilingConfig,
                device: torch.device, shard: int = 0, num_shards: int = 1, geojson: bool = False,
-               score_raster: bool = False, progress: bool = True) -> list[dict]:
+               score_raster: bool = False, progress: bool = True, precision: str | int = "32") -> list[dict]:
     """Predict every scene of this shard that is not done yet; returns one summary per scene.
 
     Merging, vectorising and writing a finished scene run in `tiling.write_workers`
     separate processes (0: one background thread) while the model goes on with the
     next scene's tiles.
     """
+    check_precision(precision)
     scenes_path, output_dir = Path(scenes_path), Path(output_dir)
     scenes = shard_scenes(load_scene_list(scenes_path), shard, num_shards)
     check_modalities(scenes, list(model.detector.modalities), scenes_path)
@@ -118,7 +119,7 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
             predict_scenes(model.detector, todo, [g[2] for g in grids], model.norm_stats, tiling, device,
                            on_scene_done=lambda spec, inst, stats: futures.append(
                                finisher.submit(finish_scene, job(spec, inst, stats))),
-                           on_tile=on_tile if score_raster else None, progress=progress)
+                           on_tile=on_tile if score_raster else None, progress=progress, precision=precision)
         finally:
             wait(futures)  # even when interrupted, scenes whose tiles all went through the model are written
     for future in futures:

@@ -44,6 +44,22 @@ class TilingConfig:
         return self.tile_size - self.overlap
 
 
+PRECISIONS = ("32", "bf16-mixed")
+
+
+def check_precision(precision: str | int) -> str:
+    precision = str(precision)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported for prediction; use one of {list(PRECISIONS)}")
+    return precision
+
+
+def inference_autocast(device: torch.device, precision: str | int = "32"):
+    """The model's forward in float32 ("32") or autocast to bfloat16 ("bf16-mixed", as
+    Lightning names it; on a GPU the heads' convolutions and products run on bf16 units)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=check_precision(precision) == "bf16-mixed")
+
+
 @dataclass
 class SceneStats:
     tiles: int = 0
@@ -70,12 +86,14 @@ def _loader(dataset: SceneTiles, config: TilingConfig) -> DataLoader:
 def predict_scenes(detector: torch.nn.Module, specs: list[SceneSpec], shapes: list[tuple[int, int]],
                    norm_stats: NormStats, config: TilingConfig, device: torch.device,
                    on_scene_done: Callable[[SceneSpec, list[SceneInstance], SceneStats], None],
-                   on_tile: Callable[[int, tuple, object], None] | None = None, progress: bool = True) -> None:
+                   on_tile: Callable[[int, tuple, object], None] | None = None, progress: bool = True,
+                   precision: str | int = "32") -> None:
     """Run every tile of `specs` (scene shapes (height, width)) through the detector.
 
     `on_tile(scene index, window, valid)` is called for every non-empty tile (the score
     raster marks the valid pixels); `on_scene_done(spec, instances, stats)` once per scene.
     """
+    autocast = inference_autocast(device, precision)
     scenes, tiles = [], []
     for k, (spec, (height, width)) in enumerate(zip(specs, shapes)):
         windows = tile_windows(width, height, config.tile_size, config.stride)
@@ -101,11 +119,12 @@ def predict_scenes(detector: torch.nn.Module, specs: list[SceneSpec], shapes: li
         if batch["scene"]:
             start = time.perf_counter()
             images = {m: x.to(device, non_blocking=True) for m, x in batch["image"].items()}
-            outputs = detector(images, batch["image_sizes"])
+            with autocast:
+                outputs = detector(images, batch["image_sizes"])
             for k, window, valid, output in zip(batch["scene"], batch["window"], batch["valid"], outputs):
                 keep = output["scores"] >= config.score_threshold
                 # threshold on the device: bool masks are 4x smaller to move than float ones
-                output = {"scores": output["scores"][keep].cpu(),
+                output = {"scores": output["scores"][keep].float().cpu(),
                           "masks": (output["masks"][keep] >= config.mask_threshold).cpu()}
                 valid = valid.numpy()
                 scenes[k].instances += instances_from_tile(output, window, valid, _tile_id(window),
