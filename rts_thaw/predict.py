@@ -62,9 +62,7 @@ def challenge_mode(cfg: DictConfig) -> Path:
     device = resolve_device(cfg.device)
     model = load_model(cfg.ckpt_path, device)
     tiling = _tiling(cfg, model.tile_size)
-    path, problems = predict_challenge(model, cfg.data, cfg.split, cfg.output, device,
-                                       batch_size=tiling.batch_size, num_workers=tiling.num_workers,
-                                       overlap=tiling.overlap, mask_threshold=tiling.mask_threshold,
+    path, problems = predict_challenge(model, cfg.data, cfg.split, cfg.output, device, tiling,
                                        score_threshold=cfg.get("submission_score_threshold"), progress=cfg.progress,
                                        precision=cfg.precision)
     print(f"submission written to {path} ({'valid' if not problems else f'{len(problems)} problem(s)'})")

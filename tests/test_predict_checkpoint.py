@@ -28,6 +28,7 @@ from rts_thaw.data.synthetic import WorldParams, generate_world
 from rts_thaw.eval.submission import validate_submission
 from rts_thaw.mapping.challenge import predict_challenge
 from rts_thaw.mapping.map_scenes import load_model
+from rts_thaw.mapping.scene_predictor import TilingConfig
 from rts_thaw.mapping.vector_io import read_layer
 from rts_thaw.training.module import DetectionModule
 
@@ -206,8 +207,9 @@ def test_challenge_submission_validates(checkpoint, tmp_path):
     model = load_model(checkpoint, torch.device("cpu"))
     data_cfg = OmegaConf.create({"_target_": "rts_thaw.data.datamodule.RTSDataModule", "source": "arctic_challenge",
                                  "path": str(release)})  # modalities and tile size come from the checkpoint
+    tiling = TilingConfig(tile_size=model.tile_size, overlap=32, batch_size=2, num_workers=0)
     path, problems = predict_challenge(model, data_cfg, "test", tmp_path / "submission.json", torch.device("cpu"),
-                                       batch_size=2, score_threshold=0.0, progress=False)
+                                       tiling, score_threshold=0.0, progress=False)
     assert problems == []
     submission = json.loads(path.read_text())
     assert submission, "at score >= 0 even a barely trained model detects something"

@@ -22,7 +22,7 @@ from rts_thaw.eval.coco import mask_to_rle
 from rts_thaw.eval.submission import RTS_CATEGORY_ID, validate_submission, write_submission
 from rts_thaw.mapping.instances import SceneInstance, instances_from_tile
 from rts_thaw.mapping.map_scenes import set_detection_limits
-from rts_thaw.mapping.scene_predictor import inference_autocast
+from rts_thaw.mapping.scene_predictor import TilingConfig, inference_autocast
 from rts_thaw.mapping.scene_tiles import collate_tiles, window_tuple
 from rts_thaw.mapping.seam_merge import merge_across_seams
 
@@ -38,12 +38,12 @@ def challenge_dataset(data_cfg: DictConfig, model, split: str):
     return datamodule.dataset(split, augment=False)
 
 
-def _tiles(dataset, tile_size: int, overlap: int, num_workers: int) -> Iterator[dict]:
+def _tiles(dataset, tiling: TilingConfig) -> Iterator[dict]:
     """Every tile of every chip, in chip order, with the chip's id and size."""
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=None, num_workers=tiling.num_workers)
     for sample in loader:
         image_id, (h, w) = int(sample["meta"]["image_id"]), tuple(sample["valid"].shape)
-        windows = tile_windows(w, h, tile_size, tile_size - overlap)
+        windows = tile_windows(w, h, tiling.tile_size, tiling.stride)
         for k, window in enumerate(windows):
             r, c, th, tw = window_tuple(window)
             valid = sample["valid"][r:r + th, c:c + tw]
@@ -64,12 +64,10 @@ def _chip_results(image_id: int, size: tuple[int, int], instances: list[SceneIns
 
 
 @torch.inference_mode()
-def predict_chips(model, dataset, device: torch.device, batch_size: int = 4, num_workers: int = 0,
-                  overlap: int = 32, mask_threshold: float = 0.5, progress: bool = True,
+def predict_chips(model, dataset, device: torch.device, tiling: TilingConfig, progress: bool = True,
                   precision: str | int = "32") -> list[dict]:
-    """COCO results for every chip: every detection the model's heads keep."""
-    if not 0 <= overlap < model.tile_size:
-        raise ValueError(f"overlap={overlap} must be at least 0 and smaller than the tile size {model.tile_size}")
+    """COCO results for every chip: every detection the model's heads keep (`tiling`'s
+    tile size, overlap, batch size, reading workers and mask threshold apply)."""
     autocast = inference_autocast(device, precision)
     results: list[dict] = []
     pending: list[dict] = []
@@ -82,17 +80,18 @@ def predict_chips(model, dataset, device: torch.device, batch_size: int = 4, num
         with autocast:
             outputs = model.detector(images, batch["image_sizes"])
         for tile, output in zip(batch_tiles, outputs):
-            output = {"scores": output["scores"].float().cpu(), "masks": (output["masks"] >= mask_threshold).cpu()}
+            output = {"scores": output["scores"].float().cpu(), "masks": (output["masks"] >= tiling.mask_threshold).cpu()}
             # tiles of one chip get distinct tile numbers, so only cross-tile duplicates merge
             per_chip.setdefault(tile["image_id"], []).extend(
-                instances_from_tile(output, tile["window"], tile["valid"].numpy(), tile["index"]))
+                instances_from_tile(output, tile["window"], tile["valid"].numpy(), tile["index"],
+                                    min_pixels=tiling.min_pixels))
 
     bar = tqdm(total=len(dataset), desc="chips", unit="chip", disable=not progress)
-    for tile in _tiles(dataset, model.tile_size, overlap, num_workers):
+    for tile in _tiles(dataset, tiling):
         pending.append(tile)
         if tile["last"]:
             finished.append((tile["image_id"], tile["chip_size"]))
-        if len(pending) == batch_size:
+        if len(pending) == tiling.batch_size:
             run(pending)
             pending = []
             for image_id, size in finished:
@@ -109,8 +108,7 @@ def predict_chips(model, dataset, device: torch.device, batch_size: int = 4, num
 
 
 def predict_challenge(model, data_cfg: DictConfig, split: str, output: str | Path, device: torch.device,
-                      batch_size: int = 4, num_workers: int = 0, overlap: int = 32, mask_threshold: float = 0.5,
-                      score_threshold: float | None = None, progress: bool = True,
+                      tiling: TilingConfig, score_threshold: float | None = None, progress: bool = True,
                       precision: str | int = "32") -> tuple[Path, list[str]]:
     """Write the submission for `split` and return its path and the validator's problems (none expected).
 
@@ -120,7 +118,6 @@ def predict_challenge(model, data_cfg: DictConfig, split: str, output: str | Pat
     if score_threshold is not None:
         set_detection_limits(model.detector, score_threshold)
     dataset = challenge_dataset(data_cfg, model, split)
-    results = predict_chips(model, dataset, device, batch_size, num_workers, overlap=overlap,
-                            mask_threshold=mask_threshold, progress=progress, precision=precision)
+    results = predict_chips(model, dataset, device, tiling, progress=progress, precision=precision)
     path = write_submission(results, output)
     return path, validate_submission(path, dataset.chip_sizes())

@@ -98,6 +98,8 @@ class DetectionModule(pl.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate_batch(batch, self.test_evaluator)
 
+    # Reset at the start (a loop interrupted mid-epoch leaves partial state) and after computing
+    # (the accumulated masks are freed between epochs rather than held through training).
     def on_validation_epoch_start(self) -> None:
         self.val_evaluator.reset()
 

@@ -63,10 +63,7 @@ def build_datamodule(cfg: DictConfig):
 
 
 def build_detector(cfg: DictConfig, datamodule) -> torch.nn.Module:
-    """The detector of `cfg.model` for the datamodule's modalities (tile size checked first)."""
-    from rts_thaw.models.encoders import check_tile_size
-
-    check_tile_size(int(cfg.data.tile_size), cfg.model.encoder, cfg.model.get("img_size"))
+    """The detector of `cfg.model` for the datamodule's modalities (the entry point has checked the tile size)."""
     return instantiate(cfg.model)(modality_channels=dict(datamodule.modality_channels))
 
 
