@@ -38,9 +38,11 @@ class BlobOracle(torch.nn.Module):
         super().__init__()
         self.calls = 0
         self.tiles = 0
+        self.autocast = []  # bfloat16 autocast on or off, per call
 
     def forward(self, images, image_sizes):
         self.calls += 1
+        self.autocast.append(torch.is_autocast_enabled("cpu"))
         assert set(images) == set(self.modalities)
         outputs = []
         for b, (h, w) in enumerate(image_sizes):
@@ -135,6 +137,19 @@ def test_polygons_match_the_truth_in_the_scene_crs(oracle_world, tmp_path, write
     assert np.isnan(score[160:, :50]).all() and np.all(score[truth_masks[0]] == pytest.approx(0.9))
     assert (score[~np.isnan(score)] >= 0).all()
     assert summaries[0]["tiles"] == 16 and summaries[0]["empty_tiles"] == 0  # the corner tile is only partly nodata
+
+
+def test_precision_sets_autocast_around_the_model(oracle_world, tmp_path):
+    scene_list, _ = oracle_world
+    tiling = TilingConfig(tile_size=64, overlap=16, batch_size=4, num_workers=0, write_workers=0, score_threshold=0.5)
+    counts = {}
+    for precision, expected in (("bf16-mixed", True), ("32", False)):
+        oracle = BlobOracle()
+        summaries = map_scenes(_model(oracle), scene_list, tmp_path / precision, tiling, torch.device("cpu"),
+                               progress=False, precision=precision)
+        assert oracle.calls > 0 and set(oracle.autocast) == {expected}
+        counts[precision] = [s["instances"] for s in summaries]
+    assert counts["bf16-mixed"] == counts["32"]
 
 
 def test_all_nodata_tiles_are_skipped(tmp_path):
