@@ -33,7 +33,7 @@ from rts_thaw.data.geotiff import SceneReader, load_scene_list, tile_windows
 from rts_thaw.data.normalization import NormStats
 from rts_thaw.data.synthetic import WorldParams, generate_world
 from rts_thaw.mapping.map_scenes import LoadedModel, load_model, map_scenes, resolve_device, set_detection_limits
-from rts_thaw.mapping.scene_predictor import TilingConfig, inference_autocast
+from rts_thaw.mapping.scene_predictor import PRECISIONS, TilingConfig, inference_autocast
 from rts_thaw.mapping.scene_tiles import SceneTiles, collate_tiles
 
 MODALITIES = ["rgb", "ndvi", "nir"]
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--write-workers", type=int, default=2, help="processes finishing scenes (0: a thread)")
     parser.add_argument("--max-detections", type=int, default=20)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", choices=("32", "bf16-mixed"), default="32", help="both rows use it")
+    parser.add_argument("--precision", choices=PRECISIONS, default="32", help="both rows use it")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:

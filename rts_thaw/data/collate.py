@@ -23,14 +23,20 @@ def _padded(arrays: list[np.ndarray], height: int, width: int) -> np.ndarray:
     return out
 
 
+def padded_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The (height, width) of a batch holding every (h, w), rounded up to PAD_MULTIPLE."""
+    return (_round_up(max(h for h, _ in sizes), PAD_MULTIPLE), _round_up(max(w for _, w in sizes), PAD_MULTIPLE))
+
+
+def stack_padded(tensors: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
+    """Stack [..., h_i, w_i] tensors into [B, ..., height, width], zero-padded bottom/right."""
+    return torch.from_numpy(_padded([t.numpy() for t in tensors], height, width))
+
+
 def collate_samples(samples: list[dict]) -> dict:
     sizes = [tuple(s["valid"].shape) for s in samples]
-    height = _round_up(max(h for h, _ in sizes), PAD_MULTIPLE)
-    width = _round_up(max(w for _, w in sizes), PAD_MULTIPLE)
-    images = {
-        m: torch.from_numpy(_padded([s["image"][m].numpy() for s in samples], height, width))
-        for m in samples[0]["image"]
-    }
+    height, width = padded_size(sizes)
+    images = {m: stack_padded([s["image"][m] for s in samples], height, width) for m in samples[0]["image"]}
     targets = []
     for s in samples:
         t = dict(s["target"])
@@ -38,7 +44,7 @@ def collate_samples(samples: list[dict]) -> dict:
         targets.append(t)
     return {
         "image": images,
-        "valid": torch.from_numpy(_padded([s["valid"].numpy() for s in samples], height, width)),
+        "valid": stack_padded([s["valid"] for s in samples], height, width),
         "targets": targets,
         "image_sizes": sizes,
         "meta": [s["meta"] for s in samples],

@@ -20,9 +20,9 @@ from tqdm import tqdm
 from rts_thaw.data.geotiff import tile_windows
 from rts_thaw.eval.coco import mask_to_rle
 from rts_thaw.eval.submission import RTS_CATEGORY_ID, validate_submission, write_submission
-from rts_thaw.mapping.instances import SceneInstance, instances_from_tile
+from rts_thaw.mapping.instances import SceneInstance
 from rts_thaw.mapping.map_scenes import set_detection_limits
-from rts_thaw.mapping.scene_predictor import TilingConfig, inference_autocast
+from rts_thaw.mapping.scene_predictor import TilingConfig, batch_instances, inference_autocast
 from rts_thaw.mapping.scene_tiles import collate_tiles, window_tuple
 from rts_thaw.mapping.seam_merge import merge_across_seams
 
@@ -47,14 +47,17 @@ def _tiles(dataset, tiling: TilingConfig) -> Iterator[dict]:
         for k, window in enumerate(windows):
             r, c, th, tw = window_tuple(window)
             valid = sample["valid"][r:r + th, c:c + tw]
-            yield {"image_id": image_id, "scene": image_id, "chip_size": (h, w), "last": k == len(windows) - 1,
+            # the chip's id is the tile's "scene" for collate_tiles; tiles of one chip get distinct
+            # indices, so only cross-tile duplicates merge
+            yield {"scene": image_id, "chip_size": (h, w), "last": k == len(windows) - 1,
                    "index": k, "window": (r, c, th, tw), "valid": valid,
                    "image": {m: x[:, r:r + th, c:c + tw] for m, x in sample["image"].items()}}
 
 
-def _chip_results(image_id: int, size: tuple[int, int], instances: list[SceneInstance]) -> list[dict]:
+def _chip_results(image_id: int, size: tuple[int, int], instances: list[SceneInstance],
+                  min_shared_iou: float) -> list[dict]:
     results = []
-    for inst in merge_across_seams(instances):
+    for inst in merge_across_seams(instances, min_shared_iou):
         mask = np.zeros(size, dtype=bool)
         r0, c0, r1, c1 = inst.bounds
         mask[r0:r1, c0:c1] = inst.mask
@@ -76,32 +79,25 @@ def predict_chips(model, dataset, device: torch.device, tiling: TilingConfig, pr
 
     def run(batch_tiles: list[dict]) -> None:
         batch = collate_tiles(batch_tiles)
-        images = {m: x.to(device) for m, x in batch["image"].items()}
-        with autocast:
-            outputs = model.detector(images, batch["image_sizes"])
-        for tile, output in zip(batch_tiles, outputs):
-            output = {"scores": output["scores"].float().cpu(), "masks": (output["masks"] >= tiling.mask_threshold).cpu()}
-            # tiles of one chip get distinct tile numbers, so only cross-tile duplicates merge
-            per_chip.setdefault(tile["image_id"], []).extend(
-                instances_from_tile(output, tile["window"], tile["valid"].numpy(), tile["index"],
-                                    min_pixels=tiling.min_pixels))
+        for chip, instances in zip(batch["scene"], batch_instances(model.detector, batch, device, autocast, tiling)):
+            per_chip.setdefault(chip, []).extend(instances)
 
     bar = tqdm(total=len(dataset), desc="chips", unit="chip", disable=not progress)
     for tile in _tiles(dataset, tiling):
         pending.append(tile)
         if tile["last"]:
-            finished.append((tile["image_id"], tile["chip_size"]))
+            finished.append((tile["scene"], tile["chip_size"]))
         if len(pending) == tiling.batch_size:
             run(pending)
             pending = []
             for image_id, size in finished:
-                results += _chip_results(image_id, size, per_chip.pop(image_id, []))
+                results += _chip_results(image_id, size, per_chip.pop(image_id, []), tiling.min_shared_iou)
                 bar.update()
             finished = []
     if pending:
         run(pending)
     for image_id, size in finished:
-        results += _chip_results(image_id, size, per_chip.pop(image_id, []))
+        results += _chip_results(image_id, size, per_chip.pop(image_id, []), tiling.min_shared_iou)
         bar.update()
     bar.close()
     return results

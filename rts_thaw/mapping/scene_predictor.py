@@ -118,19 +118,11 @@ def predict_scenes(detector: torch.nn.Module, specs: list[SceneSpec], shapes: li
             scenes[k].remaining -= 1
         if batch["scene"]:
             start = time.perf_counter()
-            images = {m: x.to(device, non_blocking=True) for m, x in batch["image"].items()}
-            with autocast:
-                outputs = detector(images, batch["image_sizes"])
-            for k, window, valid, output in zip(batch["scene"], batch["window"], batch["valid"], outputs):
-                keep = output["scores"] >= config.score_threshold
-                # threshold on the device: bool masks are 4x smaller to move than float ones
-                output = {"scores": output["scores"][keep].float().cpu(),
-                          "masks": (output["masks"][keep] >= config.mask_threshold).cpu()}
-                valid = valid.numpy()
-                scenes[k].instances += instances_from_tile(output, window, valid, _tile_id(window),
-                                                           min_pixels=config.min_pixels)
+            per_tile = batch_instances(detector, batch, device, autocast, config, config.score_threshold)
+            for k, window, valid, instances in zip(batch["scene"], batch["window"], batch["valid"], per_tile):
+                scenes[k].instances += instances
                 if on_tile is not None:
-                    on_tile(k, window, valid)
+                    on_tile(k, window, valid.numpy())
                 scenes[k].remaining -= 1
             elapsed = time.perf_counter() - start
             for k in batch["scene"]:
@@ -147,7 +139,21 @@ def predict_scenes(detector: torch.nn.Module, specs: list[SceneSpec], shapes: li
     bar.close()
 
 
-def _tile_id(window: tuple[int, int, int, int]) -> int:
-    """A tile's identity within its scene (seam merging never joins two instances of one tile)."""
-    row, col, _, _ = window
-    return row * 1_000_003 + col
+def batch_instances(detector: torch.nn.Module, batch: dict, device: torch.device, autocast, config: TilingConfig,
+                    score_threshold: float | None = None) -> list[list[SceneInstance]]:
+    """The model on one batch of `collate_tiles`: each tile's instances on its scene grid, masks
+    thresholded at `config.mask_threshold` and cut to the valid pixels; detections scoring below
+    `score_threshold` are dropped (None keeps what the heads keep)."""
+    images = {m: x.to(device, non_blocking=True) for m, x in batch["image"].items()}
+    with autocast:
+        outputs = detector(images, batch["image_sizes"])
+    per_tile = []
+    for window, valid, tile, output in zip(batch["window"], batch["valid"], batch["index"], outputs):
+        scores, masks = output["scores"], output["masks"]
+        if score_threshold is not None:
+            keep = scores >= score_threshold
+            scores, masks = scores[keep], masks[keep]
+        # threshold on the device: bool masks are 4x smaller to move than float ones
+        host = {"scores": scores.float().cpu(), "masks": (masks >= config.mask_threshold).cpu()}
+        per_tile.append(instances_from_tile(host, window, valid.numpy(), tile, min_pixels=config.min_pixels))
+    return per_tile

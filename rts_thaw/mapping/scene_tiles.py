@@ -9,11 +9,10 @@ and the collate function drops it, so the model never runs on it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from rasterio.windows import Window
 from torch.utils.data import Dataset
 
-from rts_thaw.data.collate import PAD_MULTIPLE
+from rts_thaw.data.collate import padded_size, stack_padded
 from rts_thaw.data.geotiff import SceneReader, SceneSpec
 from rts_thaw.data.normalization import NormStats
 
@@ -50,7 +49,7 @@ class SceneTiles(Dataset):
     def __getitem__(self, index: int) -> dict:
         scene, window = self.tiles[index]
         images, valid = self._reader_for(scene).read(window)
-        tile = {"scene": scene, "window": window_tuple(window)}
+        tile = {"scene": scene, "index": index, "window": window_tuple(window)}
         if not valid.any():
             return tile
         valid = torch.from_numpy(valid)
@@ -61,19 +60,16 @@ class SceneTiles(Dataset):
 
 def collate_tiles(tiles: list[dict]) -> dict:
     """Stack the non-empty tiles, padded bottom/right to a multiple of 32 as in training;
-    `empty_scenes` lists the scene of each dropped all-nodata tile."""
+    `empty_scenes` lists the scene of each dropped all-nodata tile. A tile's `index` is its
+    identity within its scene (seam merging never joins two instances of one tile)."""
     kept = [t for t in tiles if "image" in t]
     batch = {"empty_scenes": [t["scene"] for t in tiles if "image" not in t],
-             "scene": [t["scene"] for t in kept], "window": [t["window"] for t in kept],
+             "scene": [t["scene"] for t in kept], "index": [t["index"] for t in kept],
+             "window": [t["window"] for t in kept],
              "image_sizes": [tuple(t["valid"].shape) for t in kept]}
     if not kept:
         return batch
-    height = -(-max(h for h, _ in batch["image_sizes"]) // PAD_MULTIPLE) * PAD_MULTIPLE
-    width = -(-max(w for _, w in batch["image_sizes"]) // PAD_MULTIPLE) * PAD_MULTIPLE
-
-    def pad(x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]))
-
-    batch["image"] = {m: torch.stack([pad(t["image"][m]) for t in kept]) for m in kept[0]["image"]}
-    batch["valid"] = torch.stack([pad(t["valid"]) for t in kept])
+    height, width = padded_size(batch["image_sizes"])
+    batch["image"] = {m: stack_padded([t["image"][m] for t in kept], height, width) for m in kept[0]["image"]}
+    batch["valid"] = stack_padded([t["valid"] for t in kept], height, width)
     return batch
