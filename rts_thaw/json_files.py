@@ -51,6 +51,16 @@ def _key(key: Any) -> Any:
     return key
 
 
+def nan_for_null(value: Any) -> Any:
+    """What a reader does with a written NaN: null (None) back to NaN, in a list or a dict's
+    values (one level deep) or alone."""
+    if isinstance(value, Mapping):
+        return {k: math.nan if v is None else v for k, v in value.items()}
+    if isinstance(value, list):
+        return [math.nan if v is None else v for v in value]
+    return math.nan if value is None else value
+
+
 def write_json_atomic(path: str | Path, data: Any, indent: int | None = 2, *, sort_keys: bool = False) -> Path:
     """Write `data` to `path` as strict JSON, atomically; returns the path.
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import warnings
 from pathlib import Path
@@ -19,13 +18,9 @@ from rts_thaw.data import chips, geotiff
 from rts_thaw.data.collate import collate_samples
 from rts_thaw.data.normalization import NormStats, RunningStats
 from rts_thaw.data.transforms import Augment
-from rts_thaw.json_files import write_json_atomic
+from rts_thaw.json_files import nan_for_null, write_json_atomic
 
 SOURCES = ("geotiff", "coco_chips", "arctic_challenge")
-
-
-def _nan_for_null(values: list) -> list:
-    return [math.nan if v is None else v for v in values]
 
 
 def _plain(value):
@@ -202,7 +197,7 @@ class RTSDataModule(L.LightningDataModule):
                 entry = {"mean": m, "std": s, "pixels": running.count}
                 self._write_cache(cache, entry)
             # A non-finite value is cached as null (JSON has no NaN): NaN again here.
-            mean[modality], std[modality] = _nan_for_null(entry["mean"]), _nan_for_null(entry["std"])
+            mean[modality], std[modality] = nan_for_null(entry["mean"]), nan_for_null(entry["std"])
         return NormStats(mean, std)
 
     def _train_blocks(self, modality: str):

@@ -497,8 +497,8 @@ def ensure_world(
     scenes: int = 8,
     seed: int = 0,
     size: int = 512,
-    rts_per_scene: tuple[int, int] | list[int] = (6, 10),
-    distractors_per_scene: tuple[int, int] | list[int] = (6, 10),
+    rts_per_scene: tuple[int, int] | list[int] = WorldParams.rts_per_scene,
+    distractors_per_scene: tuple[int, int] | list[int] = WorldParams.distractors_per_scene,
 ) -> str:
     """Generate the world once under `root/synthetic_<key>` and return its scene list path.
 

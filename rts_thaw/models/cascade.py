@@ -155,14 +155,12 @@ class CascadeRoIHeads(nn.Module):
         for k in range(self.num_stages):
             class_logits, deltas = self.run_stage(k, features, boxes, image_sizes)
             stage_probs.append(F.softmax(class_logits, dim=-1))
-            if k + 1 < self.num_stages:
-                boxes = self._next_stage_boxes(k, deltas, boxes, image_sizes)
-        final_boxes = self._next_stage_boxes(self.num_stages - 1, deltas, boxes, image_sizes)
+            boxes = self._next_stage_boxes(k, deltas, boxes, image_sizes)  # after the last stage: the final boxes
         scores = torch.stack(stage_probs).mean(0)  # averaged over stages
         stage_probs = torch.stack(stage_probs, dim=1)  # [R, stages, classes]
         counts = [len(b) for b in boxes]
         results = [self._postprocess(b, s, sp, size) for b, s, sp, size in
-                   zip(final_boxes, scores.split(counts), stage_probs.split(counts), image_sizes)]
+                   zip(boxes, scores.split(counts), stage_probs.split(counts), image_sizes)]
         self._add_masks(features, results, image_sizes)
         return results
 

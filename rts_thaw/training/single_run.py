@@ -109,16 +109,22 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def checkpoint_run_info(path: Path) -> dict[str, Any]:
+    """The rts_thaw run information a checkpoint stores ({} if none); raises what torch.load raises."""
+    # Only the metadata is needed: map the file instead of reading every tensor.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return checkpoint.get("rts_thaw", {}) if isinstance(checkpoint, dict) else {}
+
+
 def check_resumable(path: Path, key: str) -> None:
     """Refuse to resume from a checkpoint that another configuration wrote."""
     try:
-        # Only the metadata is needed: map the file instead of reading every tensor.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        info = checkpoint_run_info(path)
     except Exception as error:
         raise RuntimeError(
             f"cannot resume: {path} is unreadable ({error}); delete it or pass training.resume=false"
         ) from error
-    stored = checkpoint.get("rts_thaw", {}).get("run_key")
+    stored = info.get("run_key")
     if stored != key:
         raise RuntimeError(
             f"cannot resume: {path} was written by another configuration (key {stored}, this run "

@@ -27,12 +27,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rts_thaw.eval.coco import AP_KEYS
-from rts_thaw.json_files import write_json_atomic
-from rts_thaw.training.single_run import config_key, fit_and_test
+from rts_thaw.json_files import nan_for_null, write_json_atomic
+from rts_thaw.training.single_run import checkpoint_run_info, config_key, fit_and_test
 
 log = logging.getLogger(__name__)
 
@@ -140,17 +139,16 @@ def load_stage1(directory: Path, key: str) -> dict[str, Any] | None:
     results["checkpoint"] = str(checkpoint)
     # An undefined metric is stored as null (JSON has no NaN): NaN again, as in a fresh result.
     if isinstance(results.get("test"), dict):
-        results["test"] = {k: math.nan if v is None else v for k, v in results["test"].items()}
+        results["test"] = nan_for_null(results["test"])
     return results
 
 
 def verify_stage1_checkpoint(path: Path, key: str) -> None:
     try:
-        # Only the metadata is needed: map the file instead of reading every tensor.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        info = checkpoint_run_info(path)
     except Exception as error:
         raise Stage1Error(f"stage-1 checkpoint {path} is corrupt ({error}); delete its folder to retrain") from error
-    stored = checkpoint.get("rts_thaw", {}).get("stage1_key") if isinstance(checkpoint, dict) else None
+    stored = info.get("stage1_key")
     if stored != key:
         raise Stage1Error(
             f"stage-1 checkpoint {path} is from another configuration (key {stored}, expected {key})"
