@@ -10,6 +10,8 @@ import math
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from rts_thaw.lightning_logging import log_lightning_through_hydra
+
 
 def evaluate_checkpoint_mode(cfg: DictConfig) -> dict:
     from rts_thaw.json_files import write_json_atomic
@@ -39,6 +41,7 @@ def main(cfg: DictConfig):
         from rts_thaw.eval.modes import score_files_mode
         return score_files_mode(cfg)
     if cfg.get("ckpt_path"):
+        log_lightning_through_hydra()
         return evaluate_checkpoint_mode(cfg)
     raise ValueError("nothing to evaluate: pass ckpt_path=<checkpoint> (and optionally data=<source>), "
                      "gt=<file> predictions=<file>, or validate_submission=<submission.json>")

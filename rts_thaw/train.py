@@ -18,6 +18,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from rts_thaw.lightning_logging import log_lightning_through_hydra
+
 log = logging.getLogger(__name__)
 
 
@@ -65,8 +67,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 @hydra.main(config_path="pkg://rts_thaw.conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    # Lightning prints its own messages; without this Hydra's root handler repeats them.
-    logging.getLogger("lightning.pytorch").propagate = False
+    log_lightning_through_hydra()
     results = train(cfg, HydraConfig.get().runtime.output_dir)
     final = results["stage2"] if "stage2" in results else results
     value = final.get("test", {}).get("segm_AP50", math.nan)

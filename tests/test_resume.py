@@ -55,7 +55,11 @@ def test_killed_run_resumes_with_the_same_step_count(tiny_world_config, tmp_path
     # The same command again: the same run directory, continued from last.ckpt.
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert "resuming from" in log
+    # Lightning's messages reach the run's log file, and the console once (not twice)
+    assert "Seed set to" in log and "GPU available" in log
+    assert (second.stdout + second.stderr).count("Seed set to") == 1
     results = json.loads((run_dir / "results.json").read_text())
     assert results["global_step"] == 3 * 2
     assert readable_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 6
