@@ -1,9 +1,10 @@
 """Whole-scene prediction throughput vs the model's forward pass alone, on the same tiles, in one run.
 
 Pipeline: `rts_thaw.mapping.map_scenes` end to end (read tiles with DataLoader workers ->
-normalise -> infer -> per-tile instances -> merge across seams -> vectorise -> write
-GeoPackage). Forward only: the same tiles, read and normalised beforehand and held in
-memory, batched identically, through the same detector. The ratio says how much of the
+normalise -> infer -> masks to the host -> paste into tiles -> merge across seams ->
+vectorise -> write GeoPackage). Forward only: the same tiles, read and normalised
+beforehand and held in memory, batched identically, through the same detector, called as
+the pipeline calls it (`paste_masks=False`: pasting is pipeline work, done by the writers). The ratio says how much of the
 model's speed the mapping machinery keeps (target on a GPU: >= 90%).
 
     python benchmarks/bench_predict.py                       # synthetic world, random-init micro cascade
@@ -78,7 +79,7 @@ def forward_only(model: LoadedModel, batches: list[dict], device: torch.device, 
     for batch in batches:
         images = {m: x.to(device, non_blocking=True) for m, x in batch["image"].items()}
         with autocast:
-            model.detector(images, batch["image_sizes"])
+            model.detector(images, batch["image_sizes"], paste_masks=False)  # as the pipeline calls it
     sync(device)
     return time.perf_counter() - start
 

@@ -40,7 +40,8 @@ class BlobOracle(torch.nn.Module):
         self.tiles = 0
         self.autocast = []  # bfloat16 autocast on or off, per call
 
-    def forward(self, images, image_sizes):
+    def forward(self, images, image_sizes, paste_masks=True):
+        # an oracle's masks are exact tile masks, already pasted, whatever the caller asks
         self.calls += 1
         self.autocast.append(torch.is_autocast_enabled("cpu"))
         assert set(images) == set(self.modalities)

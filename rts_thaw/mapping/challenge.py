@@ -20,9 +20,9 @@ from tqdm import tqdm
 from rts_thaw.data.geotiff import tile_windows
 from rts_thaw.eval.coco import mask_to_rle
 from rts_thaw.eval.submission import RTS_CATEGORY_ID, validate_submission, write_submission
-from rts_thaw.mapping.instances import SceneInstance
+from rts_thaw.mapping.instances import SceneInstance, tile_instances
 from rts_thaw.mapping.map_scenes import set_detection_limits
-from rts_thaw.mapping.scene_predictor import TilingConfig, batch_instances, inference_autocast
+from rts_thaw.mapping.scene_predictor import TilingConfig, batch_detections, inference_autocast
 from rts_thaw.mapping.scene_tiles import collate_tiles, window_tuple
 from rts_thaw.mapping.seam_merge import merge_across_seams
 
@@ -79,8 +79,8 @@ def predict_chips(model, dataset, device: torch.device, tiling: TilingConfig, pr
 
     def run(batch_tiles: list[dict]) -> None:
         batch = collate_tiles(batch_tiles)
-        for chip, instances in zip(batch["scene"], batch_instances(model.detector, batch, device, autocast, tiling)):
-            per_chip.setdefault(chip, []).extend(instances)
+        for chip, tile in zip(batch["scene"], batch_detections(model.detector, batch, device, autocast, tiling)):
+            per_chip.setdefault(chip, []).extend(tile_instances(tile, tiling.mask_threshold, tiling.min_pixels))
 
     bar = tqdm(total=len(dataset), desc="chips", unit="chip", disable=not progress)
     for tile in _tiles(dataset, tiling):

@@ -1,4 +1,10 @@
-"""Scene-level instances: a detected slump as a mask cropped to its box, placed on the scene grid."""
+"""Scene-level instances: a detected slump as a mask cropped to its box, placed on the scene grid.
+
+`TileDetections` is what leaves the accelerator for one tile (boxes, scores and each mask
+at the heads' resolution, M x M over its box); `tile_instances` pastes those masks into
+the tile and turns them into `SceneInstance`s. The pasting is CPU work done where the
+scene is finished, not in the loop that feeds the model.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 
 @dataclass
@@ -67,3 +74,38 @@ def instances_from_tile(prediction: dict, window: tuple[int, int, int, int], val
         r, c, cropped = crop_to_content(mask)
         instances.append(SceneInstance(row_off + r, col_off + c, cropped.copy(), float(score), tuple(window), tile))
     return instances
+
+
+@dataclass
+class TileDetections:
+    """One tile's detections on the host, masks not yet pasted into the tile.
+
+    `masks` is [N, M, M] mask probabilities over each box when `box_masks` is true (a
+    detector called with `paste_masks=False`), or [N, H, W] tile masks already
+    thresholded otherwise; `valid` is None when every pixel of the tile was valid.
+    """
+
+    window: tuple[int, int, int, int]
+    tile: int
+    scores: np.ndarray
+    boxes: np.ndarray
+    masks: np.ndarray
+    box_masks: bool
+    valid: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def tile_instances(detections: TileDetections, mask_threshold: float, min_pixels: int = 4) -> list[SceneInstance]:
+    """Paste (if needed), threshold and cut one tile's masks: its instances on the scene grid."""
+    height, width = detections.window[2:]
+    masks = detections.masks
+    if detections.box_masks:
+        # torchvision's own paste, as the detector's `paste_masks=True` does
+        pasted = paste_masks_in_image(torch.from_numpy(masks)[:, None], torch.from_numpy(detections.boxes),
+                                      (height, width))[:, 0]
+        masks = (pasted >= mask_threshold).numpy()
+    valid = np.ones((height, width), bool) if detections.valid is None else detections.valid
+    return instances_from_tile({"masks": masks, "scores": detections.scores}, detections.window, valid,
+                               detections.tile, min_pixels=min_pixels)

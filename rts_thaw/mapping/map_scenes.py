@@ -16,7 +16,6 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rts_thaw.data.geotiff import SceneReader, SceneSpec, load_scene_list
@@ -79,7 +78,7 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
                score_raster: bool = False, progress: bool = True, precision: str | int = "32") -> list[dict]:
     """Predict every scene of this shard that is not done yet; returns one summary per scene.
 
-    Merging, vectorising and writing a finished scene run in `tiling.write_workers`
+    Pasting masks, merging, vectorising and writing a finished scene run in `tiling.write_workers`
     separate processes (0: one background thread) while the model goes on with the
     next scene's tiles.
     """
@@ -97,19 +96,12 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
         with SceneReader(spec, list(model.detector.modalities)) as reader:
             grids.append((reader.crs.to_wkt(), reader.transform, (reader.height, reader.width)))
     index = {s.id: k for k, s in enumerate(todo)}
-    tiles_read: dict[int, list] = {k: [] for k in range(len(todo))} if score_raster else {}
     started = time.perf_counter()
 
-    def on_tile(k: int, window, valid) -> None:
-        tiles_read[k].append((window, None if valid.all() else np.array(valid, dtype=bool)))  # a copy: batches are reused
-
-    def job(spec, instances, stats) -> SceneJob:
-        k = index[spec.id]
-        crs_wkt, transform, shape = grids[k]
-        return SceneJob(spec.id, instances, transform, crs_wkt, shape, output_dir, model.name, model.identity,
-                        tiling.min_shared_iou, geojson, tiles_read.pop(k) if score_raster else None,
-                        {"tiles": stats.tiles, "empty_tiles": stats.empty_tiles, "raw_instances": stats.raw_instances,
-                         "seconds": {name: round(v, 3) for name, v in stats.seconds.items()}})
+    def job(spec, tiles, stats) -> SceneJob:
+        crs_wkt, transform, shape = grids[index[spec.id]]
+        return SceneJob(spec.id, tiles, transform, crs_wkt, shape, output_dir, model.name, model.identity, tiling,
+                        geojson, score_raster, stats)
 
     futures = []
     with _finisher(tiling.write_workers) as finisher:
@@ -117,9 +109,9 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
             finisher.submit(int)
         try:
             predict_scenes(model.detector, todo, [g[2] for g in grids], model.norm_stats, tiling, device,
-                           on_scene_done=lambda spec, inst, stats: futures.append(
-                               finisher.submit(finish_scene, job(spec, inst, stats))),
-                           on_tile=on_tile if score_raster else None, progress=progress, precision=precision)
+                           on_scene_done=lambda spec, tiles, stats: futures.append(
+                               finisher.submit(finish_scene, job(spec, tiles, stats))),
+                           progress=progress, precision=precision)
         finally:
             wait(futures)  # even when interrupted, scenes whose tiles all went through the model are written
     for future in futures:

@@ -1,8 +1,10 @@
-"""Scenes through the model: tiles -> detector -> per-tile instances, handed over scene by scene.
+"""Scenes through the model: tiles -> detector -> per-tile detections, handed over scene by scene.
 
 One DataLoader streams the tiles of all scenes in order; as soon as the last tile of a
-scene has been through the model, `on_scene_done` receives that scene's tile instances
-(the caller merges and writes them, in a background thread, while the model goes on).
+scene has been through the model, `on_scene_done` receives that scene's tile detections
+(the caller pastes, merges and writes them elsewhere while the model goes on). This loop
+feeds the accelerator, so it does as little else as it can: masks leave the device at the
+heads' resolution and are pasted into their tiles by the scene's finisher.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from rts_thaw.data.geotiff import SceneSpec, tile_windows
 from rts_thaw.data.normalization import NormStats
-from rts_thaw.mapping.instances import SceneInstance, instances_from_tile
+from rts_thaw.mapping.instances import TileDetections
 from rts_thaw.mapping.scene_tiles import SceneTiles, collate_tiles
 
 
@@ -64,7 +67,6 @@ def inference_autocast(device: torch.device, precision: str | int = "32"):
 class SceneStats:
     tiles: int = 0
     empty_tiles: int = 0
-    raw_instances: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: {"wait_for_tiles": 0.0, "infer": 0.0})
 
 
@@ -73,7 +75,7 @@ class _Scene:
     spec: SceneSpec
     remaining: int
     stats: SceneStats
-    instances: list[SceneInstance] = field(default_factory=list)
+    tiles: list[TileDetections] = field(default_factory=list)
 
 
 def _loader(dataset: SceneTiles, config: TilingConfig) -> DataLoader:
@@ -85,14 +87,10 @@ def _loader(dataset: SceneTiles, config: TilingConfig) -> DataLoader:
 @torch.inference_mode()
 def predict_scenes(detector: torch.nn.Module, specs: list[SceneSpec], shapes: list[tuple[int, int]],
                    norm_stats: NormStats, config: TilingConfig, device: torch.device,
-                   on_scene_done: Callable[[SceneSpec, list[SceneInstance], SceneStats], None],
-                   on_tile: Callable[[int, tuple, object], None] | None = None, progress: bool = True,
-                   precision: str | int = "32") -> None:
-    """Run every tile of `specs` (scene shapes (height, width)) through the detector.
-
-    `on_tile(scene index, window, valid)` is called for every non-empty tile (the score
-    raster marks the valid pixels); `on_scene_done(spec, instances, stats)` once per scene.
-    """
+                   on_scene_done: Callable[[SceneSpec, list[TileDetections], SceneStats], None],
+                   progress: bool = True, precision: str | int = "32") -> None:
+    """Run every tile of `specs` (scene shapes (height, width)) through the detector and call
+    `on_scene_done(spec, detections of each non-empty tile, stats)` once per scene."""
     autocast = inference_autocast(device, precision)
     scenes, tiles = [], []
     for k, (spec, (height, width)) in enumerate(zip(specs, shapes)):
@@ -118,11 +116,9 @@ def predict_scenes(detector: torch.nn.Module, specs: list[SceneSpec], shapes: li
             scenes[k].remaining -= 1
         if batch["scene"]:
             start = time.perf_counter()
-            per_tile = batch_instances(detector, batch, device, autocast, config, config.score_threshold)
-            for k, window, valid, instances in zip(batch["scene"], batch["window"], batch["valid"], per_tile):
-                scenes[k].instances += instances
-                if on_tile is not None:
-                    on_tile(k, window, valid.numpy())
+            for k, detections in zip(batch["scene"], batch_detections(detector, batch, device, autocast, config,
+                                                                      config.score_threshold)):
+                scenes[k].tiles.append(detections)
                 scenes[k].remaining -= 1
             elapsed = time.perf_counter() - start
             for k in batch["scene"]:
@@ -131,29 +127,37 @@ def predict_scenes(detector: torch.nn.Module, specs: list[SceneSpec], shapes: li
         for k in sorted(set(touched)):
             if scenes[k].remaining == 0:
                 scene = scenes[k]
-                scene.stats.raw_instances = len(scene.instances)
-                on_scene_done(scene.spec, scene.instances, scene.stats)
-                scene.instances = []
+                on_scene_done(scene.spec, scene.tiles, scene.stats)
+                scene.tiles = []
                 finished += 1
                 bar.set_postfix(scenes=f"{finished}/{len(scenes)}")
     bar.close()
 
 
-def batch_instances(detector: torch.nn.Module, batch: dict, device: torch.device, autocast, config: TilingConfig,
-                    score_threshold: float | None = None) -> list[list[SceneInstance]]:
-    """The model on one batch of `collate_tiles`: each tile's instances on its scene grid, masks
-    thresholded at `config.mask_threshold` and cut to the valid pixels; detections scoring below
-    `score_threshold` are dropped (None keeps what the heads keep)."""
+def batch_detections(detector: torch.nn.Module, batch: dict, device: torch.device, autocast, config: TilingConfig,
+                     score_threshold: float | None = None) -> list[TileDetections]:
+    """The model on one batch of `collate_tiles`: each tile's detections on the host, those scoring
+    below `score_threshold` dropped (None keeps what the heads keep). A detector that pastes its
+    own masks (no `box_masks` in its output) has them thresholded at `config.mask_threshold` here."""
     images = {m: x.to(device, non_blocking=True) for m, x in batch["image"].items()}
     with autocast:
-        outputs = detector(images, batch["image_sizes"])
+        outputs = detector(images, batch["image_sizes"], paste_masks=False)
+    # one copy per kind for the whole batch, not one per tile: each copy waits for the device
+    counts = [len(o["scores"]) for o in outputs]
+    scores = torch.cat([o["scores"] for o in outputs]).float().cpu().numpy()
+    boxes = torch.cat([o["boxes"].reshape(-1, 4) for o in outputs]).float().cpu().numpy()
+    box_masks = all("box_masks" in o for o in outputs)
+    if box_masks:
+        masks = torch.cat([o["box_masks"] for o in outputs]).float().cpu().numpy()
+    else:  # tile-sized masks differ in size between tiles; bool is 4x less to move than float
+        masks = [(o["masks"] >= config.mask_threshold).cpu().numpy() for o in outputs]
+    starts = np.cumsum([0] + counts)
     per_tile = []
-    for window, valid, tile, output in zip(batch["window"], batch["valid"], batch["index"], outputs):
-        scores, masks = output["scores"], output["masks"]
-        if score_threshold is not None:
-            keep = scores >= score_threshold
-            scores, masks = scores[keep], masks[keep]
-        # threshold on the device: bool masks are 4x smaller to move than float ones
-        host = {"scores": scores.float().cpu(), "masks": (masks >= config.mask_threshold).cpu()}
-        per_tile.append(instances_from_tile(host, window, valid.numpy(), tile, min_pixels=config.min_pixels))
+    for t, (window, valid, tile) in enumerate(zip(batch["window"], batch["valid"], batch["index"])):
+        part = slice(starts[t], starts[t + 1])
+        tile_masks = masks[part] if box_masks else masks[t]
+        keep = slice(None) if score_threshold is None else scores[part] >= score_threshold
+        valid = valid[:window[2], :window[3]].numpy()
+        per_tile.append(TileDetections(window, tile, scores[part][keep], boxes[part][keep], tile_masks[keep],
+                                       box_masks, None if valid.all() else valid.copy()))
     return per_tile

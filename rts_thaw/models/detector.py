@@ -69,7 +69,10 @@ class MultiModalDetector(nn.Module):
         fused = self.fusion(features)
         return self.neck(OrderedDict((str(i), f) for i, f in enumerate(fused)))
 
-    def forward(self, images: Mapping[str, torch.Tensor], image_sizes, targets=None):
+    def forward(self, images: Mapping[str, torch.Tensor], image_sizes, targets=None, paste_masks: bool = True):
+        """Training: the losses. Inference: per image `boxes`, `scores`, `labels`, `stage_scores` and
+        `masks` (probabilities pasted into the image, [N, H, W]); with `paste_masks=False`, `box_masks`
+        instead ([N, M, M] probabilities over each box), for a caller that pastes them elsewhere."""
         image_sizes = [(int(h), int(w)) for h, w in image_sizes]
         pyramid = self.extract_features(images)
         reference = images[self.modalities[0]]
@@ -81,7 +84,10 @@ class MultiModalDetector(nn.Module):
         if self.training:
             return {**rpn_losses, **roi_losses}
         for det, (h, w) in zip(detections, image_sizes):
-            det["masks"] = paste_masks_in_image(det["masks"], det["boxes"], (h, w))[:, 0]
+            if paste_masks:
+                det["masks"] = paste_masks_in_image(det["masks"], det["boxes"], (h, w))[:, 0]
+            else:
+                det["box_masks"] = det.pop("masks")[:, 0]
         return detections
 
 
