@@ -8,29 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from rts_thaw.train import train
 
+from tiny_run import compose_train, tiny_overrides
+
 EXPERIMENTS = ["unimodal", "staged_fusion", "end_to_end_fusion", "data_level_fusion",
                "maskrcnn_r50", "maskrcnn_mvit"]
-
-
-def tiny_overrides(tiny_world_config, tmp_path):
-    """The small world, 64 px tiles, a CPU trainer and one short epoch."""
-    return [
-        "data=geotiff", f"data.path={tiny_world_config['path']}", "data.tile_size=64", "data.stride=64",
-        "data.batch_size=4", "data.eval_batch_size=2", "data.num_workers=0", "data.augment=null",
-        f"data.stats_cache_dir={tiny_world_config['stats_cache_dir']}",
-        f"paths.cache_dir={tmp_path}/cache", "trainer=cpu", "trainer.enable_progress_bar=false",
-    ]
-
-
-def compose_train(overrides):
-    with initialize_config_module("rts_thaw.conf", version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -89,8 +75,7 @@ def test_every_data_option_composes(tmp_path):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_fast_dev_run(experiment, tiny_world_config, tmp_path):
-    cfg = compose_train([f"+experiment={experiment}", "trainer.fast_dev_run=true"]
-                        + tiny_overrides(tiny_world_config, tmp_path))
+    cfg = compose_train(tiny_overrides(tiny_world_config, tmp_path / "cache", experiment=experiment))
     results = train(cfg, tmp_path / "run")
     final = results["stage2"] if experiment == "staged_fusion" else results
     assert final["global_step"] == 1

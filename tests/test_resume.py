@@ -10,19 +10,10 @@ import time
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
 from rts_thaw.training.single_run import fit_and_test
 
-
-def tiny_overrides(tiny_world_config, tmp_path):
-    return [
-        "+experiment=unimodal", "data=geotiff", f"data.path={tiny_world_config['path']}",
-        "data.tile_size=64", "data.stride=64", "data.batch_size=4", "data.eval_batch_size=2",
-        "data.num_workers=0", "data.augment=null", f"data.stats_cache_dir={tiny_world_config['stats_cache_dir']}",
-        f"paths.cache_dir={tmp_path}/cache", "trainer=cpu", "trainer.enable_progress_bar=false",
-        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-    ]
+from tiny_run import compose_train, tiny_overrides
 
 
 def readable_checkpoint(path):
@@ -33,8 +24,8 @@ def readable_checkpoint(path):
 
 
 def test_killed_run_resumes_with_the_same_step_count(tiny_world_config, tmp_path):
-    command = [sys.executable, "-m", "rts_thaw.train", *tiny_overrides(tiny_world_config, tmp_path),
-               "trainer.max_epochs=3", "logger=csv"]
+    command = [sys.executable, "-m", "rts_thaw.train",
+               *tiny_overrides(tiny_world_config, tmp_path / "cache", experiment="unimodal", epochs=3, logger="csv")]
     env = {**os.environ, "RTS_THAW_LOG_DIR": str(tmp_path / "outputs")}
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
@@ -75,9 +66,8 @@ def test_keyboard_interrupt_leaves_a_usable_last_checkpoint(tiny_world_config, t
             if trainer.global_step == 3:
                 raise KeyboardInterrupt
 
-    with initialize_config_module("rts_thaw.conf", version_base="1.3"):
-        cfg = compose("train", overrides=tiny_overrides(tiny_world_config, tmp_path)
-                      + ["trainer.max_epochs=2", "logger=none"])
+    cfg = compose_train(tiny_overrides(tiny_world_config, tmp_path / "cache", experiment="unimodal", epochs=2,
+                                       logger="none"))
     real_instantiate = single_run.instantiate
 
     def with_ctrl_c(config, **kwargs):  # the trainer of the first run gets a Ctrl-C at step 3

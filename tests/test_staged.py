@@ -10,28 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
 from rts_thaw.train import train
 from rts_thaw.training import staged
 from rts_thaw.training.evaluation import evaluate_checkpoint
 
-
-def tiny_overrides(tiny_world_config, cache_dir):
-    """The small world, 64 px tiles, RGB + NDVI, a CPU trainer and one short epoch."""
-    return [
-        "data=geotiff", f"data.path={tiny_world_config['path']}", "data.tile_size=64", "data.stride=64",
-        "data.batch_size=4", "data.eval_batch_size=2", "data.num_workers=0", "data.augment=null",
-        f"data.stats_cache_dir={tiny_world_config['stats_cache_dir']}", "data.modalities=[rgb,ndvi]",
-        f"paths.cache_dir={cache_dir}", "trainer=cpu", "trainer.enable_progress_bar=false",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1",
-    ]
-
-
-def compose_train(overrides):
-    with initialize_config_module("rts_thaw.conf", version_base="1.3"):
-        return compose("train", overrides=overrides)
+from tiny_run import compose_train, tiny_overrides
 
 
 def encoder_state(checkpoint_path, modality):
@@ -44,7 +28,8 @@ def encoder_state(checkpoint_path, modality):
 def staged_run(tiny_world_config, tmp_path_factory):
     """One staged run (stage 1 for rgb and ndvi, then stage 2), shared by the tests below."""
     cache = tmp_path_factory.mktemp("cache")
-    overrides = ["+experiment=staged_fusion"] + tiny_overrides(tiny_world_config, cache)
+    overrides = tiny_overrides(tiny_world_config, cache, experiment="staged_fusion", modalities=["rgb", "ndvi"],
+                               epochs=1)
     run_dir = tmp_path_factory.mktemp("staged_run")
     results = train(compose_train(overrides), run_dir)
     return {"overrides": overrides, "cache": cache, "run_dir": run_dir, "results": results}
@@ -85,12 +70,12 @@ def test_stage2_keeps_stage1_encoders_frozen_and_writes_the_table(staged_run):
         assert row["trainable_params"] > 0 and row["wall_s"] > 0 and 0 <= row["segm_AP50"] <= 1
 
 
-def test_second_run_reuses_stage1_and_separate_unimodal_job_finds_it(staged_run, tmp_path):
+def test_second_run_reuses_stage1_and_separate_unimodal_job_finds_it(staged_run, tiny_world_config, tmp_path):
     markers = {m: Path(r["checkpoint"]).parents[1] / staged.MARKER for m, r in staged_run["results"]["stage1"].items()}
     mtimes = {m: p.stat().st_mtime_ns for m, p in markers.items()}
     # The same stage-1 settings through the stand-alone stage-1 job of a sweep:
-    overrides = [o for o in staged_run["overrides"] if o not in ("+experiment=staged_fusion", "data.modalities=[rgb,ndvi]")]
-    job = compose_train(["+experiment=unimodal", "data.modalities=[ndvi]", "training.stage1_cache=true"] + overrides)
+    job = compose_train(tiny_overrides(tiny_world_config, staged_run["cache"], experiment="unimodal",
+                                       modalities=["ndvi"], epochs=1) + ["training.stage1_cache=true"])
     result = train(job, tmp_path / "ndvi_job")
     assert result["reused"] is True
     assert result["checkpoint"] == staged_run["results"]["stage1"]["ndvi"]["checkpoint"]

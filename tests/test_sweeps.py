@@ -19,7 +19,6 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import rts_thaw.train  # noqa: F401  registers the run-directory resolver, as the entry point does
 from rts_thaw.report import write_report
 from rts_thaw.reporting.jobs import configuration_overrides, expand_jobs
 from rts_thaw.models.encoders import check_tile_size

@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 from wandb.proto import wandb_internal_pb2
 
 from rts_thaw.training.single_run import fit_and_test
+
+from tiny_run import compose_train, tiny_overrides
 
 
 def wandb_records(path):
@@ -40,16 +41,8 @@ def test_wandb_logs_offline_without_an_api_key(tiny_world_config, tmp_path, monk
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
     monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
-    overrides = [
-        "+experiment=unimodal", "logger=wandb", "data=geotiff", f"data.path={tiny_world_config['path']}",
-        "data.tile_size=64", "data.stride=64", "data.batch_size=4", "data.eval_batch_size=2",
-        "data.num_workers=0", "data.augment=null", f"data.stats_cache_dir={tiny_world_config['stats_cache_dir']}",
-        f"paths.cache_dir={tmp_path}/cache", "trainer=cpu", "trainer.enable_progress_bar=false",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1", "trainer.log_every_n_steps=1",
-    ]
-    with initialize_config_module("rts_thaw.conf", version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_train(tiny_overrides(tiny_world_config, tmp_path / "cache", experiment="unimodal", epochs=1,
+                                       logger="wandb") + ["trainer.log_every_n_steps=1"])
     run_dir = tmp_path / "run"
     with caplog.at_level("WARNING"):
         results = fit_and_test(cfg, run_dir)
