@@ -12,8 +12,9 @@ import pytest
 import rasterio
 import torch
 from affine import Affine
+from PIL import Image
 
-from rts_thaw.data.chips import CHALLENGE_BANDS, CocoChipDataset, challenge_split, coco_chip_split
+from rts_thaw.data.chips import CHALLENGE_BANDS, ChipError, CocoChipDataset, challenge_split, coco_chip_split
 from rts_thaw.data.collate import collate_samples
 from rts_thaw.data.datamodule import RTSDataModule
 from rts_thaw.data.export import CHIP_SIZES, export_challenge, export_coco_chips
@@ -133,3 +134,57 @@ def test_training_chips_larger_than_the_tile_size_are_refused(exported):
                        norm_stats={"mean": {"rgb": [0, 0, 0]}, "std": {"rgb": [1, 1, 1]}})
     with pytest.raises(ValueError, match=r"scene_00\d_\d+\.png: \w+ chip is 160 x 160, larger than data.tile_size=128"):
         dm.setup("fit")
+
+
+def _write_chip(path: Path, height: int, width: int) -> None:
+    """An RGB chip of H x W: a GeoTIFF or, by the suffix, a PNG."""
+    pixels = np.full((3, height, width), 9, np.uint8)
+    if path.suffix == ".tif":
+        with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
+                           crs="EPSG:32606", transform=Affine(4, 0, 0, 0, -4, 0)) as dst:
+            dst.write(pixels)
+    else:
+        Image.fromarray(np.moveaxis(pixels, 0, -1)).save(path)
+
+
+def _coco_train_folder(root: Path, chips: dict[str, tuple[int, int]], declared: dict[str, tuple[int, int]] | None = None) -> Path:
+    """ROOT/train/{images/, annotations.json} with one chip per file name -> (H, W); the
+    COCO records give height/width only where `declared` does."""
+    images = root / "train" / "images"
+    images.mkdir(parents=True)
+    records = []
+    for image_id, (name, (height, width)) in enumerate(chips.items(), start=1):
+        _write_chip(images / name, height, width)
+        record = {"id": image_id, "file_name": name}
+        if declared and name in declared:
+            record["height"], record["width"] = declared[name]
+        records.append(record)
+    (root / "train" / "annotations.json").write_text(json.dumps({"images": records, "annotations": []}))
+    return root / "train" / "annotations.json"
+
+
+def _chip_datamodule(root: Path, tile_size: int) -> RTSDataModule:
+    return RTSDataModule(source="coco_chips", path=root, modalities=["rgb"], tile_size=tile_size,
+                         norm_stats={"mean": {"rgb": [0, 0, 0]}, "std": {"rgb": [1, 1, 1]}})
+
+
+def test_chips_without_height_and_width_are_size_checked_from_their_files(tmp_path):
+    # Without height/width the chip-size check reads each file's header.
+    fitting = {"a.tif": (24, 32), "c.png": (16, 16)}
+    annotations = _coco_train_folder(tmp_path / "fits", fitting)
+    dataset = CocoChipDataset(annotations, {"rgb": annotations.parent / "images"}, ["rgb"])
+    assert [(Path(f).name, h, w) for f, h, w in dataset.sizes] == [("a.tif", 24, 32), ("c.png", 16, 16)]
+    dm = _chip_datamodule(tmp_path / "fits", tile_size=32)
+    dm.setup("fit")
+    assert sum(len(dm.datasets[s]) for s in ("train", "val")) == 2
+
+    _coco_train_folder(tmp_path / "too_big", {**fitting, "b.png": (48, 40)})
+    with pytest.raises(ValueError, match=r"b\.png: (train|val) chip is 48 x 40, larger than data\.tile_size=32"):
+        _chip_datamodule(tmp_path / "too_big", tile_size=32).setup("fit")
+
+
+def test_declared_height_and_width_must_be_the_files(tmp_path):
+    annotations = _coco_train_folder(tmp_path, {"a.tif": (24, 32), "b.png": (16, 16)},
+                                     declared={"a.tif": (24, 32), "b.png": (16, 20)})
+    with pytest.raises(ChipError, match=r"b\.png: the chip is 16 x 16, but .*annotations\.json gives image 2 width 20$"):
+        CocoChipDataset(annotations, {"rgb": annotations.parent / "images"}, ["rgb"])

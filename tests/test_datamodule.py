@@ -225,3 +225,55 @@ def test_setup_without_a_stage_loads_the_splits_the_data_has(tiny_world_config, 
     assert set(dm.datasets) == {"train", "val"}
     with pytest.raises(ValueError, match=r"no_test\.yaml: no scenes in split 'test'"):
         dm.setup("test")
+
+
+def _coco_split(folder) -> None:
+    """A COCO split folder of four 8 x 8 RGB chips."""
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True)
+    for k in range(4):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "images" / f"c{k}.png")
+    records = [{"id": k, "file_name": f"c{k}.png", "height": 8, "width": 8} for k in range(4)]
+    (folder / "annotations.json").write_text(json.dumps({"images": records, "annotations": []}))
+
+
+def _challenge_part(root, part: str) -> None:
+    """The train or test part of a challenge release, four 8 x 8 chips."""
+    (root / part / "images").mkdir(parents=True)
+    for k in range(4):
+        np.savez(root / part / "images" / f"c{k}.npz", image=np.zeros((8, 8, 8), np.float32))
+    if part == "train":
+        (root / "train" / "annotations").mkdir()
+        records = [{"id": k, "file_name": f"c{k}.npz", "height": 8, "width": 8} for k in range(4)]
+        coco = {"images": records, "annotations": []}
+        (root / "train" / "annotations" / "instances_train.json").write_text(json.dumps(coco))
+    else:
+        (root / "metadata").mkdir()
+        (root / "metadata" / "test_manifest.csv").write_text("image_id,file_name\n" + "".join(f"{k},c{k}.npz\n" for k in range(4)))
+
+
+@pytest.mark.parametrize("source,folders,offered", [
+    ("coco_chips", ["train"], ["train", "val"]),  # val carved from train
+    ("coco_chips", ["train", "val", "test"], ["train", "val", "test"]),
+    ("coco_chips", ["val"], ["val"]),
+    ("arctic_challenge", ["train"], ["train", "val"]),
+    ("arctic_challenge", ["train", "test"], ["train", "val", "test"]),
+])
+def test_chip_splits_offered_are_exactly_those_that_build(source, folders, offered, tmp_path):
+    from rts_thaw.data.chips import ChipError
+
+    for folder in folders:
+        if source == "coco_chips":
+            _coco_split(tmp_path / folder)
+        else:
+            _challenge_part(tmp_path, folder)
+    dm = RTSDataModule(source=source, path=tmp_path, modalities=["rgb"], tile_size=8,
+                       norm_stats={"mean": {"rgb": [0, 0, 0]}, "std": {"rgb": [1, 1, 1]}})
+    assert [split for split in ("train", "val", "test") if dm.has_split(split)] == offered
+    for split in ("train", "val", "test"):
+        if split in offered:
+            dm.dataset(split)
+        else:
+            with pytest.raises(ChipError):
+                dm.dataset(split)

@@ -53,6 +53,40 @@ def _in_val(image_id, val_fraction: float) -> bool:
     return int.from_bytes(digest[:4], "big") / 2**32 < val_fraction
 
 
+def split_folder(root: Path, split: str, source: str) -> tuple[Path, str]:
+    """The folder holding a split's chips and the share of its images the split takes:
+    "all", "val" (the hashed hold-out) or "rest" (all but the hold-out).
+
+    The one place that knows the layouts: a COCO split has its own folder, except val
+    when there is none (then carved from train, and train keeps the rest); the
+    challenge release has only train (val carved from it) and test."""
+    root = Path(root)
+    if source == "coco_chips":
+        if split in ("train", "val") and not (root / "val").is_dir():
+            return root / "train", "val" if split == "val" else "rest"
+        return root / split, "all"
+    if source == "arctic_challenge":
+        if split == "test":
+            return root / "test", "all"
+        if split in ("train", "val"):
+            return root / "train", "val" if split == "val" else "rest"
+        raise ChipError(f"{root}: the challenge release has no split {split!r} (train, val, test)")
+    raise ValueError(f"{source!r} is not a chip source (coco_chips, arctic_challenge)")
+
+
+def split_available(root: Path, split: str, source: str) -> bool:
+    """Whether the chip folder `root` holds `split` (its own folder or one it is carved from)."""
+    try:
+        folder, _ = split_folder(root, split, source)
+    except ChipError:  # a split the source's layout has no place for
+        return False
+    return folder.is_dir()
+
+
+def _in_share(image_id, share: str, val_fraction: float) -> bool:
+    return share == "all" or _in_val(image_id, val_fraction) == (share == "val")
+
+
 def _load_coco(path: Path) -> dict:
     try:
         with open(path) as f:
@@ -130,6 +164,18 @@ def _read_image_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.nan_to_num(data), valid
 
 
+def _image_file_size(path: Path) -> tuple[int, int]:
+    """(H, W) of one chip file (PNG/JPG or GeoTIFF) from its header, no pixels read."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            with rasterio.open(path) as src:
+                return src.height, src.width
+        with Image.open(path) as img:
+            return img.height, img.width
+    except OSError as err:  # rasterio's and PIL's "cannot read" errors are both OSErrors
+        raise ChipError(f"{path}: not a readable image ({err})") from err
+
+
 class CocoChipDataset(_ChipDataset):
     source = "coco_chips"
 
@@ -149,11 +195,23 @@ class CocoChipDataset(_ChipDataset):
             by_image.setdefault(a["image_id"], []).append(a)
         super().__init__(images, by_image, modalities, norm_stats, augment, min_instance_area, annotation_file)
         self.image_dirs = image_dirs
-        self.sizes = [(str(image_dirs[self.modalities[0]] / im["file_name"]), im.get("height", 0), im.get("width", 0)) for im in images]
+        self.sizes = [self._file_size(im, annotation_file) for im in images]
         self.channels = {}
         if images:
             first, _ = self.read_raw(0)
             self.channels = {m: a.shape[0] for m, a in first.items()}
+
+    def _file_size(self, record: dict, annotation_file: Path) -> tuple[str, int, int]:
+        """(file, H, W) of one chip from its file's header: COCO height/width are optional,
+        and where given they must be the file's (a chip-size check on them would be a guess)."""
+        path = self.image_dirs[self.modalities[0]] / record["file_name"]
+        height, width = _image_file_size(path)
+        wrong = [f"{key} {record[key]}" for key, real in (("height", height), ("width", width))
+                 if key in record and record[key] != real]
+        if wrong:
+            raise ChipError(f"{path}: the chip is {height} x {width}, but {annotation_file} gives image "
+                            f"{record['id']} {' and '.join(wrong)}")
+        return str(path), height, width
 
     def read_raw(self, index: int, modalities: list[str] | None = None):
         record = self.images[index]
@@ -171,18 +229,13 @@ class CocoChipDataset(_ChipDataset):
 
 
 def coco_chip_split(root: Path, split: str, modalities, val_fraction: float = 0.2, **kwargs) -> CocoChipDataset:
-    root = Path(root)
-    folder = root / split
-    image_ids = None
-    if not folder.exists() and split == "val":  # no val folder: hold out part of train
-        folder = root / "train"
-        coco = _load_coco(folder / "annotations.json")
-        image_ids = {im["id"] for im in coco["images"] if _in_val(im["id"], val_fraction)}
-    elif split == "train" and not (root / "val").exists():
-        coco = _load_coco(folder / "annotations.json")
-        image_ids = {im["id"] for im in coco["images"] if not _in_val(im["id"], val_fraction)}
+    folder, share = split_folder(root, split, "coco_chips")
     if not (folder / "annotations.json").exists():
         raise ChipError(f"{folder / 'annotations.json'}: no COCO annotations for split {split!r}")
+    image_ids = None
+    if share != "all":
+        coco = _load_coco(folder / "annotations.json")
+        image_ids = {im["id"] for im in coco["images"] if _in_share(im["id"], share, val_fraction)}
     if (folder / "images").is_dir():
         image_dirs = {"rgb": folder / "images"}
     else:
@@ -245,6 +298,7 @@ class ChallengeNpzDataset(_ChipDataset):
 
 def challenge_split(root: Path, split: str, modalities, val_fraction: float = 0.2, band_map=None, **kwargs) -> ChallengeNpzDataset:
     root = Path(root)
+    folder, share = split_folder(root, split, "arctic_challenge")
     if split == "test":
         manifest = root / "metadata" / "test_manifest.csv"
         if not manifest.exists():
@@ -255,18 +309,14 @@ def challenge_split(root: Path, split: str, modalities, val_fraction: float = 0.
             raise ChipError(f"{manifest}: needs columns image_id,file_name (has {list(rows[0])})")
         images = [{"id": int(r["image_id"]), "file_name": r["file_name"]} for r in rows]
         annotations, where = {}, manifest
-    elif split in ("train", "val"):
-        where = root / "train" / "annotations" / "instances_train.json"
+    else:  # train or val, both from the train folder
+        where = folder / "annotations" / "instances_train.json"
         coco = _load_coco(where)
-        keep = (lambda i: _in_val(i, val_fraction)) if split == "val" else (lambda i: not _in_val(i, val_fraction))
-        images = [im for im in coco["images"] if keep(im["id"])]
+        images = [im for im in coco["images"] if _in_share(im["id"], share, val_fraction)]
         annotations = {}
         for a in coco["annotations"]:
             annotations.setdefault(a["image_id"], []).append(a)
-    else:
-        raise ChipError(f"{root}: the challenge release has no split {split!r} (train, val, test)")
-    folder = root / ("test" if split == "test" else "train") / "images"
-    files = [folder / Path(im["file_name"]).name for im in images]
+    files = [folder / "images" / Path(im["file_name"]).name for im in images]
     absent = [str(p) for p in files if not p.exists()]
     if absent:
         raise ChipError(f"{where}: references {len(absent)} missing .npz file(s), e.g. {absent[:3]}")

@@ -115,9 +115,7 @@ class RTSDataModule(L.LightningDataModule):
     def has_split(self, split: str) -> bool:
         if self.source == "geotiff":
             return any(s.split == split for s in self._scenes())
-        if self.source == "coco_chips":
-            return (self.path / split).is_dir() or (split == "val" and (self.path / "train").is_dir())
-        return split in ("train", "val", "test") and (self.path / ("test" if split == "test" else "train")).is_dir()
+        return chips.split_available(self.path, split, self.source)
 
     def dataset(self, split: str, augment: bool | None = None) -> Dataset:
         """The dataset of one split (augmented only for train unless told otherwise)."""
