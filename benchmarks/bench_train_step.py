@@ -12,6 +12,9 @@ size (ru_maxrss), reported as the growth over the RSS just before the first step
 `--precision` is Lightning's name for what the trainer would use: `32` (float32; on CUDA
 with TF32 matrix products, as `torch.set_float32_matmul_precision("high")` sets) or
 `bf16-mixed` (autocast to bfloat16); every model of a run gets the same one.
+`--flops` also counts, after the timed steps and untimed, the FLOPs of one more training step's
+forward and backward (torch.utils.flop_counter.FlopCounterMode: matrix products, convolutions
+and attention, 2 FLOPs per multiply-add; no optimiser step), per image, split by part (FlopParts).
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from importlib.resources import files
 
 import torch
 from omegaconf import OmegaConf
+
+from flop_parts import FlopParts  # benchmarks/flop_parts.py, beside this script
 
 MODELS = ("staged_cascade", "end_to_end_cascade", "torchvision_maskrcnn_r50")
 CHANNELS = {"rgb": 3, "ndvi": 1, "nir": 1}
@@ -72,6 +77,13 @@ class PartTimer:
         return totals
 
 
+# --flops: the parts a step's FLOPs are split into, as module paths (a ModuleDict or ModuleList
+# stands for its members); what no part's forward made (RoIAlign, losses, box coding) is "other".
+FLOP_PARTS = {"encoders": ("encoders",), "fusion": ("fusion",), "neck": ("neck",), "rpn": ("rpn",),
+              "box heads": ("roi_heads.box_heads", "roi_heads.box_predictors"), "mask head": ("roi_heads.mask_head",)}
+TV_FLOP_PARTS = {"encoders": ("backbone.body",), "fusion": (), "neck": ("backbone.fpn",), "rpn": ("rpn",),
+                 "box heads": ("roi_heads.box_head", "roi_heads.box_predictor"),
+                 "mask head": ("roi_heads.mask_head", "roi_heads.mask_predictor")}
 def conf(*parts: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(str(files("rts_thaw.conf").joinpath(*parts))))
 
@@ -167,9 +179,28 @@ def run_one(name: str, args) -> dict:
     else:
         peak_abs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         peak = peak_abs - rss_before
+    flops = {}
+    if args.flops:  # one more step, untimed and after the memory readout: forward + backward only
+        counter = FlopParts(model, TV_FLOP_PARTS if name == "torchvision_maskrcnn_r50" else FLOP_PARTS)
+        if timer:
+            timer.enabled = False
+
+        def forward():
+            with autocast:
+                if name == "torchvision_maskrcnn_r50":
+                    return sum(model(list(images["rgb"]), targets).values())
+                return sum(model(images, sizes, targets).values())
+
+        optimizer.zero_grad(set_to_none=True)
+        try:  # a failed count does not cost the timing
+            flops = {part: [f / args.batch / 1e9 for f in fb] for part, fb in counter.count(forward).items()}
+        except Exception as err:  # noqa: BLE001
+            print(f"{name}: FLOP count failed: {err!r}", file=sys.stderr)
     return {"model": name, "images_per_s": args.batch / seconds, "s_per_step": seconds, "peak_mb": peak,
             "peak_abs_mb": peak_abs, "trainable_M": sum(p.numel() for p in params) / 1e6,
-            "total_M": sum(p.numel() for p in model.parameters()) / 1e6, "parts_ms": parts}
+            "total_M": sum(p.numel() for p in model.parameters()) / 1e6, "parts_ms": parts,
+            "gflop_per_image": sum(sum(fb) for fb in flops.values()) if flops else float("nan"),
+            "parts_gflop": flops}
 
 
 def main() -> None:
@@ -186,6 +217,8 @@ def main() -> None:
     p.add_argument("--precision", choices=("32", "bf16-mixed"), default="32")
     p.add_argument("--breakdown", action="store_true",
                    help="also time each part's forward, the backward and the optimiser step (ms per step)")
+    p.add_argument("--flops", action="store_true",
+                   help="also count one step's forward+backward FLOPs per image (untimed), in total and by part")
     p.add_argument("--only", choices=MODELS, help=argparse.SUPPRESS)  # child-process mode
     args = p.parse_args()
     if args.steps is None:
@@ -205,7 +238,8 @@ def main() -> None:
             print(f"{name} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
             failed = float("nan")
             rows.append({"model": name + " (FAILED)", "images_per_s": failed, "s_per_step": failed, "peak_mb": failed,
-                         "peak_abs_mb": failed, "trainable_M": failed, "total_M": failed})
+                         "peak_abs_mb": failed, "trainable_M": failed, "total_M": failed,
+                         "gflop_per_image": failed})
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"  done {name}: {rows[-1]['s_per_step']:.2f} s/step", file=sys.stderr, flush=True)
@@ -216,18 +250,31 @@ def main() -> None:
           f"threads={torch.get_num_threads()}")
     if args.device.startswith("cuda"):
         print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}")
-    print(f"{'model':<26} {'img/s':>8} {'s/step':>8} {'mem MB':>9} {'abs MB':>8} {'train M':>8} {'total M':>8}")
+    gflop = f" {'GFLOP/img':>10}" if args.flops else ""
+    print(f"{'model':<26} {'img/s':>8} {'s/step':>8} {'mem MB':>9} {'abs MB':>8} {'train M':>8} {'total M':>8}{gflop}")
     for r in rows:
+        gflop = f" {r['gflop_per_image']:>10.1f}" if args.flops else ""
         print(f"{r['model']:<26} {r['images_per_s']:>8.2f} {r['s_per_step']:>8.2f} {r['peak_mb']:>9.0f} "
-              f"{r['peak_abs_mb']:>8.0f} {r['trainable_M']:>8.1f} {r['total_M']:>8.1f}")
+              f"{r['peak_abs_mb']:>8.0f} {r['trainable_M']:>8.1f} {r['total_M']:>8.1f}{gflop}")
     for r in rows:
         if r.get("parts_ms"):
             print(f"  {r['model']} ms/step: " + ", ".join(f"{k} {v:.1f}" for k, v in r["parts_ms"].items()))
+    if args.flops:
+        names = next((list(r["parts_gflop"]) for r in rows if r.get("parts_gflop")), [])
+        print("GFLOP per image by part, forward / backward (torchvision: encoders = ResNet-50, neck = its FPN):")
+        print(f"{'model':<26}" + "".join(f" {n:>13}" for n in names))
+        for r in rows:
+            if r.get("parts_gflop"):
+                print(f"{r['model']:<26}" + "".join(f" {f'{f:.1f}/{b:.1f}':>13}" for f, b in r["parts_gflop"].values()))
     staged, e2e, tv = rows
     print(f"memory ({mem}): staged / end-to-end = {staged['peak_mb'] / e2e['peak_mb']:.2f} "
           f"(target <= 0.40 on GPU; paper 0.52)")
     print(f"speed: staged / end-to-end = {staged['images_per_s'] / e2e['images_per_s']:.2f}; "
           f"staged / torchvision = {staged['images_per_s'] / tv['images_per_s']:.2f} (target >= 1 on GPU)")
+    if args.flops:
+        print(f"arithmetic (GFLOP per image, forward + backward): staged / torchvision = "
+              f"{staged['gflop_per_image'] / tv['gflop_per_image']:.2f}; "
+              f"end-to-end / torchvision = {e2e['gflop_per_image'] / tv['gflop_per_image']:.2f}")
 
 
 if __name__ == "__main__":

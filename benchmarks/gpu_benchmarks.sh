@@ -21,6 +21,9 @@ python -c "import torch, torchvision, timm; print('torch', torch.__version__, 't
 
 # Issue 3: one training step at 512 px, batch 8, paper scale (MViTv2-T, cascade heads).
 run train_512_fp32 150 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2
+# Issue 3: the same step with detectron2's R50-FPN cascade heads (cascade_2fc: 2-fc 1024 box heads,
+# no convs); --flops adds GFLOP per image (untimed), so img/s x GFLOP gives each model's sustained rate.
+run train_512_2fc 180 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2 --heads cascade_2fc --flops
 # Issue 6: whole-scene prediction vs forward only; paper-scale model at 256 px tiles.
 run predict_tiny 200 python benchmarks/bench_predict.py --device cuda --world "$world" --scenes 16 --size 1024 \
     --encoder mvitv2_tiny --heads cascade --tile-size 256 --batch-size 16 --workers 8 --write-workers 4

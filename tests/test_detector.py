@@ -105,6 +105,7 @@ FEW_ROIS = ("model.heads.rpn.post_nms_top_n_train=32", "model.heads.rpn.post_nms
     ("maskrcnn_r50", (), LOSSES_MASKRCNN),
     ("cascade_mvit", ("model/encoder=mvitv2_tiny",), LOSSES_CASCADE),
     ("cascade_mvit", ("model/heads=cascade", *FEW_ROIS), LOSSES_CASCADE),
+    ("cascade_mvit", ("model/heads=cascade_2fc", *FEW_ROIS), LOSSES_CASCADE),
     ("maskrcnn_mvit", ("model/heads=maskrcnn", *FEW_ROIS), LOSSES_MASKRCNN),
 ])
 def test_other_encoders_and_paper_scale_heads_follow_the_output_contract(model, overrides, losses):
