@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--write-workers", type=int, default=2, help="processes finishing scenes (0: a thread)")
     parser.add_argument("--max-detections", type=int, default=20)
+    parser.add_argument("--proposals", type=int, help="RPN proposals per tile (default: the model's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=PRECISIONS, default="32", help="both rows use it")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -125,8 +126,9 @@ def main() -> None:
         score_threshold = 0.0 if not args.ckpt else 0.3
         tiling = TilingConfig(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
                               num_workers=args.workers, write_workers=args.write_workers,
-                              score_threshold=score_threshold, max_detections=args.max_detections)
-        set_detection_limits(model.detector, tiling.score_threshold, tiling.max_detections)
+                              score_threshold=score_threshold, max_detections=args.max_detections,
+                              proposals=args.proposals)
+        set_detection_limits(model.detector, tiling.score_threshold, tiling.max_detections, tiling.proposals)
 
         batches = in_memory_batches(scenes, model, tiling)
         n_tiles = sum(len(b["scene"]) for b in batches)

@@ -142,6 +142,25 @@ def test_bf16_autocast_prediction(world, checkpoint, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_proposals_per_tile_limit_what_the_heads_see(world, checkpoint, tmp_path):
+    """tiling.proposals caps the RPN proposals per tile, so each tile keeps at most that many
+    detections; a count below 1 is refused before any output exists."""
+    def raw_and_tiles(proposals):
+        summaries = predict.main.__wrapped__(_predict_cfg(f"ckpt_path={checkpoint}", f"scenes={world}",
+                                                          f"output_dir={tmp_path / str(proposals)}",
+                                                          f"tiling.proposals={proposals}", *TILING))
+        return sum(s["raw_instances"] for s in summaries), sum(s["tiles"] - s["empty_tiles"] for s in summaries)
+
+    raw, tiles = raw_and_tiles("null")  # the checkpoint's own count: several detections per tile
+    assert raw > tiles
+    raw, tiles = raw_and_tiles(1)
+    assert 0 < raw <= tiles
+    with pytest.raises(ValueError, match=r"tiling.proposals=0 must be a positive count"):
+        predict.main.__wrapped__(_predict_cfg(f"ckpt_path={checkpoint}", f"scenes={world}",
+                                              f"output_dir={tmp_path / 'none'}", "tiling.proposals=0", *TILING))
+    assert not (tmp_path / "none").exists()
+
+
 def test_resume_after_kill_and_sharding(world, checkpoint, tmp_path):
     out = tmp_path / "maps"
     # one tile per batch, no reading workers, one writer process (scenes written one after

@@ -111,8 +111,7 @@ def predict_challenge(model, data_cfg: DictConfig, split: str, output: str | Pat
     `score_threshold` None keeps the heads' own threshold: AP rewards low-score detections
     ranked below the confident ones, so a mapping threshold is usually too strict here.
     """
-    if score_threshold is not None:
-        set_detection_limits(model.detector, score_threshold)
+    set_detection_limits(model.detector, score_threshold, proposals=tiling.proposals)
     dataset = challenge_dataset(data_cfg, model, split)
     results = predict_chips(model, dataset, device, tiling, progress=progress, precision=precision)
     path = write_submission(results, output)

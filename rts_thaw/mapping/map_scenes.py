@@ -53,15 +53,23 @@ def load_model(ckpt_path: str | Path, device: torch.device) -> LoadedModel:
                        checkpoint_identity(ckpt_path))
 
 
-def set_detection_limits(detector: torch.nn.Module, score_threshold: float, max_detections: int | None = None) -> None:
+def set_detection_limits(detector: torch.nn.Module, score_threshold: float | None = None,
+                         max_detections: int | None = None, proposals: int | None = None) -> None:
     """Make the heads keep exactly the detections that will be mapped (score >= threshold, at
-    most `max_detections` per tile): masks are computed only for those, and the tiling config
-    is the one place these are set."""
+    most `max_detections` per tile; masks are computed only for those) and see `proposals` RPN
+    proposals per tile. The tiling config is the one place these are set; None keeps the
+    checkpoint's value."""
     heads = getattr(detector, "roi_heads", None)
-    if heads is not None and hasattr(heads, "score_thresh"):
+    if heads is not None and score_threshold is not None and hasattr(heads, "score_thresh"):
         heads.score_thresh = score_threshold
     if heads is not None and max_detections is not None and hasattr(heads, "detections_per_img"):
         heads.detections_per_img = max_detections
+    if proposals is not None:
+        rpn = getattr(detector, "rpn", None)
+        # torchvision's RegionProposalNetwork keeps its limits in this dict, with no setter
+        if not isinstance(getattr(rpn, "_post_nms_top_n", None), dict):
+            raise ValueError(f"tiling.proposals={proposals}: this model has no torchvision RPN to limit")
+        rpn._post_nms_top_n["testing"] = proposals
 
 
 def check_modalities(scenes: list[SceneSpec], modalities: list[str], source: Path) -> None:
@@ -86,7 +94,7 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
     scenes_path, output_dir = Path(scenes_path), Path(output_dir)
     scenes = shard_scenes(load_scene_list(scenes_path), shard, num_shards)
     check_modalities(scenes, list(model.detector.modalities), scenes_path)
-    set_detection_limits(model.detector, tiling.score_threshold, tiling.max_detections)
+    set_detection_limits(model.detector, tiling.score_threshold, tiling.max_detections, tiling.proposals)
     output_dir.mkdir(parents=True, exist_ok=True)
     summaries = {s.id: {"scene_id": s.id, "status": "skipped (done)"} for s in scenes}
     todo = [s for s in scenes if not SceneOutputs(output_dir, s.id).done()]

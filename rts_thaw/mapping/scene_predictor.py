@@ -36,11 +36,15 @@ class TilingConfig:
     max_detections: int = 100
     min_pixels: int = 4
     min_shared_iou: float = 0.3
+    proposals: int | None = None  # RPN proposals per tile through the RoI heads; None: the checkpoint's
 
     def __post_init__(self):
         if not 0 <= self.overlap < self.tile_size:
             raise ValueError(f"tiling.overlap={self.overlap} must be at least 0 and smaller than the tile size "
                              f"{self.tile_size}")
+        if self.proposals is not None and self.proposals < 1:
+            raise ValueError(f"tiling.proposals={self.proposals} must be a positive count, or null for the "
+                             f"checkpoint's own")
 
     @property
     def stride(self) -> int:
