@@ -81,7 +81,6 @@ def main() -> None:
         scores = {}
         for round_ in range(args.repeats):  # settings alternate, so load from other jobs hits them alike
             for n in settings:
-                model.detector.rpn._post_nms_top_n["testing"] = own  # map_scenes sets the count asked for
                 tiling = TilingConfig(tile_size=model.tile_size, overlap=args.overlap, batch_size=args.batch_size,
                                       num_workers=0, write_workers=0, score_threshold=args.score_threshold,
                                       proposals=n)

@@ -3,6 +3,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
+from torchvision.models.detection.image_list import ImageList
 from torchmetrics.detection import MeanAveragePrecision
 
 from rts_thaw.models.detector import MultiModalDetector
@@ -208,6 +209,25 @@ def test_model_overfits_a_handful_of_tiles_to_high_mask_ap50(model, fusion, moda
             if ap50 >= 0.9:
                 break
     assert ap50 >= 0.9, f"mask AP50 {ap50:.2f} after {step} steps"
+
+
+@pytest.mark.parametrize("model", ["cascade_mvit", "maskrcnn_mvit"])
+def test_boxes_stay_float32_under_bf16_autocast(model):
+    """Proposals and boxes are decoded from float32 deltas: decoded in bfloat16 they would sit on
+    a 1-2 px grid at tile coordinates of 128-512, and every mask pasted from them with them."""
+    size = 256
+    torch.manual_seed(0)
+    detector = instantiate(model_cfg(model, tile=size).model)(modality_channels={"rgb": 3}).eval()
+    detector.roi_heads.score_thresh = 0.0
+    images = {"rgb": torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = detector.extract_features(images)
+        proposals, _ = detector.rpn(ImageList(images["rgb"], [(size, size)]), features)
+        boxes = detector(images, [(size, size)])[0]["boxes"]
+    for name, b in (("proposals", proposals[0]), ("boxes", boxes)):
+        assert b.dtype == torch.float32 and len(b) > 10, name
+        off_grid = (b != b.bfloat16().float()).float().mean().item()
+        assert off_grid > 0.5, f"{name}: {off_grid:.0%} of coordinates are off the bfloat16 grid"
 
 
 def test_bad_configuration_is_a_clear_error():

@@ -6,6 +6,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
 from rts_thaw.mapping.instances import instances_from_tile, tile_instances
+from rts_thaw.mapping.map_scenes import set_detection_limits
 from rts_thaw.mapping.scene_predictor import TilingConfig, batch_detections, inference_autocast
 
 SIZE = 64
@@ -48,7 +49,7 @@ def test_pasting_after_the_model_gives_the_detectors_own_instances():
                 for out, window, valid, tile in zip(pasted, batch["window"], batch["valid"], batch["index"])]
 
     tiles = batch_detections(detector, batch, torch.device("cpu"), inference_autocast(torch.device("cpu")), tiling)
-    assert all(t.box_masks for t in tiles)
+    assert not any(t.pasted for t in tiles)
     assert [len(t) for t in tiles] == [len(out["scores"]) for out in pasted] and len(tiles[1]) > 0
     assert tiles[0].valid is None and tiles[1].valid.shape == (SIZE, 48)  # cut to the tile, not the padding
     got = [tile_instances(t, tiling.mask_threshold, tiling.min_pixels) for t in tiles]
@@ -72,3 +73,40 @@ def test_score_threshold_drops_detections_on_the_host():
         assert np.array_equal(kept_tile.boxes, all_tile.boxes[above])
         assert np.array_equal(kept_tile.masks, all_tile.masks[above])
     assert 0 < sum(map(len, kept)) < sum(map(len, every))
+
+
+class WithoutFirstTile(torch.nn.Module):
+    """The detector, with every detection of the batch's first tile removed."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images, image_sizes, paste_masks=True):
+        outputs = self.detector(images, image_sizes, paste_masks=paste_masks)
+        outputs[0] = {key: value[:0] for key, value in outputs[0].items()}
+        return outputs
+
+
+@torch.inference_mode()
+def test_a_tile_without_detections_beside_one_with():
+    detector, batch = random_detector(), batch_of_tiles()
+    tiling, cpu = TilingConfig(tile_size=SIZE, overlap=16, min_pixels=1), torch.device("cpu")
+    full = batch_detections(detector, batch, cpu, inference_autocast(cpu), tiling)
+    empty_first = batch_detections(WithoutFirstTile(detector), batch, cpu, inference_autocast(cpu), tiling)
+    assert len(empty_first[0]) == 0 and empty_first[0].masks.shape[0] == 0
+    assert tile_instances(empty_first[0], tiling.mask_threshold, tiling.min_pixels) == []
+    assert len(empty_first[1]) == len(full[1]) > 0
+    assert as_tuples(tile_instances(empty_first[1], tiling.mask_threshold, tiling.min_pixels)) == \
+        as_tuples(tile_instances(full[1], tiling.mask_threshold, tiling.min_pixels))
+
+
+def test_none_restores_the_checkpoints_detection_limits():
+    """A detector reused across calls: None gives back the checkpoint's own values, not the last ones set."""
+    detector = random_detector()
+    heads, rpn = detector.roi_heads, detector.rpn
+    own = (heads.score_thresh, heads.detections_per_img, rpn._post_nms_top_n["testing"])
+    set_detection_limits(detector, 0.7, 5, proposals=7)
+    assert (heads.score_thresh, heads.detections_per_img, rpn._post_nms_top_n["testing"]) == (0.7, 5, 7)
+    set_detection_limits(detector)
+    assert (heads.score_thresh, heads.detections_per_img, rpn._post_nms_top_n["testing"]) == own

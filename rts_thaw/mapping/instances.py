@@ -80,9 +80,9 @@ def instances_from_tile(prediction: dict, window: tuple[int, int, int, int], val
 class TileDetections:
     """One tile's detections on the host, masks not yet pasted into the tile.
 
-    `masks` is [N, M, M] mask probabilities over each box when `box_masks` is true (a
-    detector called with `paste_masks=False`), or [N, H, W] tile masks already
-    thresholded otherwise; `valid` is None when every pixel of the tile was valid.
+    `masks` is [N, M, M] mask probabilities over each box (a detector called with
+    `paste_masks=False`), or, when `pasted`, [N, H, W] tile masks already thresholded;
+    `valid` is None when every pixel of the tile was valid.
     """
 
     window: tuple[int, int, int, int]
@@ -90,7 +90,7 @@ class TileDetections:
     scores: np.ndarray
     boxes: np.ndarray
     masks: np.ndarray
-    box_masks: bool
+    pasted: bool
     valid: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -101,7 +101,7 @@ def tile_instances(detections: TileDetections, mask_threshold: float, min_pixels
     """Paste (if needed), threshold and cut one tile's masks: its instances on the scene grid."""
     height, width = detections.window[2:]
     masks = detections.masks
-    if detections.box_masks:
+    if not detections.pasted:
         # torchvision's own paste, as the detector's `paste_masks=True` does
         pasted = paste_masks_in_image(torch.from_numpy(masks)[:, None], torch.from_numpy(detections.boxes),
                                       (height, width))[:, 0]

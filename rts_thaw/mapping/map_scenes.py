@@ -55,21 +55,28 @@ def load_model(ckpt_path: str | Path, device: torch.device) -> LoadedModel:
 
 def set_detection_limits(detector: torch.nn.Module, score_threshold: float | None = None,
                          max_detections: int | None = None, proposals: int | None = None) -> None:
-    """Make the heads keep exactly the detections that will be mapped (score >= threshold, at
-    most `max_detections` per tile; masks are computed only for those) and see `proposals` RPN
-    proposals per tile. The tiling config is the one place these are set; None keeps the
-    checkpoint's value."""
-    heads = getattr(detector, "roi_heads", None)
-    if heads is not None and score_threshold is not None and hasattr(heads, "score_thresh"):
-        heads.score_thresh = score_threshold
-    if heads is not None and max_detections is not None and hasattr(heads, "detections_per_img"):
-        heads.detections_per_img = max_detections
-    if proposals is not None:
-        rpn = getattr(detector, "rpn", None)
-        # torchvision's RegionProposalNetwork keeps its limits in this dict, with no setter
-        if not isinstance(getattr(rpn, "_post_nms_top_n", None), dict):
-            raise ValueError(f"tiling.proposals={proposals}: this model has no torchvision RPN to limit")
-        rpn._post_nms_top_n["testing"] = proposals
+    """Set what the heads keep (detections scoring >= `score_threshold`, at most `max_detections`
+    per tile: masks are computed only for those) and how many RPN proposals per tile they see.
+    The tiling config is the one place these are set; None means the checkpoint's own value,
+    also on a detector an earlier call changed."""
+    heads, rpn = getattr(detector, "roi_heads", None), getattr(detector, "rpn", None)
+    limits = {"score_threshold": (heads, "score_thresh"), "max_detections": (heads, "detections_per_img")}
+    # torchvision's RegionProposalNetwork keeps its test-time count in this dict, with no setter
+    has_rpn = isinstance(getattr(rpn, "_post_nms_top_n", None), dict)
+    if proposals is not None and not has_rpn:
+        raise ValueError(f"tiling.proposals={proposals}: this model has no torchvision RPN to limit")
+    own = getattr(detector, "_checkpoint_limits", None)
+    if own is None:  # the first call: remember the checkpoint's values, for None to restore
+        own = {name: getattr(module, attr) for name, (module, attr) in limits.items() if hasattr(module, attr)}
+        if has_rpn:
+            own["proposals"] = rpn._post_nms_top_n["testing"]
+        detector._checkpoint_limits = own
+    asked = {"score_threshold": score_threshold, "max_detections": max_detections, "proposals": proposals}
+    for name, (module, attr) in limits.items():
+        if name in own:
+            setattr(module, attr, own[name] if asked[name] is None else asked[name])
+    if has_rpn:
+        rpn._post_nms_top_n["testing"] = own["proposals"] if proposals is None else proposals
 
 
 def check_modalities(scenes: list[SceneSpec], modalities: list[str], source: Path) -> None:

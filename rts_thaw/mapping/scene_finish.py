@@ -29,7 +29,7 @@ from rts_thaw.mapping.vectorize import area_m2
 @dataclass
 class SceneJob:
     scene_id: str
-    tiles: list[TileDetections]  # every tile the model saw (empty ones were never read)
+    tiles: list[TileDetections]  # every tile the model saw (all-nodata tiles never reached it)
     transform: Affine
     crs_wkt: str
     shape: tuple[int, int]  # (height, width)

@@ -187,4 +187,4 @@ class CascadeRoIHeads(nn.Module):
             return
         mask_logits = self.mask_head(self.mask_roi_pool(features, boxes, image_sizes))
         for r, probs in zip(results, maskrcnn_inference(mask_logits, [r["labels"] for r in results])):
-            r["masks"] = probs  # [N, 1, M, M], pasted into the image by the detector
+            r["masks"] = probs  # [N, 1, M, M] over each box; the detector pastes them unless told not to

@@ -16,14 +16,14 @@ from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import paste_masks_in_image
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from rts_thaw.models.cascade import CascadeRoIHeads
 from rts_thaw.models.encoders import build_encoder, check_tile_size
 from rts_thaw.models.fusion import STACKED, build_fusion, uses_stacked_input
-from rts_thaw.models.heads import BoxHead, BoxPredictor, MaskHead
+from rts_thaw.models.heads import BoxHead, BoxPredictor, Float32RPNHead, MaskHead
 from rts_thaw.models.summary import parameter_summary
 
 NUM_CLASSES = 2  # background + rts
@@ -119,7 +119,7 @@ def build_rpn(channels: int, heads: Mapping[str, Any]) -> RegionProposalNetwork:
     sizes = tuple((int(s),) for s in heads["anchor_sizes"])
     anchors = AnchorGenerator(sizes, (tuple(float(a) for a in heads["aspect_ratios"]),) * len(sizes))
     return RegionProposalNetwork(
-        anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
+        anchors, Float32RPNHead(channels, anchors.num_anchors_per_location()[0]),
         fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=rpn["batch_size_per_image"],
         positive_fraction=0.5,
         pre_nms_top_n=dict(training=rpn["pre_nms_top_n_train"], testing=rpn["pre_nms_top_n_test"]),

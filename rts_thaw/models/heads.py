@@ -1,8 +1,20 @@
-"""Box and mask heads of the RoI stage, sized by config (light for CPU, detectron2 scale for GPU)."""
+"""Box and mask heads of the RoI stage, sized by config (light for CPU, detectron2 scale for GPU),
+and the RPN's head."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torchvision.models.detection.rpn import RPNHead
+
+
+class Float32RPNHead(RPNHead):
+    """torchvision's RPN head with float32 outputs under bfloat16 autocast. The RPN decodes its
+    proposals in the deltas' dtype, so bfloat16 deltas would put every proposal on a 1-2 px grid
+    at tile coordinates of 128-512. Same parameters (and checkpoint keys) as RPNHead."""
+
+    def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
 
 
 class BoxHead(nn.Module):
@@ -32,7 +44,10 @@ class BoxHead(nn.Module):
 
 
 class BoxPredictor(nn.Module):
-    """Class scores and one class-agnostic box delta per box (cascade stages share a box across classes)."""
+    """Class scores and one class-agnostic box delta per box (cascade stages share a box across classes).
+
+    Both in float32 even under bfloat16 autocast: boxes decoded from bfloat16 deltas land on a
+    grid of 1-2 px at tile coordinates of 128-512 (8 bits of mantissa)."""
 
     def __init__(self, in_dim: int, num_classes: int):
         super().__init__()
@@ -44,7 +59,7 @@ class BoxPredictor(nn.Module):
         nn.init.zeros_(self.bbox_pred.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cls_score(x), self.bbox_pred(x)
+        return self.cls_score(x).float(), self.bbox_pred(x).float()
 
 
 class MaskHead(nn.Module):
