@@ -89,7 +89,7 @@ def main() -> None:
 
     rows = [("pasted in the model, instances on the loop (torchvision-style)", pasted_by_model),
             ("unpasted, one copy per batch (rts_thaw)", unpasted),
-            ("  of which the writers now do: paste + instances", writers_paste)]
+            ("moved to the writer processes: paste + instances", writers_paste)]
     times = {label: [] for label, _ in rows}
     for _ in range(args.repeats):  # rows alternate, so load from other jobs hits them alike
         for label, work in rows:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -62,6 +63,8 @@ def main() -> None:
     p.add_argument("--proposals", nargs="+", type=int, required=True, help="counts to compare with the checkpoint's")
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--workers", type=int, default=0, help="tile-reading workers (8 on a 16-core GPU machine)")
+    p.add_argument("--write-workers", type=int, default=0, help="scene-finishing processes (0: a thread)")
     p.add_argument("--score-threshold", type=float, default=0.5)
     p.add_argument("--iou", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=2)
@@ -82,7 +85,8 @@ def main() -> None:
         for round_ in range(args.repeats):  # settings alternate, so load from other jobs hits them alike
             for n in settings:
                 tiling = TilingConfig(tile_size=model.tile_size, overlap=args.overlap, batch_size=args.batch_size,
-                                      num_workers=0, write_workers=0, score_threshold=args.score_threshold,
+                                      num_workers=args.workers, write_workers=args.write_workers,
+                                      score_threshold=args.score_threshold,
                                       proposals=n)
                 maps = work / f"maps_{n}_{round_}"
                 start = time.perf_counter()
@@ -98,9 +102,9 @@ def main() -> None:
           f"{first['true']} true slumps; score >= {args.score_threshold}; IoU >= {args.iou}; "
           f"median of {args.repeats} rounds")
     print(f"{'proposals per tile':<26} {'tiles/s':>8} {'speed':>6} {'mapped':>7} {'precision':>9} {'recall':>7} {'F1':>6}")
-    base = sorted(seconds[None])[len(seconds[None]) // 2]
+    base = statistics.median(seconds[None])
     for n in settings:
-        median = sorted(seconds[n])[len(seconds[n]) // 2]
+        median = statistics.median(seconds[n])
         s = scores[n]
         label = f"{own} (checkpoint's)" if n is None else str(n)
         print(f"{label:<26} {s['tiles'] / median:>8.2f} {base / median:>5.2f}x {s['mapped']:>7d} "

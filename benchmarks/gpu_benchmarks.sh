@@ -44,4 +44,4 @@ run predict_tiny_bf16 150 python benchmarks/bench_predict.py --device cuda --wor
 run train_512_bf16 150 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2 --precision bf16-mixed
 
 echo "== summary"
-grep -h -A8 "^device=\|^device:" "$logs"/*.log
+grep -h -A14 "^device=\|^device:\|^device " "$logs"/*.log
