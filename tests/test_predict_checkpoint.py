@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from rts_thaw import predict
 from rts_thaw.data.datamodule import RTSDataModule
-from rts_thaw.data.geotiff import load_scene_list
+from rts_thaw.data.geotiff import load_scene_list, tile_windows
 from rts_thaw.data.synthetic import WorldParams, generate_world
 from rts_thaw.eval.submission import validate_submission
 from rts_thaw.mapping.challenge import predict_challenge
@@ -240,6 +240,20 @@ def test_challenge_submission_validates(checkpoint, tmp_path):
         assert any("image_id is not in the test manifest" in p for p in problems)
     if any(r["image_id"] == 103 for r in submission):
         assert any("differs from the chip's H x W [41, 56]" in p for p in problems)
+
+    # tiling.proposals in challenge mode, on the same (reused) model: one proposal per tile caps
+    # each chip at one detection per tile; None then gives back the checkpoint's own count
+    def per_chip(proposals):
+        limited = TilingConfig(tile_size=model.tile_size, overlap=32, batch_size=2, num_workers=0, proposals=proposals)
+        out, _ = predict_challenge(model, data_cfg, "test", tmp_path / f"p{proposals}.json", torch.device("cpu"),
+                                   limited, score_threshold=0.0, progress=False)
+        results = json.loads(out.read_text())
+        return {image_id: sum(r["image_id"] == image_id for r in results) for image_id in sizes}
+
+    tiles = {i: len(tile_windows(w, h, model.tile_size, 32)) for i, (h, w) in sizes.items()}
+    one = per_chip(1)
+    assert all(one[i] <= tiles[i] for i in sizes) and sum(one.values()) > 0
+    assert per_chip(None) == {i: sum(r["image_id"] == i for r in submission) for i in sizes}
 
 
 def test_challenge_commands_on_the_exported_world(world, checkpoint, tmp_path, capsys):
