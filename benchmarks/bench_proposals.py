@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from rts_thaw.data.geotiff import load_scene_list
-from rts_thaw.eval.polygons import evaluate_polygons
+from rts_thaw.eval.polygons import evaluate_polygons, precision_recall_f1
 from rts_thaw.mapping.map_scenes import load_model, map_scenes, resolve_device
 from rts_thaw.mapping.scene_predictor import TilingConfig
 from rts_thaw.mapping.vector_io import read_layer
@@ -43,16 +43,14 @@ def scene_subset(scene_list: Path, splits: list[str], folder: Path) -> Path:
 
 
 def pooled_scores(summaries: list[dict], scenes: Path, maps: Path, iou: float) -> dict:
-    totals = {"true_positives": 0, "false_positives": 0, "false_negatives": 0}
+    totals = {"n_predicted": 0, "false_positives": 0, "n_true": 0, "true_positives": 0}
     for spec in load_scene_list(scenes):
         report = evaluate_polygons(read_layer(maps / f"{spec.id}.gpkg"), read_layer(spec.labels), iou)
         for key in totals:
             totals[key] += report[key]
-    tp, fp, fn = totals["true_positives"], totals["false_positives"], totals["false_negatives"]
-    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
-    return {"precision": precision, "recall": recall, "f1": f1, "true": tp + fn, "mapped": tp + fp,
-            "tiles": sum(s["tiles"] - s["empty_tiles"] for s in summaries)}
+    mapped, true = totals["n_predicted"], totals["n_true"]
+    scores = precision_recall_f1(mapped - totals["false_positives"], mapped, totals["true_positives"], true)
+    return {**scores, "true": true, "mapped": mapped, "tiles": sum(s["tiles"] - s["empty_tiles"] for s in summaries)}
 
 
 def main() -> None:

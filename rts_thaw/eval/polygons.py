@@ -34,6 +34,12 @@ def _f1(precision: float, recall: float) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def precision_recall_f1(matched_predicted: int, n_predicted: int, matched_true: int, n_true: int) -> dict:
+    """Precision, recall and F1 from match counts (NaN where a count it divides by is 0)."""
+    precision, recall = _ratio(matched_predicted, n_predicted), _ratio(matched_true, n_true)
+    return {"precision": precision, "recall": recall, "f1": _f1(precision, recall)}
+
+
 def match_polygons(predicted: Sequence, scores: Sequence[float], truth: Sequence,
                    iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Greedy matching; returns (index of the matched truth per prediction or -1,
@@ -90,8 +96,7 @@ def evaluate_polygons(predicted: VectorLayer, truth: VectorLayer, iou_threshold:
 
     def counts(pred_sel: np.ndarray, true_sel: np.ndarray) -> dict:
         tp_pred, tp_true = int((matched_truth[pred_sel] >= 0).sum()), int(true_found[true_sel].sum())
-        precision, recall = _ratio(tp_pred, int(pred_sel.sum())), _ratio(tp_true, int(true_sel.sum()))
-        return {"precision": precision, "recall": recall, "f1": _f1(precision, recall),
+        return {**precision_recall_f1(tp_pred, int(pred_sel.sum()), tp_true, int(true_sel.sum())),
                 "n_predicted": int(pred_sel.sum()), "n_true": int(true_sel.sum()),
                 "true_positives": tp_true, "false_positives": int(pred_sel.sum()) - tp_pred,
                 "false_negatives": int(true_sel.sum()) - tp_true}

@@ -96,6 +96,10 @@ class TileDetections:
     def __len__(self) -> int:
         return len(self.scores)
 
+    def valid_pixels(self) -> np.ndarray:
+        """[H, W] bool: where the tile's input was valid."""
+        return np.ones(self.window[2:], bool) if self.valid is None else self.valid
+
 
 def tile_instances(detections: TileDetections, mask_threshold: float, min_pixels: int = 4) -> list[SceneInstance]:
     """Paste (if needed), threshold and cut one tile's masks: its instances on the scene grid."""
@@ -106,6 +110,5 @@ def tile_instances(detections: TileDetections, mask_threshold: float, min_pixels
         pasted = paste_masks_in_image(torch.from_numpy(masks)[:, None], torch.from_numpy(detections.boxes),
                                       (height, width))[:, 0]
         masks = (pasted >= mask_threshold).numpy()
-    valid = np.ones((height, width), bool) if detections.valid is None else detections.valid
-    return instances_from_tile({"masks": masks, "scores": detections.scores}, detections.window, valid,
-                               detections.tile, min_pixels=min_pixels)
+    return instances_from_tile({"masks": masks, "scores": detections.scores}, detections.window,
+                               detections.valid_pixels(), detections.tile, min_pixels=min_pixels)

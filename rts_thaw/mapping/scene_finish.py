@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import shapely
 from affine import Affine
 from rasterio.transform import array_bounds
@@ -60,7 +59,7 @@ def finish_scene(job: SceneJob) -> dict:
         writer = ScoreRasterWriter(outputs.score_tif, width, height, job.transform, job.crs_wkt)
         try:
             for tile in job.tiles:
-                writer.mark_valid(tile.window, np.ones(tile.window[2:], bool) if tile.valid is None else tile.valid)
+                writer.mark_valid(tile.window, tile.valid_pixels())
             writer.add_instances(merged)
         except BaseException:
             writer.abort()
