@@ -13,6 +13,7 @@ in what the feeding loop does, and the last row is the pasting the writers now d
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -103,9 +104,9 @@ def main() -> None:
             times[label].append(time.perf_counter() - start)
     print(f"device {device}; {args.tiles} tiles of {args.tile_size} px x {args.detections} detections per batch; "
           f"median of {args.repeats}")
-    base = sorted(times[rows[0][0]])[args.repeats // 2]
+    base = statistics.median(times[rows[0][0]])
     for label, _ in rows:
-        median = sorted(times[label])[args.repeats // 2]
+        median = statistics.median(times[label])
         print(f"{label:<66} {median * 1000:8.2f} ms per batch  ({median / base:.2f}x)")
 
 
