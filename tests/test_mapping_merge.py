@@ -5,10 +5,11 @@ import pyproj
 import pytest
 import shapely
 from affine import Affine
+from rasterio.features import rasterize
 
 from rts_thaw.mapping.instances import instances_from_tile
 from rts_thaw.mapping.seam_merge import merge_across_seams
-from rts_thaw.mapping.vectorize import area_m2, instance_polygon
+from rts_thaw.mapping.vectorize import area_m2, instance_polygon, instance_polygons
 
 SIZE, TILE, STRIDE = 200, 64, 48
 TRANSFORM = Affine(4.0, 0, 500000.0, 0, -4.0, 7600000.0)  # 4 m pixels, north up
@@ -95,6 +96,30 @@ def test_holes_are_kept_and_multipart_is_one_feature():
     polygon = instance_polygon(merged[0], TRANSFORM)
     assert len(polygon.geoms) == 1 and len(polygon.geoms[0].interiors) == 1
     assert area_m2(polygon, CRS) == pytest.approx(ring.sum() * 16.0)
+
+
+def test_many_instances_vectorised_at_once_each_burn_back_to_their_mask():
+    """One call for a scene's instances (holes, several parts, overlapping instances):
+    each polygon, burnt back onto the grid, is exactly its instance's mask."""
+    ring = _ellipse(60, 60, 30, 30) & ~_ellipse(60, 60, 10, 10)
+    parts = _ellipse(150, 40, 12, 12) | _ellipse(150, 90, 8, 15)  # two regions, one instance
+    overlapping = _ellipse(70, 80, 20, 25)  # shares pixels with `ring`, as two detections can
+    single_pixel = np.zeros((SIZE, SIZE), bool)
+    single_pixel[190, 5] = True
+    truths = [ring, parts, overlapping, single_pixel]
+    instances = merge_across_seams([i for t in truths for i in instances_from_tile(
+        {"masks": t[None], "scores": np.array([0.8])}, (0, 0, SIZE, SIZE), np.ones((SIZE, SIZE), bool), tile=0,
+        min_pixels=1)])  # one tile: nothing merges
+    polygons = instance_polygons(instances, TRANSFORM)
+    assert len(polygons) == len(instances) == 4
+    for instance, polygon in zip(instances, polygons):
+        assert polygon.is_valid and isinstance(polygon, shapely.MultiPolygon)
+        burnt = rasterize([polygon], out_shape=(SIZE, SIZE), transform=TRANSFORM, dtype="uint8").astype(bool)
+        assert np.array_equal(burnt, _paint(instance))
+        assert polygon.equals_exact(instance_polygon(instance, TRANSFORM), 0)
+    assert sum(len(g.interiors) for p in polygons for g in p.geoms) == 1  # the ring's hole
+    assert sorted(len(p.geoms) for p in polygons) == [1, 1, 1, 2]
+    assert instance_polygons([], TRANSFORM) == []
 
 
 def test_geographic_area_is_geodesic():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from affine import Affine
 
 from rts_thaw.data.geotiff import SceneReader, SceneSpec, load_scene_list
 from rts_thaw.data.normalization import NormStats
@@ -79,6 +80,13 @@ def set_detection_limits(detector: torch.nn.Module, score_threshold: float | Non
         rpn._post_nms_top_n["testing"] = own["proposals"] if proposals is None else proposals
 
 
+def scene_grid(spec: SceneSpec, modalities: list[str]) -> tuple[str, Affine, tuple[int, int]]:
+    """(CRS as WKT, transform, (height, width)) of a scene's reference grid; opening the scene
+    checks that its modalities can be read and are aligned."""
+    with SceneReader(spec, modalities) as reader:
+        return reader.crs.to_wkt(), reader.transform, (reader.height, reader.width)
+
+
 def check_modalities(scenes: list[SceneSpec], modalities: list[str], source: Path) -> None:
     """Every scene must have every modality the model reads: checked before any work."""
     lacking = {s.id: sorted(set(modalities) - set(s.rasters)) for s in scenes if set(modalities) - set(s.rasters)}
@@ -105,11 +113,9 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
     output_dir.mkdir(parents=True, exist_ok=True)
     summaries = {s.id: {"scene_id": s.id, "status": "skipped (done)"} for s in scenes}
     todo = [s for s in scenes if not SceneOutputs(output_dir, s.id).done()]
-    grids = []
     for spec in todo:
         SceneOutputs(output_dir, spec.id).remove_leftovers()
-        with SceneReader(spec, list(model.detector.modalities)) as reader:
-            grids.append((reader.crs.to_wkt(), reader.transform, (reader.height, reader.width)))
+    grids = [scene_grid(spec, list(model.detector.modalities)) for spec in todo]  # bad scenes fail before any work
     index = {s.id: k for k, s in enumerate(todo)}
     started = time.perf_counter()
 
@@ -119,16 +125,18 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
                         geojson, score_raster, stats)
 
     futures = []
-    with _finisher(tiling.write_workers) as finisher:
-        for _ in range(tiling.write_workers if todo else 0):  # start the writers now, not at the first scene's end
-            finisher.submit(int)
-        try:
-            predict_scenes(model.detector, todo, [g[2] for g in grids], model.norm_stats, tiling, device,
-                           on_scene_done=lambda spec, tiles, stats: futures.append(
-                               finisher.submit(finish_scene, job(spec, tiles, stats))),
-                           progress=progress, precision=precision)
-        finally:
-            wait(futures)  # even when interrupted, scenes whose tiles all went through the model are written
+    finisher = _finisher(tiling.write_workers)
+    for _ in range(tiling.write_workers if todo else 0):  # start the writers now, not at the first scene's end
+        finisher.submit(int)
+    try:
+        predict_scenes(model.detector, todo, [g[2] for g in grids], model.norm_stats, tiling, device,
+                       on_scene_done=lambda spec, tiles, stats: futures.append(
+                           finisher.submit(finish_scene, job(spec, tiles, stats))),
+                       progress=progress, precision=precision)
+    finally:
+        wait(futures)  # even when interrupted, scenes whose tiles all went through the model are written
+        # every output is complete: the writers' exit (an interpreter's teardown each) need not hold up the caller
+        finisher.shutdown(wait=False)
     for future in futures:
         summary = future.result()
         summaries[summary["scene_id"]] = summary
@@ -142,12 +150,16 @@ def _finisher(workers: int) -> Executor:
         return ThreadPoolExecutor(max_workers=1)
     # spawn: the workers must not inherit this process's CUDA context or thread pools
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_die_with_parent)
+                               initializer=_start_writer)
 
 
-def _die_with_parent() -> None:
-    """A killed run leaves no writer behind to race its rerun (Linux; elsewhere writers finish
+def _start_writer() -> None:
+    """One thread per writer: the writers are the parallelism, and torch's default (a thread per
+    core in each of them) would crowd out the process that feeds the accelerator.
+
+    A killed run leaves no writer behind to race its rerun (Linux; elsewhere writers finish
     their scene, atomically, and exit)."""
+    torch.set_num_threads(1)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() == 1:  # the parent died before the line above

@@ -15,7 +15,7 @@ import numpy as np
 
 from rts_thaw.mapping.instances import SceneInstance
 from rts_thaw.mapping.vector_io import VectorLayer, remove_if_empty, write_layer
-from rts_thaw.mapping.vectorize import area_m2, instance_polygon
+from rts_thaw.mapping.vectorize import area_m2, instance_polygons
 
 
 def checkpoint_identity(ckpt_path: str | Path) -> str:
@@ -58,7 +58,7 @@ class SceneOutputs:
 
 
 def scene_layer(instances: list[SceneInstance], transform, crs, scene_id: str, model: str, ckpt: str) -> VectorLayer:
-    polygons = [instance_polygon(inst, transform) for inst in instances]
+    polygons = instance_polygons(instances, transform)
     n = len(polygons)
     crs = crs.to_wkt() if hasattr(crs, "to_wkt") else crs
     return VectorLayer(
