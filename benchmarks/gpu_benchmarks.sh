@@ -19,27 +19,30 @@ run() {  # run NAME SECONDS COMMAND...: log to $logs/NAME.log
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/gpu.txt"
 python -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)" | tee -a "$logs/gpu.txt"
 
-# Issue 3: a training step at 512 px, batch 8, MViTv2-T encoders with detectron2's R50-FPN cascade
-# heads (cascade_2fc: 2-fc 1024 box heads, no convs), beside torchvision; --flops adds GFLOP per
-# image (untimed), so img/s x GFLOP gives each model's sustained rate. Not measured on a GPU yet.
-run train_512_2fc 180 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2 --heads cascade_2fc --flops
-# Issue 6: whole-scene prediction vs forward only; paper-scale model at 256 px tiles (masks now
-# leave the GPU unpasted; the last GPU run predates that).
-run predict_tiny 200 python benchmarks/bench_predict.py --device cuda --world "$world" --scenes 16 --size 1024 \
-    --encoder mvitv2_tiny --heads cascade --tile-size 256 --batch-size 16 --workers 8 --write-workers 4
+# Issue 6: whole-scene prediction vs forward only; paper-scale model at 256 px tiles, every scene
+# listed 4 times (--repeat) so that the run's fixed costs weigh as in a long run. 2 detections per
+# tile first (still heavier than a trained model's load), then the 20-per-tile stress load.
+P="python benchmarks/bench_predict.py --device cuda --world $world --scenes 16 --size 1024 --encoder mvitv2_tiny \
+    --heads cascade --tile-size 256 --batch-size 16 --workers 8 --repeat 4"
+run predict_tiny_md2 150 $P --write-workers 4 --max-detections 2
+run predict_tiny_md20 130 $P --write-workers 8
 # Issue 6: the feeding loop's work per batch after the forward pass, pasted in the model vs handed over.
-run mask_handoff 60 python benchmarks/bench_mask_handoff.py --device cuda
-# Issue 3: the paper-scale step at 512 px, batch 8 (MViTv2-T, cascade heads), and where its time goes.
+run mask_handoff 60 python benchmarks/bench_mask_handoff.py --device cuda --repeats 10
+# Issue 3: a training step at 512 px, batch 8, with detectron2's R50-FPN cascade heads (cascade_2fc)
+# and with the paper's (cascade), beside torchvision; --flops adds GFLOP per image (untimed),
+# --breakdown the milliseconds of each part.
+run train_512_2fc 150 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2 --heads cascade_2fc --flops
+run train_512_2fc_breakdown 120 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2 --steps 5 \
+    --heads cascade_2fc --breakdown
 run train_512_fp32 150 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2
 run train_512_breakdown 150 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2 --steps 5 --breakdown
 # Issue 4: the same step at 256 px.
 run train_256_fp32 120 python benchmarks/bench_train_step.py --device cuda --size 256 --warmup 2
 # Issue 6, the light CPU-default model: the harder case for the pipeline (the model is fast).
 run predict_micro 150 python benchmarks/bench_predict.py --device cuda --world "$world" --scenes 16 --size 1024 \
-    --tile-size 128 --batch-size 32 --workers 8 --write-workers 4
+    --tile-size 128 --batch-size 32 --workers 8 --write-workers 8 --repeat 4
 # Issue 6 in bf16 autocast (prediction's precision=bf16-mixed).
-run predict_tiny_bf16 150 python benchmarks/bench_predict.py --device cuda --world "$world" --scenes 16 --size 1024 \
-    --encoder mvitv2_tiny --heads cascade --tile-size 256 --batch-size 16 --workers 8 --write-workers 4 --precision bf16-mixed
+run predict_tiny_bf16 150 $P --write-workers 4 --max-detections 2 --precision bf16-mixed
 # Issue 3 in bf16 autocast.
 run train_512_bf16 150 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2 --precision bf16-mixed
 
