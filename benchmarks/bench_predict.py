@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="32", help="both rows use it")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat {args.repeat}: list every scene at least once")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
