@@ -195,7 +195,9 @@ def main() -> None:
           + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     loop = stages["wait_for_tiles"] + stages["infer"]
     print(f"the model's loop (waiting for tiles + inference) {loop:.2f} s of the pipeline's {t_pipeline:.2f} s; "
-          f"outside it (start-up, finishing the scenes still being written at its end) {t_pipeline - loop:.2f} s")
+          f"outside it (start-up, finishing the scenes still being written at its end) {t_pipeline - loop:.2f} s; "
+          f"the first scene waited {summaries[0]['seconds']['wait_for_tiles']:.2f} s for its tiles "
+          f"(the reading workers' start)")
 
 
 if __name__ == "__main__":
