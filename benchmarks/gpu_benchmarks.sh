@@ -28,6 +28,8 @@ run predict_tiny_md2 150 $P --write-workers 4 --max-detections 2
 run predict_tiny_md20 130 $P --write-workers 8
 # Issue 6: the feeding loop's work per batch after the forward pass, pasted in the model vs handed over.
 run mask_handoff 60 python benchmarks/bench_mask_handoff.py --device cuda --repeats 10
+# Issue 6: the writers' cold start, fork server against spawn (CPU-side; 16 cores here).
+run writer_start 120 python benchmarks/bench_writer_start.py --writers 4 --rounds 3
 # Issue 3: a training step at 512 px, batch 8, with detectron2's R50-FPN cascade heads (cascade_2fc)
 # and with the paper's (cascade), beside torchvision; --flops adds GFLOP per image (untimed),
 # --breakdown the milliseconds of each part.

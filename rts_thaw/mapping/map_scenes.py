@@ -6,13 +6,8 @@ each scene's files appear only when complete, so a killed run resumes cleanly.
 
 from __future__ import annotations
 
-import ctypes
-import multiprocessing
-import os
-import signal
-import sys
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +20,7 @@ from rts_thaw.mapping.scene_finish import SceneJob, finish_scene
 from rts_thaw.mapping.scene_outputs import SceneOutputs, checkpoint_identity
 from rts_thaw.mapping.scene_predictor import TilingConfig, check_precision, predict_scenes
 from rts_thaw.mapping.shards import shard_scenes
+from rts_thaw.mapping.writer_pool import writer_pool
 
 
 @dataclass
@@ -125,7 +121,7 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
                         geojson, score_raster, stats)
 
     futures = []
-    finisher = _finisher(tiling.write_workers)
+    finisher = writer_pool(tiling.write_workers)
     for _ in range(tiling.write_workers if todo else 0):  # start the writers now, not at the first scene's end
         finisher.submit(int)
     try:
@@ -143,24 +139,3 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
     if todo and progress:
         print(f"mapped {len(todo)} scene(s) in {time.perf_counter() - started:.1f} s")
     return [summaries[s.id] for s in scenes]
-
-
-def _finisher(workers: int) -> Executor:
-    if workers <= 0:
-        return ThreadPoolExecutor(max_workers=1)
-    # spawn: the workers must not inherit this process's CUDA context or thread pools
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_writer)
-
-
-def _start_writer() -> None:
-    """One thread per writer: the writers are the parallelism, and torch's default (a thread per
-    core in each of them) would crowd out the process that feeds the accelerator.
-
-    A killed run leaves no writer behind to race its rerun (Linux; elsewhere writers finish
-    their scene, atomically, and exit)."""
-    torch.set_num_threads(1)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before the line above
-            os._exit(1)
