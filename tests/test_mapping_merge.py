@@ -9,7 +9,7 @@ from rasterio.features import rasterize
 
 from rts_thaw.mapping.instances import instances_from_tile
 from rts_thaw.mapping.seam_merge import merge_across_seams
-from rts_thaw.mapping.vectorize import area_m2, instance_polygon, instance_polygons
+from rts_thaw.mapping.vectorize import area_m2, instance_polygons
 
 SIZE, TILE, STRIDE = 200, 64, 48
 TRANSFORM = Affine(4.0, 0, 500000.0, 0, -4.0, 7600000.0)  # 4 m pixels, north up
@@ -58,7 +58,7 @@ def test_a_slump_across_tile_borders_becomes_one_instance_and_one_polygon():
     assert np.array_equal(_paint(merged[0]), slump)
     assert merged[0].n_tiles == len(tiles) and merged[0].score == pytest.approx(0.9)
 
-    polygon = instance_polygon(merged[0], TRANSFORM)
+    [polygon] = instance_polygons(merged, TRANSFORM)
     assert len(polygon.geoms) == 1
     assert area_m2(polygon, CRS) == pytest.approx(slump.sum() * 16.0)
     # georeferenced: the polygon's centroid is the ellipse centre on the map
@@ -93,7 +93,7 @@ def test_holes_are_kept_and_multipart_is_one_feature():
     ring = _ellipse(100, 100, 30, 30) & ~_ellipse(100, 100, 10, 10)
     merged = merge_across_seams(_perfect_tiles([ring]))
     assert len(merged) == 1
-    polygon = instance_polygon(merged[0], TRANSFORM)
+    [polygon] = instance_polygons(merged, TRANSFORM)
     assert len(polygon.geoms) == 1 and len(polygon.geoms[0].interiors) == 1
     assert area_m2(polygon, CRS) == pytest.approx(ring.sum() * 16.0)
 
@@ -116,7 +116,7 @@ def test_many_instances_vectorised_at_once_each_burn_back_to_their_mask():
         assert polygon.is_valid and isinstance(polygon, shapely.MultiPolygon)
         burnt = rasterize([polygon], out_shape=(SIZE, SIZE), transform=TRANSFORM, dtype="uint8").astype(bool)
         assert np.array_equal(burnt, _paint(instance))
-        assert polygon.equals_exact(instance_polygon(instance, TRANSFORM), 0)
+        assert polygon.equals_exact(instance_polygons([instance], TRANSFORM)[0], 0)  # alone, the same
     assert sum(len(g.interiors) for p in polygons for g in p.geoms) == 1  # the ring's hole
     assert sorted(len(p.geoms) for p in polygons) == [1, 1, 1, 2]
     assert instance_polygons([], TRANSFORM) == []

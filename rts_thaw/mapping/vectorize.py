@@ -34,10 +34,6 @@ def instance_polygons(instances: list[SceneInstance], transform: Affine) -> list
     return list(shapely.multipolygons(polygons, indices=polygon_instance))
 
 
-def instance_polygon(instance: SceneInstance, transform: Affine) -> shapely.MultiPolygon:
-    return instance_polygons([instance], transform)[0]
-
-
 @functools.lru_cache(maxsize=32)
 def _area_rule(crs_wkt: str):
     """(geodesic calculator or None, square metres per squared map unit) of a CRS; parsed once."""

@@ -53,20 +53,16 @@ def _end_with(pid: int) -> None:
     try:
         handle = os.pidfd_open(pid)  # Linux >= 5.3: readable once the process has ended
     except (AttributeError, OSError):
-        handle = None
-    if handle is not None:
-        select.select([handle], [], [])
-    else:
         while _running(pid):
             time.sleep(0.5)
+    else:
+        select.select([handle], [], [])
     os._exit(1)
 
 
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user: not our run any more
+    except (ProcessLookupError, PermissionError):  # gone, or the pid now belongs to another user
         return False
     return True
