@@ -182,6 +182,27 @@ def test_rerun_skips_done_scenes_and_cleans_leftovers(oracle_world, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene_a.gpkg", "scene_b.gpkg", "scene_c.gpkg"]
 
 
+@pytest.mark.parametrize("write_workers", [2, 0], ids=["writer_processes", "writer_thread"])
+def test_a_scene_that_cannot_be_written_names_itself_and_the_others_are_written(oracle_world, tmp_path,
+                                                                                write_workers):
+    scene_list, _ = oracle_world
+    out = tmp_path / "out"
+    (out / "scene_b.geojson").mkdir(parents=True)  # something in the way of scene_b's GeoJSON
+    tiling = TilingConfig(tile_size=64, overlap=16, batch_size=4, num_workers=0, score_threshold=0.5,
+                          write_workers=write_workers)
+    with pytest.raises(RuntimeError, match=r"out: 1 of 3 scene\(s\) could not be written \(the others were; a rerun "
+                                           r"redoes only these\): scene_b: \w+Error: .*scene_b\.geojson") as error:
+        map_scenes(_model(), scene_list, out, tiling, torch.device("cpu"), geojson=True, progress=False)
+    assert error.value.__cause__ is not None  # the writer's own error, with its traceback
+    assert sorted(p.name for p in out.glob("*.gpkg")) == ["scene_a.gpkg", "scene_c.gpkg"]
+    (out / "scene_b.geojson").rmdir()
+    oracle = BlobOracle()
+    summaries = map_scenes(_model(oracle), scene_list, out, tiling, torch.device("cpu"), geojson=True, progress=False)
+    assert [s["status"] for s in summaries] == ["skipped (done)", "done", "skipped (done)"]
+    assert oracle.tiles == 16 and read_layer(out / "scene_b.geojson").crs == read_layer(out / "scene_b.gpkg").crs
+    assert sorted(p.name for p in out.iterdir()) == [f"scene_{s}.{ext}" for s in "abc" for ext in ("geojson", "gpkg")]
+
+
 def test_missing_modality_is_an_error_before_any_work(tmp_path):
     entry = _write_scene(tmp_path / "s", "s", [])
     del entry["rasters"]["ndvi"]

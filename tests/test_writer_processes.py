@@ -1,15 +1,20 @@
-"""The processes that finish scenes: a mapping run killed outright leaves none of them behind
-(they would otherwise go on writing into a folder that a rerun is cleaning)."""
+"""The processes that finish scenes: handing a scene over never waits for them to start, and a
+mapping run killed outright leaves none of them behind (they would otherwise go on writing into
+a folder that a rerun is cleaning)."""
 
 import os
+import select
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
+
+from rts_thaw.mapping.writer_pool import writer_pool
 
 CHILD = textwrap.dedent("""
     import os, sys, time
@@ -26,6 +31,57 @@ CHILD = textwrap.dedent("""
             writers.submit(finish_slowly, sys.argv[1])
         time.sleep(600)
 """)
+
+
+GATED = textwrap.dedent("""
+    import sys, time
+    from rts_thaw.mapping import writer_pool as pool
+
+    if __name__ == "__main__":
+        pool.PRELOAD = pool.PRELOAD + ["closed_gate"]  # the writers' start waits at a gate
+        start = time.monotonic()
+        writers = pool.writer_pool(2)
+        written = writers.submit(len, "scene")
+        print(f"handed over after {time.monotonic() - start:.1f} s; written: {written.done()}", flush=True)
+        sys.stdin.readline()  # the test opens the gate
+        print("result", written.result(), flush=True)
+        writers.shutdown()
+""")
+
+
+def test_handing_a_scene_over_does_not_wait_for_the_writers_to_start(tmp_path):
+    gate = tmp_path / "open"
+    (tmp_path / "closed_gate.py").write_text(f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n"
+                                             f"    time.sleep(0.05)\n")
+    (tmp_path / "run.py").write_text(GATED)
+    # cwd: the fork server finds modules from its working directory, not from the run's sys.path
+    run = subprocess.Popen([sys.executable, "run.py"], cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        ready, _, _ = select.select([run.stdout], [], [], 60)
+        assert ready, "handing a scene over waited for the writers, whose start is held at the gate"
+        assert run.stdout.readline().endswith("written: False\n")
+        gate.touch()
+        run.stdin.write("\n")
+        run.stdin.flush()
+        assert run.stdout.readline() == "result 5\n"
+        assert run.wait(60) == 0
+    finally:
+        gate.touch()
+        run.kill()
+
+
+def test_a_writer_that_dies_stops_the_hand_over():
+    writers = writer_pool(2)
+    try:
+        died = writers.submit(os._exit, 1)  # as a writer killed for want of memory
+        with pytest.raises(BrokenProcessPool):
+            died.result(timeout=120)
+        # the run stops handing scenes over, instead of predicting scenes that nobody would write
+        with pytest.raises(BrokenProcessPool, match=r"a writer process ended abruptly .* a rerun resumes after them"):
+            writers.submit(int)
+    finally:
+        writers.shutdown()
 
 
 def _alive(pid: int) -> bool:

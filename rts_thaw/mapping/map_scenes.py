@@ -115,27 +115,30 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
     index = {s.id: k for k, s in enumerate(todo)}
     started = time.perf_counter()
 
-    def job(spec, tiles, stats) -> SceneJob:
-        crs_wkt, transform, shape = grids[index[spec.id]]
-        return SceneJob(spec.id, tiles, transform, crs_wkt, shape, output_dir, model.name, model.identity, tiling,
-                        geojson, score_raster, stats)
+    finishing = {}  # scene id -> the future of its writing
+    finisher = writer_pool(tiling.write_workers if todo else 0)  # they start now, beside the model's loop
 
-    futures = []
-    finisher = writer_pool(tiling.write_workers)
-    for _ in range(tiling.write_workers if todo else 0):  # start the writers now, not at the first scene's end
-        finisher.submit(int)
+    def hand_over(spec, tiles, stats) -> None:
+        crs_wkt, transform, shape = grids[index[spec.id]]
+        finishing[spec.id] = finisher.submit(finish_scene, SceneJob(
+            spec.id, tiles, transform, crs_wkt, shape, output_dir, model.name, model.identity, tiling, geojson,
+            score_raster, stats))
+
     try:
         predict_scenes(model.detector, todo, [g[2] for g in grids], model.norm_stats, tiling, device,
-                       on_scene_done=lambda spec, tiles, stats: futures.append(
-                           finisher.submit(finish_scene, job(spec, tiles, stats))),
-                       progress=progress, precision=precision)
+                       on_scene_done=hand_over, progress=progress, precision=precision)
     finally:
-        wait(futures)  # even when interrupted, scenes whose tiles all went through the model are written
+        wait(finishing.values())  # even when interrupted, scenes whose tiles all went through the model are written
         # every output is complete: the writers' exit (an interpreter's teardown each) need not hold up the caller
         finisher.shutdown(wait=False)
-    for future in futures:
-        summary = future.result()
-        summaries[summary["scene_id"]] = summary
+    failed = {scene_id: f.exception() for scene_id, f in finishing.items() if f.exception() is not None}
+    for scene_id, future in finishing.items():
+        if scene_id not in failed:
+            summaries[scene_id] = future.result()
+    if failed:
+        listed = "; ".join(f"{scene_id}: {type(e).__name__}: {e}" for scene_id, e in list(failed.items())[:5])
+        raise RuntimeError(f"{output_dir}: {len(failed)} of {len(finishing)} scene(s) could not be written "
+                           f"(the others were; a rerun redoes only these): {listed}") from next(iter(failed.values()))
     if todo and progress:
         print(f"mapped {len(todo)} scene(s) in {time.perf_counter() - started:.1f} s")
     return [summaries[s.id] for s in scenes]

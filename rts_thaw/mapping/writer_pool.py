@@ -6,6 +6,11 @@ and the rest once and forks each writer from itself; with spawn, every writer im
 them anew (`benchmarks/bench_writer_start.py`, 2 cores: 4 writers ready after 6.0 s
 instead of 13.8, and gone 0.06 s after shutdown instead of 3.8).
 
+Starting a process from the fork server waits until the server has imported all that:
+seconds (5.5 on 2 cores), which the loop that feeds the model must not spend. So the
+caller never talks to the processes itself: it hands each scene to a thread of the pool,
+which passes it on to a writer and waits for the result.
+
 A writer ends as soon as its run does, even a run killed outright: otherwise it would go
 on writing into a folder that the rerun is cleaning.
 """
@@ -18,7 +23,8 @@ import select
 import sys
 import threading
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
@@ -27,16 +33,47 @@ PRELOAD = ["rts_thaw.mapping.writer_pool", "rts_thaw.mapping.scene_finish"]
 
 
 def writer_pool(workers: int) -> Executor:
-    """`workers` writer processes; 0: one thread of this process instead."""
+    """`workers` writer processes, started now; 0: one thread of this process instead."""
     if workers <= 0:
         return ThreadPoolExecutor(max_workers=1)
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(PRELOAD)
-    else:
-        context = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_start_writer,
-                               initargs=(os.getpid(),))
+    return WriterPool(workers)
+
+
+class WriterPool(Executor):
+    """Writer processes behind as many hand-off threads: `submit` returns at once, also while
+    the processes are still starting."""
+
+    def __init__(self, workers: int):
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(PRELOAD)
+        else:
+            context = multiprocessing.get_context("spawn")
+        self._processes = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_start_writer,
+                                              initargs=(os.getpid(),))
+        self._handoff = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="writer-handoff")
+        self._broken: BrokenExecutor | None = None
+        for _ in range(workers):  # start every writer now, not when the first scene is done
+            self.submit(int)
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        if self._broken is not None:  # as ProcessPoolExecutor does: the caller stops handing work over
+            raise BrokenProcessPool("a writer process ended abruptly (killed, or out of memory?); the scenes "
+                                    "written so far are kept, and a rerun resumes after them") from self._broken
+        return self._handoff.submit(self._in_process, fn, args, kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Work already handed over is always done (a scene handed over is written);
+        `wait=False` spares only the wait for the processes' exit."""
+        self._handoff.shutdown(wait=True, cancel_futures=cancel_futures)
+        self._processes.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def _in_process(self, fn, args: tuple, kwargs: dict):
+        try:
+            return self._processes.submit(fn, *args, **kwargs).result()
+        except BrokenExecutor as error:
+            self._broken = error
+            raise
 
 
 def _start_writer(run_pid: int) -> None:
