@@ -25,10 +25,16 @@ python -c "import torch, torchvision, timm; print('torch', torch.__version__, 't
 P="python benchmarks/bench_predict.py --device cuda --world $world --scenes 16 --size 1024 --encoder mvitv2_tiny \
     --heads cascade --tile-size 256 --batch-size 16 --workers 8 --repeat 4"
 run predict_tiny_md2 150 $P --write-workers 4 --max-detections 2
+# The same load over a 4x longer run: what is left of the run's fixed costs (start-up, the last
+# scene's writing) against the steady state of a mapping run that lasts hours.
+run predict_tiny_md2_r16 260 ${P/--repeat 4/--repeat 16} --write-workers 4 --max-detections 2
+# Half the reading workers: half the processes forked from the (large) CUDA process at the start,
+# and less contention with the feeding loop, if 4 still keep ahead of the model.
+run predict_tiny_md2_read4 150 ${P/--workers 8/--workers 4} --write-workers 4 --max-detections 2
 run predict_tiny_md20 130 $P --write-workers 8
 # Issue 6: the feeding loop's work per batch after the forward pass, pasted in the model vs handed over.
 run mask_handoff 60 python benchmarks/bench_mask_handoff.py --device cuda --repeats 10
-# Issue 6: the writers' cold start, fork server against spawn (CPU-side; 16 cores here).
+# Issue 6: the writers' cold start: the caller held up, writers ready (CPU-side; 16 cores here).
 run writer_start 120 python benchmarks/bench_writer_start.py --writers 4 --rounds 3
 # Issue 3: a training step at 512 px, batch 8, with detectron2's R50-FPN cascade heads (cascade_2fc)
 # and with the paper's (cascade), beside torchvision; --flops adds GFLOP per image (untimed),
