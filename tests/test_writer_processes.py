@@ -34,7 +34,7 @@ CHILD = textwrap.dedent("""
 
 
 GATED = textwrap.dedent("""
-    import sys, time
+    import time
     from rts_thaw.mapping import writer_pool as pool
 
     if __name__ == "__main__":
@@ -43,8 +43,7 @@ GATED = textwrap.dedent("""
         writers = pool.writer_pool(2)
         written = writers.submit(len, "scene")
         print(f"handed over after {time.monotonic() - start:.1f} s; written: {written.done()}", flush=True)
-        sys.stdin.readline()  # the test opens the gate
-        print("result", written.result(), flush=True)
+        print("result", written.result(), flush=True)  # once the test opens the gate
         writers.shutdown()
 """)
 
@@ -54,16 +53,13 @@ def test_handing_a_scene_over_does_not_wait_for_the_writers_to_start(tmp_path):
     (tmp_path / "closed_gate.py").write_text(f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n"
                                              f"    time.sleep(0.05)\n")
     (tmp_path / "run.py").write_text(GATED)
-    # cwd: the fork server finds modules from its working directory, not from the run's sys.path
-    run = subprocess.Popen([sys.executable, "run.py"], cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                           text=True)
+    # cwd: the fork server looks for the gate's module in its working directory
+    run = subprocess.Popen([sys.executable, "run.py"], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
     try:
         ready, _, _ = select.select([run.stdout], [], [], 60)
         assert ready, "handing a scene over waited for the writers, whose start is held at the gate"
         assert run.stdout.readline().endswith("written: False\n")
         gate.touch()
-        run.stdin.write("\n")
-        run.stdin.flush()
         assert run.stdout.readline() == "result 5\n"
         assert run.wait(60) == 0
     finally:
