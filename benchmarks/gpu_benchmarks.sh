@@ -25,12 +25,15 @@ python -c "import torch, torchvision, timm; print('torch', torch.__version__, 't
 P="python benchmarks/bench_predict.py --device cuda --world $world --scenes 16 --size 1024 --encoder mvitv2_tiny \
     --heads cascade --tile-size 256 --batch-size 16 --workers 8 --repeat 4"
 run predict_tiny_md2 150 $P --write-workers 4 --max-detections 2
+# Two guesses at the 5% that inference loses to the rest of the pipeline, the same load each:
+# half the reading workers (fewer busy processes; do 4 still keep ahead of the model?), and
+# 2 torch threads in the mapping process (its pin-memory copies can run on torch's thread pool,
+# a thread per core by default, beside the thread that feeds the GPU).
+run predict_tiny_md2_read4 150 ${P/--workers 8/--workers 4} --write-workers 4 --max-detections 2
+run predict_tiny_md2_threads2 150 $P --write-workers 4 --max-detections 2 --threads 2
 # The same load over a 4x longer run: what is left of the run's fixed costs (start-up, the last
 # scene's writing) against the steady state of a mapping run that lasts hours.
 run predict_tiny_md2_r16 260 ${P/--repeat 4/--repeat 16} --write-workers 4 --max-detections 2
-# Half the reading workers: half the processes forked from the (large) CUDA process at the start,
-# and less contention with the feeding loop, if 4 still keep ahead of the model.
-run predict_tiny_md2_read4 150 ${P/--workers 8/--workers 4} --write-workers 4 --max-detections 2
 run predict_tiny_md20 130 $P --write-workers 8
 # Issue 6: the feeding loop's work per batch after the forward pass, pasted in the model vs handed over.
 run mask_handoff 60 python benchmarks/bench_mask_handoff.py --device cuda --repeats 10
