@@ -119,7 +119,8 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--write-workers", type=int, default=2, help="processes finishing scenes (0: a thread)")
+    parser.add_argument("--write-workers", type=int,
+                        help="processes finishing scenes (0: a thread; default: by device, as tiling.write_workers)")
     parser.add_argument("--max-detections", type=int, default=20)
     parser.add_argument("--proposals", type=int, help="RPN proposals per tile (default: the model's)")
     parser.add_argument("--device", default="auto")
@@ -178,7 +179,7 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; precision {args.precision}")
     listed = f" (each listed {args.repeat} times)" if args.repeat > 1 else ""
     print(f"{args.scenes} scenes{listed} of {args.size} px (4 m) = {km2:.2f} km2; {n_tiles} tiles of {args.tile_size} px, "
-          f"overlap {args.overlap}, batch {args.batch_size}, {args.workers} reading / {args.write_workers} writing workers; "
+          f"overlap {args.overlap}, batch {args.batch_size}, {args.workers} reading / {tiling.writer_count(device)} writing workers; "
           f"{raw} tile detections merged into {instances} slumps")
     rows = [("forward only (tiles in memory)", t_forward), ("pipeline read->infer->merge->write", t_pipeline)]
     print(f"{'':38s} {'seconds':>8s} {'tiles/s':>8s} {'km2/h':>10s}")
@@ -193,6 +194,9 @@ def main() -> None:
             stages[stage] = stages.get(stage, 0.0) + seconds
     print("pipeline stages (s; merge and write overlap the next scene's inference): "
           + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+    n_batches = args.repeat * len(batches)
+    print(f"inference inside the pipeline {stages['infer']:.2f} s against {t_forward:.2f} s alone: "
+          f"{1000 * (stages['infer'] - t_forward) / n_batches:+.1f} ms per batch of {n_batches}")
     loop = stages["wait_for_tiles"] + stages["infer"]
     print(f"the model's loop (waiting for tiles + inference) {loop:.2f} s of the pipeline's {t_pipeline:.2f} s; "
           f"outside it (start-up, finishing the scenes still being written at its end) {t_pipeline - loop:.2f} s; "

@@ -213,6 +213,13 @@ def test_missing_modality_is_an_error_before_any_work(tmp_path):
     assert oracle.calls == 0 and not (tmp_path / "out").exists()
 
 
+def test_writer_processes_by_default_on_an_accelerator_only():
+    default = TilingConfig(tile_size=128)
+    assert default.writer_count(torch.device("cpu")) == 0  # one thread
+    assert default.writer_count(torch.device("cuda")) == 2
+    assert TilingConfig(tile_size=128, write_workers=3).writer_count(torch.device("cpu")) == 3
+
+
 def test_overlap_must_be_smaller_than_the_tile():
     with pytest.raises(ValueError, match="tiling.overlap=64 must be at least 0 and smaller than the tile size 64"):
         TilingConfig(tile_size=64, overlap=64)

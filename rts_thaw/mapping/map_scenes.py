@@ -97,9 +97,9 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
                score_raster: bool = False, progress: bool = True, precision: str | int = "32") -> list[dict]:
     """Predict every scene of this shard that is not done yet; returns one summary per scene.
 
-    Pasting masks, merging, vectorising and writing a finished scene run in `tiling.write_workers`
-    separate processes (0: one background thread) while the model goes on with the
-    next scene's tiles.
+    Pasting masks, merging, vectorising and writing a finished scene run in
+    `tiling.writer_count(device)` separate processes (0: one background thread) while the
+    model goes on with the next scene's tiles.
     """
     check_precision(precision)
     scenes_path, output_dir = Path(scenes_path), Path(output_dir)
@@ -116,7 +116,7 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
     started = time.perf_counter()
 
     finishing = {}  # scene id -> the future of its writing
-    finisher = writer_pool(tiling.write_workers if todo else 0)  # they start now, beside the model's loop
+    finisher = writer_pool(tiling.writer_count(device) if todo else 0)  # they start now, beside the model's loop
 
     def hand_over(spec, tiles, stats) -> None:
         crs_wkt, transform, shape = grids[index[spec.id]]

@@ -1,7 +1,7 @@
 """Finishing one predicted scene: paste each tile's masks, merge across seams, vectorise, write.
 
-This is CPU work done while the model goes on with the next scenes, so it runs in
-separate processes (`tiling.write_workers`): in a thread of the inferring process it
+This is CPU work done while the model goes on with the next scenes, so on a GPU it runs
+in separate processes (`tiling.write_workers`): in a thread of the inferring process it
 would hold the interpreter lock against the loop that feeds the GPU, which on an H200
 cut the whole pipeline to a quarter of the model's speed. Everything a job needs
 travels in `SceneJob`, which pickles.
