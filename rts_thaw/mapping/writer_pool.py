@@ -3,8 +3,8 @@
 Writers must not inherit the mapping process's CUDA context or thread pools, so none is
 forked from it. Where it exists, a fork server (a fresh interpreter) imports torch, GDAL
 and the rest once and forks each writer from itself; with spawn, every writer imported
-them anew (`benchmarks/bench_writer_start.py`, 2 cores: 4 writers ready after 6.0 s
-instead of 13.8, and gone 0.06 s after shutdown instead of 3.8).
+them anew (`benchmarks/bench_writer_start.py`, 2 cores: 4 writers ready after 6.1 s
+instead of 13.6, and gone 0.04 s after shutdown instead of 4.0).
 
 Starting a process from the fork server waits until the server has imported all that:
 seconds (5.5 on 2 cores), which the loop that feeds the model must not spend. So the
