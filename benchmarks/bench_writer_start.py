@@ -34,9 +34,7 @@ def main(kind, writers):
     if kind == "writer_pool":
         executor = pool.writer_pool(writers)
     else:
-        context = multiprocessing.get_context(kind)
-        if kind == "forkserver":
-            context.set_forkserver_preload(pool.PRELOAD)
+        context = pool._writer_context() if kind == "forkserver" else multiprocessing.get_context(kind)
         executor = ProcessPoolExecutor(max_workers=writers, mp_context=context, initializer=pool._start_writer,
                                        initargs=(os.getpid(),))
     futures = [executor.submit(exec, TASK) for _ in range(writers * 2)]

@@ -131,10 +131,12 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
         wait(finishing.values())  # even when interrupted, scenes whose tiles all went through the model are written
         # every output is complete: the writers' exit (an interpreter's teardown each) need not hold up the caller
         finisher.shutdown(wait=False)
-    failed = {scene_id: f.exception() for scene_id, f in finishing.items() if f.exception() is not None}
+    failed = {}
     for scene_id, future in finishing.items():
-        if scene_id not in failed:
+        if future.exception() is None:
             summaries[scene_id] = future.result()
+        else:
+            failed[scene_id] = future.exception()
     if failed:
         listed = "; ".join(f"{scene_id}: {type(e).__name__}: {e}" for scene_id, e in list(failed.items())[:5])
         raise RuntimeError(f"{output_dir}: {len(failed)} of {len(finishing)} scene(s) could not be written "

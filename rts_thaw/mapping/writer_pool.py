@@ -44,13 +44,8 @@ class WriterPool(Executor):
     the processes are still starting."""
 
     def __init__(self, workers: int):
-        if "forkserver" in multiprocessing.get_all_start_methods():
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(PRELOAD)
-        else:
-            context = multiprocessing.get_context("spawn")
-        self._processes = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_start_writer,
-                                              initargs=(os.getpid(),))
+        self._processes = ProcessPoolExecutor(max_workers=workers, mp_context=_writer_context(),
+                                              initializer=_start_writer, initargs=(os.getpid(),))
         self._handoff = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="writer-handoff")
         self._broken: BrokenExecutor | None = None
         for _ in range(workers):  # start every writer now, not when the first scene is done
@@ -74,6 +69,15 @@ class WriterPool(Executor):
         except BrokenExecutor as error:
             self._broken = error
             raise
+
+
+def _writer_context() -> multiprocessing.context.BaseContext:
+    """The fork server, preloaded with what a writer runs; spawn where there is none."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
 
 
 def _start_writer(run_pid: int) -> None:
