@@ -19,6 +19,9 @@ generated world in DIR and reuses it on the next run (large scenes take a minute
 `--repeat N` lists every scene N times (under distinct ids, same rasters), so that a long run's
 steady state outweighs the pipeline's start-up and its last scene's finishing, as in a large
 mapping run; the forward-only row then runs the same tiles N times too.
+`--rounds R` runs the forward-only pass and the pipeline R times, alternating, and compares
+their totals: on the H200 the forward rate alone varied from 72.6 to 85.4 tiles/s between
+runs of the same command, so one pass of each can put a drift of the device into the ratio.
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=2)
     parser.add_argument("--size", type=int, default=512, help="scene side in 4 m pixels")
     parser.add_argument("--repeat", type=int, default=1, help="list every scene this many times (see above)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate forward-only and pipeline passes (see above)")
     parser.add_argument("--tile-size", type=int, help="default: the checkpoint's, or 128 for a random model")
     parser.add_argument("--overlap", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -129,6 +133,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error(f"--repeat {args.repeat}: list every scene at least once")
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: run at least one round")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -161,15 +167,22 @@ def main() -> None:
         log(f"read {len(batches)} batches into memory")
         n_tiles = args.repeat * sum(len(b["scene"]) for b in batches)
         forward_only(model, batches[:2], device, args.precision)  # warm-up (allocator, cuDNN autotune)
-        t_forward = forward_only(model, batches * args.repeat, device, args.precision)
-        log(f"forward only: {t_forward:.2f} s")
-
         mapped = repeated_scene_list(scene_list, args.repeat, work) if args.repeat > 1 else scene_list
-        start = time.perf_counter()
-        summaries = map_scenes(model, mapped, work / "out", tiling, device, progress=False, precision=args.precision)
-        sync(device)
-        t_pipeline = time.perf_counter() - start
-        km2 = sum(s["km2"] for s in summaries)
+        rounds, stages = [], {}
+        for r in range(args.rounds):
+            t_forward = forward_only(model, batches * args.repeat, device, args.precision)
+            log(f"round {r + 1}: forward only {t_forward:.2f} s")
+            start = time.perf_counter()  # a fresh output folder: a done scene would be skipped
+            summaries = map_scenes(model, mapped, work / f"out{r}", tiling, device, progress=False,
+                                   precision=args.precision)
+            sync(device)
+            rounds.append((t_forward, time.perf_counter() - start))
+            log(f"round {r + 1}: pipeline {rounds[-1][1]:.2f} s")
+            for summary in summaries:
+                for stage, seconds in summary["seconds"].items():
+                    stages[stage] = stages.get(stage, 0.0) + seconds
+        t_forward, t_pipeline = (sum(times) for times in zip(*rounds))
+        km2 = args.rounds * sum(s["km2"] for s in summaries)
         instances = sum(s["instances"] for s in summaries)
         raw = sum(s["raw_instances"] for s in summaries)
     finally:
@@ -178,30 +191,31 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"device: {name}; torch {torch.__version__}; precision {args.precision}")
     listed = f" (each listed {args.repeat} times)" if args.repeat > 1 else ""
-    print(f"{args.scenes} scenes{listed} of {args.size} px (4 m) = {km2:.2f} km2; {n_tiles} tiles of {args.tile_size} px, "
+    n_tiles *= args.rounds
+    rounds_note = f"; {args.rounds} rounds, totals" if args.rounds > 1 else ""
+    print(f"{args.scenes} scenes{listed} of {args.size} px (4 m){rounds_note} = {km2:.2f} km2; {n_tiles} tiles of {args.tile_size} px, "
           f"overlap {args.overlap}, batch {args.batch_size}, {args.workers} reading / {tiling.writer_count(device)} writing workers; "
-          f"{raw} tile detections merged into {instances} slumps")
+          f"{raw} tile detections merged into {instances} slumps{' per round' if args.rounds > 1 else ''}")
     rows = [("forward only (tiles in memory)", t_forward), ("pipeline read->infer->merge->write", t_pipeline)]
     print(f"{'':38s} {'seconds':>8s} {'tiles/s':>8s} {'km2/h':>10s}")
     for label, seconds in rows:
         print(f"{label:38s} {seconds:8.2f} {n_tiles / seconds:8.2f} {km2 / seconds * 3600:10.1f}")
     ratio = t_forward / t_pipeline
     print(f"pipeline / forward-only throughput: {100 * ratio:.1f}%")
+    if args.rounds > 1:
+        print("by round (forward s, pipeline s, ratio): " + "; ".join(
+            f"{f:.2f}, {p:.2f}, {100 * f / p:.1f}%" for f, p in rounds))
     print(f"device-hours per million km2 at this tile size: {1e6 / (km2 / t_pipeline * 3600):.0f}")
-    stages = {}
-    for summary in summaries:
-        for stage, seconds in summary["seconds"].items():
-            stages[stage] = stages.get(stage, 0.0) + seconds
     print("pipeline stages (s; merge and write overlap the next scene's inference): "
           + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
-    n_batches = args.repeat * len(batches)
+    n_batches = args.rounds * args.repeat * len(batches)
     print(f"inference inside the pipeline {stages['infer']:.2f} s against {t_forward:.2f} s alone: "
           f"{1000 * (stages['infer'] - t_forward) / n_batches:+.1f} ms per batch of {n_batches}")
     loop = stages["wait_for_tiles"] + stages["infer"]
     print(f"the model's loop (waiting for tiles + inference) {loop:.2f} s of the pipeline's {t_pipeline:.2f} s; "
           f"outside it (start-up, finishing the scenes still being written at its end) {t_pipeline - loop:.2f} s; "
-          f"the first scene waited {summaries[0]['seconds']['wait_for_tiles']:.2f} s for its tiles "
-          f"(the reading workers' start)")
+          f"the first scene{' of the last round' if args.rounds > 1 else ''} waited "
+          f"{summaries[0]['seconds']['wait_for_tiles']:.2f} s for its tiles (the reading workers' start)")
 
 
 if __name__ == "__main__":

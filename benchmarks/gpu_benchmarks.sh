@@ -20,25 +20,27 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)" | tee -a "$logs/gpu.txt"
 
 # Issue 6: whole-scene prediction vs forward only; paper-scale model at 256 px tiles, every scene
-# listed 4 times (--repeat) so that the run's fixed costs weigh as in a long run. 2 detections per
-# tile first (still heavier than a trained model's load), then the 20-per-tile stress load.
+# listed 4 times (--repeat). 2 detections per tile first (still heavier than a trained model's
+# load), then the 20-per-tile stress load.
 P="python benchmarks/bench_predict.py --device cuda --world $world --scenes 16 --size 1024 --encoder mvitv2_tiny \
     --heads cascade --tile-size 256 --batch-size 16 --workers 8 --repeat 4"
-run predict_tiny_md2 150 $P --write-workers 4 --max-detections 2
-# Two guesses at the 5% that inference loses to the rest of the pipeline, the same load each:
-# half the reading workers (fewer busy processes; do 4 still keep ahead of the model?), and
-# 2 torch threads in the mapping process (its pin-memory copies can run on torch's thread pool,
-# a thread per core by default, beside the thread that feeds the GPU).
-run predict_tiny_md2_read4 150 ${P/--workers 8/--workers 4} --write-workers 4 --max-detections 2
-run predict_tiny_md2_threads2 150 $P --write-workers 4 --max-detections 2 --threads 2
-# The same load over a 4x longer run: what is left of the run's fixed costs (start-up, the last
-# scene's writing) against the steady state of a mapping run that lasts hours.
+# 3 rounds alternate the forward-only pass and the pipeline: the forward rate alone varied from
+# 72.6 to 85.4 tiles/s between runs of one command on the H200, so one pass of each can put the
+# device's drift into the ratio.
+run predict_tiny_md2 220 $P --write-workers 4 --max-detections 2 --rounds 3
+# Fewer torch threads in the mapping process (its pin-memory copies use torch's thread pool, a
+# thread per core by default, beside 8 reading and 4 writing processes): single runs on the
+# H200 gave +3.4..+11.5 ms per batch of inference with 2 threads against +15..+24 with the default.
+run predict_tiny_md2_threads2 220 $P --write-workers 4 --max-detections 2 --rounds 3 --threads 2
+run predict_tiny_md2_threads1 220 $P --write-workers 4 --max-detections 2 --rounds 3 --threads 1
+# The same load over a 4x longer run: the run's fixed costs (start-up, the last scene's
+# writing) weigh as little as in a mapping run that lasts hours (98.7% in one run on the H200).
 run predict_tiny_md2_r16 260 ${P/--repeat 4/--repeat 16} --write-workers 4 --max-detections 2
 run predict_tiny_md20 130 $P --write-workers 8
 # Issue 6: the feeding loop's work per batch after the forward pass, pasted in the model vs handed over.
 run mask_handoff 60 python benchmarks/bench_mask_handoff.py --device cuda --repeats 10
 # Issue 6: the writers' cold start: the caller held up, writers ready (CPU-side; 16 cores here).
-run writer_start 120 python benchmarks/bench_writer_start.py --writers 4 --rounds 3
+run writer_start 150 python benchmarks/bench_writer_start.py --writers 4 --rounds 3
 # Issue 3: a training step at 512 px, batch 8, with detectron2's R50-FPN cascade heads (cascade_2fc)
 # and with the paper's (cascade), beside torchvision; --flops adds GFLOP per image (untimed),
 # --breakdown the milliseconds of each part.
