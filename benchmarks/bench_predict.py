@@ -165,14 +165,15 @@ def main() -> None:
 
         batches = in_memory_batches(scenes, model, tiling)
         log(f"read {len(batches)} batches into memory")
-        n_tiles = args.repeat * sum(len(b["scene"]) for b in batches)
+        n_tiles = args.rounds * args.repeat * sum(len(b["scene"]) for b in batches)  # over all rounds
         forward_only(model, batches[:2], device, args.precision)  # warm-up (allocator, cuDNN autotune)
         mapped = repeated_scene_list(scene_list, args.repeat, work) if args.repeat > 1 else scene_list
         rounds, stages = [], {}
         for r in range(args.rounds):
             t_forward = forward_only(model, batches * args.repeat, device, args.precision)
             log(f"round {r + 1}: forward only {t_forward:.2f} s")
-            start = time.perf_counter()  # a fresh output folder: a done scene would be skipped
+            start = time.perf_counter()
+            # a fresh output folder each round: scenes already done would be skipped
             summaries = map_scenes(model, mapped, work / f"out{r}", tiling, device, progress=False,
                                    precision=args.precision)
             sync(device)
@@ -191,7 +192,6 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"device: {name}; torch {torch.__version__}; precision {args.precision}")
     listed = f" (each listed {args.repeat} times)" if args.repeat > 1 else ""
-    n_tiles *= args.rounds
     rounds_note = f"; {args.rounds} rounds, totals" if args.rounds > 1 else ""
     print(f"{args.scenes} scenes{listed} of {args.size} px (4 m){rounds_note} = {km2:.2f} km2; {n_tiles} tiles of {args.tile_size} px, "
           f"overlap {args.overlap}, batch {args.batch_size}, {args.workers} reading / {tiling.writer_count(device)} writing workers; "
