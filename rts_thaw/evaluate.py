@@ -23,9 +23,11 @@ def evaluate_checkpoint_mode(cfg: DictConfig) -> dict:
         split=cfg.split,
         preset=cfg.preset,
         trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True),
+        missing_modalities=list(cfg.missing_modalities or []),
     )
-    output = write_json_atomic(cfg.output, {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, "metrics": metrics},
-                               sort_keys=True)
+    output = write_json_atomic(cfg.output, {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split,
+                                            "missing_modalities": list(cfg.missing_modalities or []),
+                                            "metrics": metrics}, sort_keys=True)
     for name, value in metrics.items():
         print(f"{name:>12}: {'-' if math.isnan(value) else f'{100 * value:.2f}'}")
     print(f"metrics written to {output}")

@@ -19,7 +19,8 @@ def three_modalities():
     return {"rgb": RGB_CH, "ndvi": [8, 16, 32, 64], "nir": [8, 16, 32, 64]}
 
 
-@pytest.mark.parametrize("name", ["concat_conv", "cross_attention", "residual_cross_attention"])
+@pytest.mark.parametrize("name", ["concat_conv", "cross_attention", "residual_cross_attention",
+                                  "gated_local_attention"])
 @pytest.mark.parametrize("aux", [["ndvi"], ["ndvi", "nir"], ["ndvi", "nir", "dem", "ndwi"]])
 def test_feature_fusions_return_rgb_strides_and_channels_for_any_number_of_aux(name, aux):
     channels = {"rgb": RGB_CH, **{m: [8, 16, 32, 64] for m in aux}}
@@ -38,9 +39,10 @@ def test_passthrough_variants():
     assert build_fusion({"name": "data_level"}, {"stacked": RGB_CH})({"stacked": rgb}) == rgb
 
 
-def test_residual_fusion_starts_as_the_rgb_features_and_then_uses_the_aux_modalities():
+@pytest.mark.parametrize("name", ["residual_cross_attention", "gated_local_attention"])
+def test_residual_fusion_starts_as_the_rgb_features_and_then_uses_the_aux_modalities(name):
     channels = three_modalities()
-    fusion = build_fusion({"name": "residual_cross_attention"}, channels)
+    fusion = build_fusion({"name": name}, channels)
     inputs = {m: feats(c, seed=i) for i, (m, c) in enumerate(channels.items())}
     for o, r in zip(fusion(inputs), inputs["rgb"]):
         torch.testing.assert_close(o, r)  # stage 2 starts from the stage-1 RGB model

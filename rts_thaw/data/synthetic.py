@@ -13,9 +13,16 @@ modality's own grid, as real sensors would see the same ground:
 - rts.gpkg: one polygon per slump, in the scene CRS
 
 Slumps are bare, low-NDVI, medium-NIR scars cut into slopes with a head scarp in the
-DEM. Distractors (turbid water, gravel bars, burned tundra) are painted with the
-*same* RGB palette and often the same shapes, but differ in NDVI, NIR and elevation,
-so RGB alone is ambiguous and the auxiliary modalities carry the missing evidence.
+DEM. Distractors (turbid water, gravel bars, burned tundra) often share the slump
+shape, and differ in NDVI, NIR and elevation. Two parameters set how much each
+sensor can tell on its own (`WorldParams`, named presets in `WORLDS`):
+
+- `rgb_separability` (0..1): how far each look-alike's colour moves from the slumps'
+  bare-ground brown towards its own (dark turbid water, pale gravel, charred burns).
+  0 is the *auxiliary-decisive* world (same palette: RGB alone is ambiguous);
+- `aux_resolution` (m): the NIR/NDVI pixel size. Sentinel-2's 10 m blurs small
+  slumps away, as in the paper's data, where high-resolution RGB alone is the
+  strongest input and NDVI/NIR/DEM resolve its confusions (the *paper-like* world).
 """
 
 from __future__ import annotations
@@ -55,6 +62,10 @@ MODALITIES = ("rgb", "nir", "ndvi", "dem")
 # RTS and its look-alikes share the "disturbed ground" RGB palette on purpose.
 TUNDRA, WATER, GRAVEL, BURN, SNOW, RTS = range(6)
 DISTURBED_RGB = np.array([138.0, 120.0, 100.0])
+# Where each look-alike's colour goes as `rgb_separability` rises to 1: turbid water is
+# darker and bluer, gravel paler and greyer, burns charred (as in sub-metre to 4 m RGB).
+OWN_RGB = {WATER: np.array([78.0, 92.0, 104.0]), GRAVEL: np.array([178.0, 172.0, 160.0]),
+           BURN: np.array([72.0, 62.0, 54.0])}
 SIGNATURE = {
     WATER: (-0.30, 0.04, -1.0),
     GRAVEL: (0.04, 0.42, 0.0),
@@ -73,10 +84,34 @@ class WorldParams:
     seed: int = 0
     rts_per_scene: tuple[int, int] = (6, 10)
     distractors_per_scene: tuple[int, int] = (6, 10)
+    rgb_separability: float = 0.0  # 0: look-alikes share the slumps' colour; 1: each has its own
+    aux_resolution: float = 3.0  # NIR/NDVI pixel size, m (Sentinel-2: 10)
+
+    def __post_init__(self):
+        if not 0.0 <= self.rgb_separability <= 1.0:
+            raise ValueError(f"rgb_separability must be in [0, 1], got {self.rgb_separability}")
+        if self.aux_resolution < TRUTH_RES:
+            raise ValueError(f"aux_resolution must be at least the truth grid's {TRUTH_RES} m, "
+                             f"got {self.aux_resolution}")
+
+    @classmethod
+    def named(cls, world: str, **others) -> "WorldParams":
+        if world not in WORLDS:
+            raise ValueError(f"unknown synthetic world '{world}'; choose one of {sorted(WORLDS)}")
+        return cls(**{**WORLDS[world], **others})
 
     def key(self) -> str:
         blob = json.dumps({**asdict(self), "version": GENERATOR_VERSION}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+# The two worlds of the fusion table (docs/fusion.md). Set from what the sensors show, not
+# from what a fusion needs: in the paper's data high-resolution RGB alone is the strongest
+# input and 10 m NDVI/NIR resolve its confusions; the default world makes them decisive.
+WORLDS = {
+    "auxiliary_decisive": {"rgb_separability": 0.0, "aux_resolution": 3.0},
+    "paper_like": {"rgb_separability": 0.6, "aux_resolution": 10.0},
+}
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -326,7 +361,10 @@ def _draw_scene(rng: np.random.Generator, params: WorldParams, x0: float, y0: fl
         if kind == SNOW:
             return np.array([228.0, 233.0, 238.0]) + rng.normal(0, 5, 3)
         brightness = rng.uniform(0.85, 1.15)
-        return DISTURBED_RGB * brightness + rng.normal(0, 10, 3)
+        base = DISTURBED_RGB
+        if kind in OWN_RGB:
+            base = base + params.rgb_separability * (OWN_RGB[kind] - DISTURBED_RGB)
+        return base * brightness + rng.normal(0, 10, 3)
 
     to_utm = lambda g: translate(scale(g, 1, -1, origin=(0, 0)), x0, y0)  # noqa: E731  local (y down) -> UTM
     painted = [
@@ -417,17 +455,25 @@ def _generate_scene(scene_dir: Path, params: WorldParams, index: int) -> None:
         rgb[:, cols + rows < params.size * rng.uniform(0.15, 0.3)] = 0
     _write(scene_dir / "rgb.tif", rgb, UTM_CRS, rgb_tf, 0, "uint8")
 
-    # NIR and NDVI on a 3 m grid shifted off the RGB one, as a second sensor's would be.
-    nir_tf = Affine(NIR_RES, 0.0, x0 - 7.3, 0.0, -NIR_RES, y0 + 5.1)
-    n_nir = int(math.ceil((extent + 12) / NIR_RES))
+    # NIR and NDVI on their own grid (3 m by default) shifted off the RGB one, as a second
+    # sensor's would be.
+    aux_res = params.aux_resolution
+    nir_tf = Affine(aux_res, 0.0, x0 - 7.3, 0.0, -aux_res, y0 + 5.1)
+    n_nir = int(math.ceil((extent + 12) / aux_res))
     xs, ys = _grid_coords(nir_tf, n_nir, n_nir)
-    nir = canvas.sample(canvas.nir, xs, ys) * canvas.sample(canvas.shade, xs, ys)
+
+    def seen(field):
+        if aux_res > NIR_RES:  # a pixel much coarser than the truth grid averages its footprint
+            field = ndimage.uniform_filter(field, int(round(aux_res / TRUTH_RES)), mode="nearest")
+        return canvas.sample(field, xs, ys)
+
+    nir = seen(canvas.nir) * seen(canvas.shade)
     nir = nir + rng.normal(0, 0.008, nir.shape)
     cloud = canvas.sample(canvas.cloud.astype(float), xs, ys) > 0.5
     nir = np.where(cloud, 0.55, nir)
     nir_dn = np.where(np.isnan(nir), 0, np.clip(np.round(nir * 10000), 1, 65535))
     _write(scene_dir / "nir.tif", nir_dn[None], UTM_CRS, nir_tf, 0, "uint16")
-    ndvi = canvas.sample(canvas.ndvi, xs, ys) + rng.normal(0, 0.015, nir.shape)
+    ndvi = seen(canvas.ndvi) + rng.normal(0, 0.015, nir.shape)
     ndvi = np.where(cloud, np.nan, np.clip(ndvi, -1, 1))  # clouds are masked out of NDVI
     _write(scene_dir / "ndvi.tif", ndvi[None], UTM_CRS, nir_tf, np.nan, "float32")
 
@@ -499,14 +545,23 @@ def ensure_world(
     size: int = 512,
     rts_per_scene: tuple[int, int] | list[int] = WorldParams.rts_per_scene,
     distractors_per_scene: tuple[int, int] | list[int] = WorldParams.distractors_per_scene,
+    world: str = "auxiliary_decisive",
+    rgb_separability: float | None = None,
+    aux_resolution: float | None = None,
 ) -> str:
     """Generate the world once under `root/synthetic_<key>` and return its scene list path.
+
+    `world` names a preset of `WORLDS`; `rgb_separability` and `aux_resolution`, where
+    given, replace the preset's value.
 
     Safe when several processes start at once (sweep jobs): each writes to its own
     temporary directory and renames it into place; the loser of the race keeps the
     winner's copy.
     """
-    params = WorldParams(scenes, size, seed, tuple(rts_per_scene), tuple(distractors_per_scene))
+    sensors = {k: float(v) for k, v in (("rgb_separability", rgb_separability),
+                                        ("aux_resolution", aux_resolution)) if v is not None}
+    params = WorldParams.named(world, scenes=scenes, size=size, seed=seed, rts_per_scene=tuple(rts_per_scene),
+                               distractors_per_scene=tuple(distractors_per_scene), **sensors)
     root = Path(root).expanduser()
     target = root / f"synthetic_{params.key()}"
     scene_list = target / "scenes.yaml"
@@ -533,12 +588,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenes", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=512, help="RGB pixels per scene side (4 m)")
+    parser.add_argument("--world", choices=sorted(WORLDS), default="auxiliary_decisive",
+                        help="what each sensor can tell on its own (module docstring)")
     parser.add_argument("--workers", type=int, default=1, help="scenes drawn in parallel processes")
     parser.add_argument("--coco-chips", help="also export the world as COCO chip folders here")
     parser.add_argument("--challenge", help="also export the world as a challenge-style .npz release here")
     args = parser.parse_args(argv)
-    scene_list = generate_world(args.out, WorldParams(scenes=args.scenes, size=args.size, seed=args.seed),
-                                workers=args.workers)
+    params = WorldParams.named(args.world, scenes=args.scenes, size=args.size, seed=args.seed)
+    scene_list = generate_world(args.out, params, workers=args.workers)
     print(f"scene list: {scene_list}")
     if args.coco_chips or args.challenge:
         from rts_thaw.data import export

@@ -50,32 +50,60 @@ class MultiModalDetector(nn.Module):
         return parameter_summary(self, PARTS)
 
     def _check_images(self, images: Mapping[str, torch.Tensor]) -> None:
-        missing = [m for m in self.modalities if m not in images]
-        if missing:
-            raise ValueError(f"detector needs modalities {self.modalities}; the batch lacks {missing} "
-                             f"(it has {list(images)})")
-        for m, c in self.modality_channels.items():
-            if images[m].dim() != 4 or images[m].shape[1] != c:
-                raise ValueError(f"modality '{m}' must be [B,{c},H,W], got {tuple(images[m].shape)}")
+        for m, x in images.items():
+            c = self.modality_channels.get(m)
+            if c is not None and (x.dim() != 4 or x.shape[1] != c):
+                raise ValueError(f"modality '{m}' must be [B,{c},H,W], got {tuple(x.shape)}")
 
-    def extract_features(self, images: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
-        """Encode every modality, fuse, and build the FPN pyramid."""
+    def _complete(self, images: Mapping[str, torch.Tensor], available: Mapping[str, torch.Tensor] | None):
+        """Every modality's input and, per auxiliary modality, which images have it.
+
+        A modality absent from `images` is unavailable for the whole batch; its encoder
+        sees zeros (the normalised mean) and the fusion leaves its term out. Only a fusion
+        that `skips_missing` can do that: the others, and the reference, are refused.
+        """
         self._check_images(images)
+        absent = [m for m in self.modalities if m not in images]
+        flagged = [m for m, has in (available or {}).items() if m in self.modality_channels and not bool(has.all())]
+        missing = sorted(set(absent) | set(flagged))
+        if not missing:
+            return images, None
+        reference = getattr(self.fusion, "reference", None)
+        if not getattr(self.fusion, "skips_missing", False) or reference in missing:
+            raise ValueError(f"detector needs modalities {self.modalities}; the batch lacks {missing} for some "
+                             f"images (it has {list(images)}). Only a residual fusion (residual_cross_attention, "
+                             f"gated_local_attention) runs without an auxiliary modality, never without "
+                             f"'{reference or self.modalities[0]}'")
+        present = next(iter(images.values()))
+        batch, (height, width) = present.shape[0], present.shape[-2:]
+        images = dict(images)
+        available = {m: torch.as_tensor(v, dtype=torch.bool, device=present.device) for m, v in (available or {}).items()}
+        for m in absent:
+            images[m] = present.new_zeros(batch, self.modality_channels[m], height, width)
+            available[m] = torch.zeros(batch, dtype=torch.bool, device=present.device)
+        return images, available
+
+    def extract_features(self, images: Mapping[str, torch.Tensor],
+                         available: Mapping[str, torch.Tensor] | None = None) -> "OrderedDict[str, torch.Tensor]":
+        """Encode every modality, fuse, and build the FPN pyramid."""
+        images, available = self._complete(images, available)
         if self.stacked_input:
             inputs = {STACKED: torch.cat([images[m] for m in self.modalities], dim=1)}
         else:
             inputs = {m: images[m] for m in self.modalities}
         features = {key: self.encoders[key](x) for key, x in inputs.items()}
-        fused = self.fusion(features)
+        fused = self.fusion(features, available)
         return self.neck(OrderedDict((str(i), f) for i, f in enumerate(fused)))
 
-    def forward(self, images: Mapping[str, torch.Tensor], image_sizes, targets=None, paste_masks: bool = True):
+    def forward(self, images: Mapping[str, torch.Tensor], image_sizes, targets=None, paste_masks: bool = True,
+                available: Mapping[str, torch.Tensor] | None = None):
         """Training: the losses. Inference: per image `boxes`, `scores`, `labels`, `stage_scores` and
         `masks` (probabilities pasted into the image, [N, H, W]); with `paste_masks=False`, `box_masks`
-        instead ([N, M, M] probabilities over each box), for a caller that pastes them elsewhere."""
+        instead ([N, M, M] probabilities over each box), for a caller that pastes them elsewhere.
+        `available` ({modality: BoolTensor[B]}) marks auxiliary modalities some images lack."""
         image_sizes = [(int(h), int(w)) for h, w in image_sizes]
-        pyramid = self.extract_features(images)
-        reference = images[self.modalities[0]]
+        pyramid = self.extract_features(images, available)
+        reference = next(iter(images.values()))  # any input: the RPN reads the padded size
         image_list = ImageList(reference, image_sizes)
         if self.training and targets is None:
             raise ValueError("the detector needs targets in training mode")

@@ -10,7 +10,13 @@ registry name in the `fusion` config group:
   "stacked"); by the time features exist there is nothing left to fuse;
 - `concat_conv`: per level, concatenate all modalities and convolve back;
 - `cross_attention`: RGB tokens attend to each auxiliary modality's tokens;
-- `residual_cross_attention`: the same, added back to the RGB features, projected.
+- `residual_cross_attention`: the same, added back to the RGB features, projected;
+- `gated_local_attention`: RGB tokens attend to the auxiliary tokens of their own
+  window at full resolution, through a learned gate (`local_fusion.py`).
+
+`forward` also takes `available` ({modality: BoolTensor[B]}, optional): which images
+have each auxiliary modality. Fusions with `skips_missing` leave a missing modality's
+term out; the others cannot run without one, and the detector refuses such a batch.
 """
 from __future__ import annotations
 
@@ -27,17 +33,21 @@ STACKED = "stacked"
 class PassThrough(nn.Module):
     """`none` and `data_level`: a single feature set goes through unchanged."""
 
+    skips_missing = False
+
     def __init__(self, modality: str, channels: Sequence[int]):
         super().__init__()
         self.reference = modality
         self.out_channels = list(channels)
 
-    def forward(self, features: Mapping[str, list[torch.Tensor]]) -> list[torch.Tensor]:
+    def forward(self, features: Mapping[str, list[torch.Tensor]], available=None) -> list[torch.Tensor]:
         return list(features[self.reference])
 
 
 class ConcatConvFusion(nn.Module):
     """Feature-level concatenation of all modalities followed by a convolution per level."""
+
+    skips_missing = False
 
     def __init__(self, reference: str, feature_channels: Mapping[str, Sequence[int]], levels: Sequence[int],
                  kernel_size: int = 1):
@@ -52,15 +62,15 @@ class ConcatConvFusion(nn.Module):
             for lvl in self.levels
         })
 
-    def forward(self, features: Mapping[str, list[torch.Tensor]]) -> list[torch.Tensor]:
+    def forward(self, features: Mapping[str, list[torch.Tensor]], available=None) -> list[torch.Tensor]:
         out = list(features[self.reference])
         for lvl in self.levels:
-            stacked = torch.cat([_resize_like(features[m][lvl], out[lvl]) for m in self.modalities], dim=1)
+            stacked = torch.cat([resize_like(features[m][lvl], out[lvl]) for m in self.modalities], dim=1)
             out[lvl] = self.mix[str(lvl)](stacked)
         return out
 
 
-def _resize_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def resize_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     # Encoders of different families may round odd sizes differently.
     return x if x.shape[-2:] == ref.shape[-2:] else F.interpolate(x, size=ref.shape[-2:], mode="bilinear",
                                                                    align_corners=False)
@@ -124,12 +134,14 @@ class CrossModalAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.dim // self.num_heads).transpose(1, 2)
 
-    def forward(self, query: torch.Tensor, aux: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, aux: Mapping[str, torch.Tensor],
+                available: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         b, c, h, w = query.shape
         q_tokens = query.flatten(2).transpose(1, 2)
         q = self.q_proj(self.q_norm(q_tokens)) + sine_position_encoding(h, w, c, query.device, query.dtype)
         q = self._heads(q)
-        attended = []
+        combined = torch.zeros_like(q_tokens)
+        present = torch.zeros(b, 1, 1, dtype=query.dtype, device=query.device)  # modalities per image
         for mod, feat in aux.items():
             pooled = F.adaptive_avg_pool2d(feat, (min(feat.shape[-2], self.kv_pool_size),
                                                   min(feat.shape[-1], self.kv_pool_size)))
@@ -138,20 +150,28 @@ class CrossModalAttention(nn.Module):
             k = self.k_proj[mod](tokens) + sine_position_encoding(ph, pw, c, query.device, query.dtype)
             v = self.v_proj[mod](tokens)
             a = F.scaled_dot_product_attention(q, self._heads(k), self._heads(v))  # [B, heads, N, C/heads]
-            attended.append(self.out_proj[mod](a.transpose(1, 2).reshape(b, h * w, c)))
-        combined = torch.stack(attended).sum(0)
+            weight = torch.ones(b, 1, 1, dtype=query.dtype, device=query.device)
+            if available is not None and mod in available:  # a missing modality adds nothing
+                weight = available[mod].to(query.dtype).view(b, 1, 1)
+            combined = combined + weight * self.out_proj[mod](a.transpose(1, 2).reshape(b, h * w, c))
+            present = present + weight
         if self.combine == "mean":
-            combined = combined / len(attended)
+            combined = combined / present.clamp(min=1)
         combined = combined.transpose(1, 2).reshape(b, c, h, w)
         return self.proj(query + combined if self.residual else combined)
 
 
 class CrossAttentionFusion(nn.Module):
-    """Cross-modality attention on the configured levels; other levels keep the RGB features."""
+    """Cross-modality attention on the configured levels; other levels keep the RGB features.
+
+    Only the residual variant can leave a modality out: without the residual, an image with
+    no auxiliary modality would have no features at all.
+    """
 
     def __init__(self, reference: str, feature_channels: Mapping[str, Sequence[int]], levels: Sequence[int],
                  residual: bool, num_heads: int = 4, kv_pool_size: int = 16, combine: str = "sum"):
         super().__init__()
+        self.skips_missing = residual
         self.reference = reference
         self.aux = [m for m in feature_channels if m != reference]
         self.out_channels = list(feature_channels[reference])
@@ -162,14 +182,15 @@ class CrossAttentionFusion(nn.Module):
             for lvl in self.levels
         })
 
-    def forward(self, features: Mapping[str, list[torch.Tensor]]) -> list[torch.Tensor]:
+    def forward(self, features: Mapping[str, list[torch.Tensor]], available=None) -> list[torch.Tensor]:
         out = list(features[self.reference])
         for lvl in self.levels:
-            out[lvl] = self.attn[str(lvl)](out[lvl], {m: features[m][lvl] for m in self.aux})
+            out[lvl] = self.attn[str(lvl)](out[lvl], {m: features[m][lvl] for m in self.aux}, available)
         return out
 
 
-FUSIONS = ("none", "data_level", "concat_conv", "cross_attention", "residual_cross_attention")
+FUSIONS = ("none", "data_level", "concat_conv", "cross_attention", "residual_cross_attention",
+           "gated_local_attention")
 
 
 def uses_stacked_input(fusion_cfg: Mapping[str, Any]) -> bool:
@@ -211,6 +232,10 @@ def build_fusion(fusion_cfg: Mapping[str, Any] | None, feature_channels: Mapping
     try:
         if name == "concat_conv":
             return ConcatConvFusion(reference, feature_channels, levels, **cfg)
+        if name == "gated_local_attention":
+            from rts_thaw.models.local_fusion import GatedLocalFusion  # it builds on this module
+
+            return GatedLocalFusion(reference, feature_channels, levels, **cfg)
         return CrossAttentionFusion(reference, feature_channels, levels,
                                     residual=(name == "residual_cross_attention"), **cfg)
     except TypeError as err:

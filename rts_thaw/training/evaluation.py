@@ -45,13 +45,19 @@ def detector_from_checkpoint(checkpoint: dict[str, Any]) -> torch.nn.Module:
     return detector
 
 
-def data_config_for(checkpoint: dict[str, Any], data_cfg: DictConfig | None) -> DictConfig:
+def data_config_for(checkpoint: dict[str, Any], data_cfg: DictConfig | None,
+                    missing: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The data config to evaluate on: the given one (or the training one) with the
-    checkpoint's modalities and tile size, so that the model gets the inputs it knows."""
+    checkpoint's modalities (less `missing`) and tile size, so that the model gets the
+    inputs it knows."""
     info = checkpoint["rts_thaw"]
+    unknown = [m for m in missing if m not in info["modalities"]]
+    if unknown:
+        raise ValueError(f"missing_modalities {unknown} are not modalities of this checkpoint "
+                         f"({info['modalities']})")
     data_cfg = copy.deepcopy(data_cfg) if data_cfg is not None else OmegaConf.create(info["config"]["data"])
     with open_dict(data_cfg):
-        data_cfg.modalities = list(info["modalities"])
+        data_cfg.modalities = [m for m in info["modalities"] if m not in missing]
         data_cfg.tile_size = int(info["tile_size"])
     return data_cfg
 
@@ -62,12 +68,15 @@ def evaluate_checkpoint(
     split: str = "test",
     preset: str | None = None,
     trainer_kwargs: dict | None = None,
+    missing_modalities: list[str] | tuple[str, ...] = (),
 ) -> dict[str, float]:
-    """COCO box and mask metrics of a checkpoint on `split` (test | val) of a dataset."""
+    """COCO box and mask metrics of a checkpoint on `split` (test | val) of a dataset;
+    `missing_modalities` are withheld from the model, as if the scenes had no such raster."""
     checkpoint = load_checkpoint(ckpt_path)
     info = checkpoint["rts_thaw"]
     # The training statistics, not ones computed on this dataset: the model knows those.
-    datamodule = instantiate(data_config_for(checkpoint, data_cfg), norm_stats=info["norm_stats"])
+    datamodule = instantiate(data_config_for(checkpoint, data_cfg, list(missing_modalities)),
+                             norm_stats=info["norm_stats"])
     datamodule.setup()
     preset = preset or info["config"].get("training", {}).get("coco_preset", "coco")
     module = DetectionModule(detector_from_checkpoint(checkpoint), coco_preset=preset, run_info=info)

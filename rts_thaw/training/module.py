@@ -35,9 +35,19 @@ class DetectionModule(pl.LightningModule):
         scheduler: dict | None = None,
         coco_preset: str = "coco",
         run_info: dict | None = None,
+        modality_dropout: float = 0.0,
     ):
         super().__init__()
         self.detector = detector
+        if not 0.0 <= modality_dropout < 1.0:
+            raise ValueError(f"training.modality_dropout must be in [0, 1), got {modality_dropout}")
+        reference = getattr(detector.fusion, "reference", None)
+        if modality_dropout and not getattr(detector.fusion, "skips_missing", False):
+            raise ValueError(f"training.modality_dropout={modality_dropout} needs a fusion that runs without an "
+                             f"auxiliary modality (residual_cross_attention, gated_local_attention), not "
+                             f"{type(detector.fusion).__name__}")
+        self.modality_dropout = modality_dropout
+        self.droppable = [m for m in detector.modalities if m != reference] if modality_dropout else []
         self.optimizer_cfg = dict(optimizer or {"lr": 1e-3, "weight_decay": 0.05})
         self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_steps": 0})
         self.coco_preset = coco_preset
@@ -52,8 +62,17 @@ class DetectionModule(pl.LightningModule):
         return self.detector(batch["image"], batch["image_sizes"])
 
     # ---- training -------------------------------------------------------------------
+    def _dropped(self, batch: dict) -> dict[str, torch.Tensor] | None:
+        """Modality dropout: each auxiliary modality is withheld from each image with
+        probability `modality_dropout`, so the model learns to map without it."""
+        if not self.droppable:
+            return None
+        batch_size = len(batch["image_sizes"])
+        device = next(iter(batch["image"].values())).device
+        return {m: torch.rand(batch_size, device=device) >= self.modality_dropout for m in self.droppable}
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self.detector(batch["image"], batch["image_sizes"], batch["targets"])
+        losses = self.detector(batch["image"], batch["image_sizes"], batch["targets"], available=self._dropped(batch))
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(

@@ -173,6 +173,7 @@ def fit_and_test(
         scheduler=OmegaConf.to_container(cfg.training.scheduler, resolve=True),
         coco_preset=cfg.training.coco_preset,
         run_info=run_info,
+        modality_dropout=float(cfg.training.get("modality_dropout") or 0.0),
     )
 
     ckpt_dir = run_dir / "checkpoints"

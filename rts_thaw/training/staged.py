@@ -63,6 +63,7 @@ def stage1_config(cfg: DictConfig, modality: str) -> DictConfig:
         stage1.model.encoder.frozen = False
         stage1.training.staged = False
         stage1.training.stage1_cache = True
+        stage1.training.modality_dropout = 0.0  # one modality: nothing to withhold
     return stage1
 
 
