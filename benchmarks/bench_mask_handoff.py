@@ -26,11 +26,13 @@ from rts_thaw.mapping.scene_predictor import TilingConfig, batch_detections, inf
 class FixedOutputs(torch.nn.Module):
     """A stand-in detector that returns prepared outputs, pasted into the tile or not, as asked."""
 
+    modalities = ["rgb"]
+
     def __init__(self, outputs: list[dict], tile: int):
         super().__init__()
         self.outputs, self.tile = outputs, tile
 
-    def forward(self, images, image_sizes, paste_masks=True):
+    def forward(self, images, image_sizes, paste_masks=True, available=None):
         if not paste_masks:
             return [{"boxes": o["boxes"], "scores": o["scores"], "box_masks": o["probs"]} for o in self.outputs]
         return [{"boxes": o["boxes"], "scores": o["scores"],
@@ -41,7 +43,7 @@ class FixedOutputs(torch.nn.Module):
 class PastesItself(FixedOutputs):
     """The same outputs from a model that pastes its masks whatever it is asked (torchvision's way)."""
 
-    def forward(self, images, image_sizes, paste_masks=True):
+    def forward(self, images, image_sizes, paste_masks=True, available=None):
         return super().forward(images, image_sizes, paste_masks=True)
 
 

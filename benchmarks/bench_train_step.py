@@ -4,6 +4,8 @@ torchvision's maskrcnn_resnet50_fpn on RGB, side by side in one run.
     python benchmarks/bench_train_step.py                      # CPU, 256 px, batch 8
     python benchmarks/bench_train_step.py --device cuda --size 512
     python benchmarks/bench_train_step.py --device cuda --size 512 --precision bf16-mixed
+    python benchmarks/bench_train_step.py --size 512 --batch 2 --models staged_cascade,end_to_end_cascade \
+        --fusion residual_cross_attention,gated_local_attention    # fusions side by side
 
 Each model runs in its own fresh process so that its peak memory is its own:
 on CUDA `torch.cuda.max_memory_allocated`; on CPU the process's peak resident set
@@ -212,7 +214,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--encoder", default="mvitv2_tiny", help="conf/model/encoder option (paper: mvitv2_tiny)")
     p.add_argument("--heads", default="cascade", help="conf/model/heads option (paper: cascade)")
-    p.add_argument("--fusion", default="residual_cross_attention", help="conf/fusion option")
+    p.add_argument("--fusion", default="residual_cross_attention",
+                   help="conf/fusion option, or several separated by commas: our models run once per fusion")
+    p.add_argument("--models", default=",".join(MODELS), help=f"which of {', '.join(MODELS)} (comma-separated)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--precision", choices=("32", "bf16-mixed"), default="32")
     p.add_argument("--breakdown", action="store_true",
@@ -231,9 +235,18 @@ def main() -> None:
         return
 
     rows = []
-    for name in MODELS:
-        cmd = [sys.executable, __file__, "--only", name] + [a for a in sys.argv[1:]]
+    fusions = args.fusion.split(",")
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        p.error(f"unknown --models {unknown}; choose from {list(MODELS)}")
+    jobs = [(name, fusion) for name in args.models.split(",")
+            for fusion in (fusions if name != "torchvision_maskrcnn_r50" else fusions[:1])]
+    for name, fusion in jobs:
+        # the child's --only and --fusion come last, so they win over the parent's
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--only", name, "--fusion", fusion]
         out = subprocess.run(cmd, capture_output=True, text=True)
+        if name != "torchvision_maskrcnn_r50" and len(fusions) > 1:
+            name = f"{name} [{fusion}]"
         if out.returncode:  # say why, and go on with the other models
             print(f"{name} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
             failed = float("nan")
@@ -241,7 +254,7 @@ def main() -> None:
                          "peak_abs_mb": failed, "trainable_M": failed, "total_M": failed,
                          "gflop_per_image": failed})
             continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "model": name})
         print(f"  done {name}: {rows[-1]['s_per_step']:.2f} s/step", file=sys.stderr, flush=True)
 
     mem = "peak CUDA memory allocated" if args.device.startswith("cuda") else "peak RSS growth during the steps"
@@ -251,10 +264,11 @@ def main() -> None:
     if args.device.startswith("cuda"):
         print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}")
     gflop = f" {'GFLOP/img':>10}" if args.flops else ""
-    print(f"{'model':<26} {'img/s':>8} {'s/step':>8} {'mem MB':>9} {'abs MB':>8} {'train M':>8} {'total M':>8}{gflop}")
+    width = max(26, *(len(r["model"]) for r in rows))
+    print(f"{'model':<{width}} {'img/s':>8} {'s/step':>8} {'mem MB':>9} {'abs MB':>8} {'train M':>8} {'total M':>8}{gflop}")
     for r in rows:
         gflop = f" {r['gflop_per_image']:>10.1f}" if args.flops else ""
-        print(f"{r['model']:<26} {r['images_per_s']:>8.2f} {r['s_per_step']:>8.2f} {r['peak_mb']:>9.0f} "
+        print(f"{r['model']:<{width}} {r['images_per_s']:>8.2f} {r['s_per_step']:>8.2f} {r['peak_mb']:>9.0f} "
               f"{r['peak_abs_mb']:>8.0f} {r['trainable_M']:>8.1f} {r['total_M']:>8.1f}{gflop}")
     for r in rows:
         if r.get("parts_ms"):
@@ -266,6 +280,18 @@ def main() -> None:
         for r in rows:
             if r.get("parts_gflop"):
                 print(f"{r['model']:<26}" + "".join(f" {f'{f:.1f}/{b:.1f}':>13}" for f, b in r["parts_gflop"].values()))
+    if len(fusions) > 1:  # each fusion against the first, model by model
+        for name in args.models.split(","):
+            if name == "torchvision_maskrcnn_r50":
+                continue
+            base = next(r for r in rows if r["model"] == f"{name} [{fusions[0]}]")
+            for r in rows:
+                if r["model"].startswith(f"{name} [") and r is not base:
+                    print(f"{r['model']} / {base['model']}: time per step {r['s_per_step'] / base['s_per_step']:.2f}, "
+                          f"memory ({mem}) {r['peak_mb'] / base['peak_mb']:.2f}")
+        return
+    if len(rows) != len(MODELS):
+        return
     staged, e2e, tv = rows
     print(f"memory ({mem}): staged / end-to-end = {staged['peak_mb'] / e2e['peak_mb']:.2f} "
           f"(target <= 0.40 on GPU; paper 0.52)")
@@ -275,7 +301,6 @@ def main() -> None:
         print(f"arithmetic (GFLOP per image, forward + backward): staged / torchvision = "
               f"{staged['gflop_per_image'] / tv['gflop_per_image']:.2f}; "
               f"end-to-end / torchvision = {e2e['gflop_per_image'] / tv['gflop_per_image']:.2f}")
-
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from rts_thaw.reporting.collect import Run, collect_runs, wandb_groups
+from rts_thaw.reporting.missing import missing_modality_runs
 from rts_thaw.reporting.plots import plot_accuracy_vs_memory, plot_ap50_by_fusion
 from rts_thaw.reporting.tables import configuration_rows, markdown_table, run_rows, write_csv
 
@@ -32,11 +33,14 @@ def _problem_list(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
-    """Collect the sweep's runs and write the tables and plots; returns what was written."""
+def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
+                 missing: list[str] | None = None) -> dict:
+    """Collect the sweep's runs and write the tables and plots; returns what was written.
+    `missing` adds, per modality, rows of the fused models evaluated without it."""
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir) if out_dir else sweep_dir / "report"
     runs = collect_runs(sweep_dir)
+    runs += missing_modality_runs(runs, list(missing or []))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = configuration_rows(runs)
     groups = wandb_groups(runs)
@@ -69,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rts_thaw.report", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", help="directory of a `python -m rts_thaw.train -m` sweep")
     parser.add_argument("--out", default=None, help="output folder (default: <sweep_dir>/report)")
+    parser.add_argument("--missing", nargs="*", default=[], metavar="MODALITY",
+                        help="also score each fused model with this modality withheld at test time")
     args = parser.parse_args(argv)
     try:
-        report = write_report(args.sweep_dir, args.out)
+        report = write_report(args.sweep_dir, args.out, args.missing)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

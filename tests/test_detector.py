@@ -88,7 +88,8 @@ def check_train_and_eval_contract(detector, losses_expected):
 
 
 @pytest.mark.parametrize("model,losses", [("cascade_mvit", LOSSES_CASCADE), ("maskrcnn_mvit", LOSSES_MASKRCNN)])
-@pytest.mark.parametrize("fusion", ["none", "data_level", "concat_conv", "cross_attention", "residual_cross_attention"])
+@pytest.mark.parametrize("fusion", ["none", "data_level", "concat_conv", "cross_attention", "residual_cross_attention",
+                                    "gated_local_attention"])
 def test_every_fusion_with_both_head_types_follows_the_output_contract(model, losses, fusion):
     modalities = ("rgb",) if fusion == "none" else ("rgb", "ndvi", "nir")
     detector = build(model, fusion, modalities)
@@ -161,14 +162,15 @@ def hydra_dict(d):
     return "{" + ",".join(f"{k}:'{v}'" for k, v in d.items()) + "}"
 
 
-def test_stage2_model_starts_as_the_stage1_rgb_model(tmp_path):
+@pytest.mark.parametrize("fusion", ["residual_cross_attention", "gated_local_attention"])
+def test_stage2_model_starts_as_the_stage1_rgb_model(tmp_path, fusion):
     """Encoders from stage-1 checkpoints, neck/RPN/heads from the RGB one, residual fusion at identity."""
     rgb_model = build("cascade_mvit", "none", ("rgb",))
     rgb_ckpt = lightning_checkpoint(rgb_model, tmp_path / "rgb.ckpt")
     weights = {"rgb": rgb_ckpt}
     for m in ("ndvi", "nir"):
         weights[m] = lightning_checkpoint(build("cascade_mvit", "none", (m,)), tmp_path / f"{m}.ckpt")
-    fused = build("cascade_mvit", "residual_cross_attention", ("rgb", "ndvi", "nir"), "model.encoder.frozen=true",
+    fused = build("cascade_mvit", fusion, ("rgb", "ndvi", "nir"), "model.encoder.frozen=true",
                   f"model.encoder.weights={hydra_dict(weights)}", f"model.init_from='{rgb_ckpt}'")
     images, _ = make_tiles(n=2)
     rgb_model.eval(), fused.eval()
@@ -188,6 +190,7 @@ def test_stage2_model_starts_as_the_stage1_rgb_model(tmp_path):
 
 @pytest.mark.parametrize("model,fusion,modalities", [
     ("cascade_mvit", "residual_cross_attention", ("rgb", "ndvi", "nir")),  # the paper's model
+    ("cascade_mvit", "gated_local_attention", ("rgb", "ndvi", "nir")),
     ("maskrcnn_r50", "none", ("rgb",)),  # Table 1 CNN baseline
     ("cascade_mvit", "data_level", ("rgb", "ndvi", "nir")),
 ])

@@ -107,3 +107,26 @@ def test_a_missing_modality_is_left_out_per_image_not_faked():
             torch.testing.assert_close(mixed[lvl][1], alone[lvl][1], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(mixed[lvl][0], full[lvl][0], rtol=1e-4, atol=1e-5)
         assert not torch.allclose(mixed[0][1], full[0][1])
+
+
+def test_modality_dropout_withholds_auxiliary_modalities_at_its_rate():
+    from omegaconf import OmegaConf
+
+    from rts_thaw.models.detector import build_detector
+    from rts_thaw.training.module import DetectionModule
+
+    def detector(fusion):
+        return build_detector({"rgb": 3, "ndvi": 1, "nir": 1}, {"name": "mvitv2_micro"}, {"name": fusion},
+                              OmegaConf.to_container(OmegaConf.load("conf/model/heads/cascade_light.yaml")), 64)
+
+    module = DetectionModule(detector("gated_local_attention"), modality_dropout=0.3)
+    assert module.droppable == ["ndvi", "nir"]  # never the RGB query
+    torch.manual_seed(0)
+    batch = {"image": {"rgb": torch.zeros(4, 3, 64, 64)}, "image_sizes": [(64, 64)] * 4}
+    drawn = torch.stack([torch.stack(list(module._dropped(batch).values())) for _ in range(500)])
+    assert abs(1 - drawn.float().mean().item() - 0.3) < 0.03
+    assert DetectionModule(detector("gated_local_attention"))._dropped(batch) is None  # off by default
+    with pytest.raises(ValueError, match="modality_dropout=0.3 needs a fusion that runs without"):
+        DetectionModule(detector("concat_conv"), modality_dropout=0.3)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+        DetectionModule(detector("gated_local_attention"), modality_dropout=1.0)

@@ -142,6 +142,36 @@ def test_bf16_autocast_prediction(world, checkpoint, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_scenes_missing_an_auxiliary_modality_are_mapped_without_it(world, checkpoint, tmp_path):
+    """The fused checkpoint reads rgb + ndvi. One scene has no NDVI raster, one an all-NaN NDVI
+    (a cloud): both are mapped from RGB alone, and each polygon records what the model had."""
+    import yaml
+
+    listing = yaml.safe_load(Path(world).read_text())
+    base = Path(world).parent
+    for entry in listing["scenes"]:
+        entry["rasters"] = {m: str(base / p) for m, p in entry["rasters"].items()}
+        entry["labels"] = str(base / entry["labels"])
+    del listing["scenes"][0]["rasters"]["ndvi"]
+    with rasterio.open(listing["scenes"][1]["rasters"]["ndvi"]) as src:
+        profile, shape = src.profile, src.shape
+    cloudy = tmp_path / "ndvi_cloud.tif"
+    with rasterio.open(cloudy, "w", **profile) as dst:
+        dst.write(np.full((1, *shape), np.nan, dtype=np.float32))
+    listing["scenes"][1]["rasters"]["ndvi"] = str(cloudy)
+    scenes = tmp_path / "scenes.yaml"
+    scenes.write_text(yaml.safe_dump(listing))
+
+    out = tmp_path / "maps"
+    predict.main.__wrapped__(_predict_cfg(f"ckpt_path={checkpoint}", f"scenes={scenes}", f"output_dir={out}",
+                                          *TILING))
+    used = {entry["id"]: set(read_layer(out / f"{entry['id']}.gpkg").columns["modalities"])
+            for entry in listing["scenes"]}
+    assert used[listing["scenes"][0]["id"]] == {"rgb"}
+    assert used[listing["scenes"][1]["id"]] == {"rgb"}
+    assert used[listing["scenes"][2]["id"]] == {"rgb,ndvi"}
+
+
 def test_proposals_per_tile_limit_what_the_heads_see(world, checkpoint, tmp_path):
     """tiling.proposals caps the RPN proposals per tile, so each tile keeps at most that many
     detections; a count below 1 is refused before any output exists."""

@@ -33,6 +33,7 @@ class BlobOracle(torch.nn.Module):
     """Connected bright regions of the RGB tile, one instance each, in the detector's output format."""
 
     modalities = ["rgb", "ndvi"]
+    optional_modalities = []  # it needs both
 
     def __init__(self):
         super().__init__()
@@ -40,7 +41,7 @@ class BlobOracle(torch.nn.Module):
         self.tiles = 0
         self.autocast = []  # bfloat16 autocast on or off, per call
 
-    def forward(self, images, image_sizes, paste_masks=True):
+    def forward(self, images, image_sizes, paste_masks=True, available=None):
         # an oracle's masks are exact tile masks, already pasted, whatever the caller asks
         self.calls += 1
         self.autocast.append(torch.is_autocast_enabled("cpu"))

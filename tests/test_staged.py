@@ -150,3 +150,53 @@ def test_evaluate_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
         evaluate_checkpoint(bogus)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         evaluate_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_fused_model_runs_without_an_auxiliary_modality(staged_run):
+    """A scene without NDVI: the fused model leaves NDVI's term out, which is not the same as
+    feeding it zeros; evaluation and the report run it that way."""
+    from rts_thaw.training.evaluation import detector_from_checkpoint, load_checkpoint
+
+    stage2 = staged_run["results"]["stage2"]
+    detector = detector_from_checkpoint(load_checkpoint(stage2["best_checkpoint"])).eval()
+    torch.manual_seed(0)
+    images = {"rgb": torch.randn(2, 3, 64, 64), "ndvi": torch.randn(2, 1, 64, 64)}
+    with torch.no_grad():
+        absent = detector.extract_features({"rgb": images["rgb"]})
+        flagged = detector.extract_features(images, {"ndvi": torch.tensor([False, False])})
+        zeros = detector.extract_features({**images, "ndvi": torch.zeros(2, 1, 64, 64)})
+    for level in absent:
+        torch.testing.assert_close(absent[level], flagged[level])
+    assert not all(torch.allclose(absent[lv], zeros[lv]) for lv in absent), "a missing modality must not be zeros"
+
+    metrics = evaluate_checkpoint(stage2["best_checkpoint"], missing_modalities=["ndvi"],
+                                  trainer_kwargs={"accelerator": "cpu", "limit_test_batches": 1,
+                                                  "enable_progress_bar": False})
+    assert set(metrics) == set(stage2["test"])
+    with pytest.raises(ValueError, match=r"missing_modalities \['dem'\] are not modalities of this checkpoint"):
+        evaluate_checkpoint(stage2["best_checkpoint"], missing_modalities=["dem"])
+
+
+def test_report_adds_rows_of_fused_models_without_a_modality(staged_run, monkeypatch):
+    from rts_thaw.reporting import missing
+    from rts_thaw.reporting.collect import Run
+    from rts_thaw.reporting.tables import configuration_rows
+
+    run_dir = staged_run["run_dir"]
+    results = json.loads((run_dir / "results.json").read_text())
+    run = Run(overrides=("+experiment=staged_fusion", "seed=0"), run_dir=run_dir, status="finished",
+              results=results, choices={"fusion": "residual_cross_attention", "model": "cascade_mvit"})
+    single = Run(overrides=("+experiment=unimodal", "seed=0"), run_dir=run_dir, status="finished",
+                 results=results, choices={"fusion": "none", "model": "cascade_mvit"})
+    extra = missing.missing_modality_runs([run, single], ["ndvi", "nir"])  # no nir in this run: no row
+    assert [r.overrides[-1] for r in extra] == ["missing_at_test=ndvi"]
+    assert extra[0].results["modalities"] == ["rgb"]
+    cached = json.loads((run_dir / "missing_ndvi.json").read_text())
+    assert cached["missing_modalities"] == ["ndvi"] and set(cached["metrics"]) == set(results["test"])
+    rows = configuration_rows([run, *extra])
+    assert [(row["configuration"], row["modalities"]) for row in rows] == [
+        ("(base)", "rgb+ndvi"), ("missing_at_test=ndvi", "rgb")]
+    # Computed once: the second report reads the kept metrics.
+    monkeypatch.setattr("rts_thaw.training.evaluation.evaluate_checkpoint",
+                        lambda *a, **k: pytest.fail("evaluated again"))
+    assert missing.missing_modality_runs([run], ["ndvi"])[0].results["test"].keys() == results["test"].keys()

@@ -101,16 +101,36 @@ def test_every_job_of_the_sweep_composes_and_builds(hydra_conf, name, tmp_path):
 
 def test_table2_grid(hydra_conf):
     jobs = sweep_jobs("table2_fusion")
-    assert len(jobs) == 21  # 3 feature-level fusions x (staged, end to end) + data level, x 3 modality sets
+    assert len(jobs) == 27  # 4 feature-level fusions x (staged, end to end) + data level, x 3 modality sets
     seen = set()
     for job in jobs:
         cfg = composed(tuple(job))
         seen.add((cfg.hydra.runtime.choices.fusion, bool(cfg.training.staged), tuple(cfg.data.modalities)))
-    fusions = {"concat_conv", "cross_attention", "residual_cross_attention"}
+    fusions = {"concat_conv", "cross_attention", "residual_cross_attention", "gated_local_attention"}
     sets = {("rgb", "ndvi"), ("rgb", "nir"), ("rgb", "ndvi", "nir")}
     expected = {(f, s, m) for f in fusions for s in (True, False) for m in sets}
     expected |= {("data_level", False, m) for m in sets}
     assert seen == expected
+
+
+def test_fusion_table_grid(hydra_conf):
+    jobs = sweep_jobs("fusion_table", ["data.path.world=paper_like"])
+    seen = []
+    for job in jobs:
+        cfg = composed(tuple(job))
+        assert cfg.data.path.world == "paper_like" and cfg.data.path.scenes == 20
+        modalities = tuple(cfg.data.modalities)
+        if cfg.hydra.runtime.choices.fusion == "none":  # the single rows fill the stage-1 cache
+            assert len(modalities) == 1 and cfg.training.stage1_cache and not cfg.training.staged
+        else:
+            assert modalities == ("rgb", "ndvi", "nir")
+        seen.append((cfg.hydra.runtime.choices.fusion, bool(cfg.training.staged), modalities,
+                     cfg.training.modality_dropout))
+    assert seen[:3] == [("none", False, (m,), 0.0) for m in ("rgb", "ndvi", "nir")]  # first: stage 2 reuses them
+    fusions = ("concat_conv", "cross_attention", "residual_cross_attention", "gated_local_attention")
+    assert {(f, s) for f, s, _, d in seen if f in fusions and not d} == {(f, s) for f in fusions for s in (True, False)}
+    assert ("gated_local_attention", True, ("rgb", "ndvi", "nir"), 0.25) in seen
+    assert ("data_level", False, ("rgb", "ndvi", "nir"), 0.0) in seen
 
 
 def test_seeds_repeat_any_sweep(hydra_conf):

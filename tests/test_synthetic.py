@@ -117,11 +117,12 @@ def test_ensure_world_is_cached_and_safe_under_concurrency(tmp_path):
 def test_cli_writes_world_and_exports(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "rts_thaw.data.synthetic", "--out", str(tmp_path / "w"), "--scenes", "3",
-         "--size", "96", "--seed", "1", "--coco-chips", str(tmp_path / "coco"), "--challenge", str(tmp_path / "ch")],
+         "--size", "96", "--seed", "1", "--world", "paper_like", "--coco-chips", str(tmp_path / "coco"), "--challenge", str(tmp_path / "ch")],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert len(load_scene_list(tmp_path / "w" / "scenes.yaml")) == 3
+    assert yaml.safe_load((tmp_path / "w" / "scenes.yaml").read_text())["generator"]["aux_resolution"] == 10.0
     assert (tmp_path / "coco" / "train" / "annotations.json").exists()
     assert (tmp_path / "ch" / "metadata" / "test_manifest.csv").exists()
 
@@ -136,3 +137,46 @@ def test_parallel_generation_writes_the_same_world(tmp_path):
         for key in ("rgb", "nir", "ndvi", "dem"):
             np.testing.assert_array_equal(a[key], b[key])
         assert a["labels"] == b["labels"]
+
+
+def _disturbed_lookalike_share(scene_list) -> float:
+    """Of the pixels whose RGB is close to the slumps' colour, the share that is not a slump
+    (close: within 15 DN, nearer than the tundra's mottle comes)."""
+    lookalike = slump = 0
+    for spec in load_scene_list(scene_list):
+        with SceneReader(spec, ["rgb"]) as reader:
+            images, valid = reader.read(rasterio.windows.Window(0, 0, reader.width, reader.height))
+            _, _, wkb, _ = pyogrio.raw.read(spec.labels)
+            rts = rasterize(list(shapely.from_wkb(wkb)), out_shape=valid.shape, transform=reader.transform).astype(bool)
+            disturbed = valid & (np.linalg.norm(images["rgb"] - DISTURBED_RGB[:, None, None], axis=0) < 15)
+            lookalike += int((disturbed & ~rts).sum())
+            slump += int((disturbed & rts).sum())
+    return lookalike / (lookalike + slump)
+
+
+def test_paper_like_world_lets_rgb_tell_look_alikes_apart_and_blurs_ndvi(tmp_path):
+    """The same ground in both worlds (same slumps), but in the paper-like one look-alikes have
+    their own colour, so far fewer slump-coloured pixels are look-alikes, and NIR/NDVI come at 10 m."""
+    decisive = ensure_world(tmp_path, scenes=2, size=256, seed=3)
+    paper = ensure_world(tmp_path, scenes=2, size=256, seed=3, world="paper_like")
+    assert decisive != paper  # the world is part of the cache key
+    a, b = (_arrays(Path(p).parent / "scene_000") for p in (decisive, paper))
+    assert a["labels"] == b["labels"]
+    assert _disturbed_lookalike_share(paper) < 0.6 * _disturbed_lookalike_share(decisive)
+    with rasterio.open(Path(paper).parent / "scene_000" / "ndvi.tif") as ndvi:
+        assert ndvi.res == (10.0, 10.0)
+    assert yaml.safe_load(Path(paper).read_text())["generator"]["rgb_separability"] == 0.6
+    # a preset value can be replaced
+    custom = ensure_world(tmp_path, scenes=1, size=96, seed=3, world="paper_like", aux_resolution=3.0)
+    assert yaml.safe_load(Path(custom).read_text())["generator"]["aux_resolution"] == 3.0
+
+
+def test_bad_world_parameters_are_clear_errors():
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown synthetic world 'arctic'"):
+        WorldParams.named("arctic")
+    with pytest.raises(ValueError, match=r"rgb_separability must be in \[0, 1\], got 1.5"):
+        WorldParams(rgb_separability=1.5)
+    with pytest.raises(ValueError, match="aux_resolution must be at least the truth grid's 2.0 m"):
+        WorldParams(aux_resolution=1.0)

@@ -81,9 +81,10 @@ class WithoutFirstTile(torch.nn.Module):
     def __init__(self, detector):
         super().__init__()
         self.detector = detector
+        self.modalities = detector.modalities
 
-    def forward(self, images, image_sizes, paste_masks=True):
-        outputs = self.detector(images, image_sizes, paste_masks=paste_masks)
+    def forward(self, images, image_sizes, paste_masks=True, available=None):
+        outputs = self.detector(images, image_sizes, paste_masks=paste_masks, available=available)
         outputs[0] = {key: value[:0] for key, value in outputs[0].items()}
         return outputs
 

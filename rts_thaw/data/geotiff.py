@@ -123,11 +123,20 @@ class SceneReader:
     `read(window)` returns raw values (not normalised) as float32 [C,h,w] per
     modality and a validity mask [h,w] that is False wherever the reference or any
     requested modality has nodata/NaN; invalid pixels are zero-filled.
+
+    An `optional` modality (one the model can map without) may have no raster in the
+    scene, and is left out of a window where it covers less than `MIN_OPTIONAL_COVER` of
+    the reference's valid pixels (a cloud over NDVI), instead of invalidating the window.
     """
 
-    def __init__(self, spec: SceneSpec, modalities: list[str] | tuple[str, ...]):
+    MIN_OPTIONAL_COVER = 0.5
+
+    def __init__(self, spec: SceneSpec, modalities: list[str] | tuple[str, ...],
+                 optional: list[str] | tuple[str, ...] = ()):
         self.spec = spec
-        self.modalities = list(modalities)
+        self.optional = [m for m in optional if m in modalities and m != REFERENCE]
+        self.absent = [m for m in self.optional if m not in spec.rasters]
+        self.modalities = [m for m in modalities if m not in self.absent]
         missing = [m for m in self.modalities if m not in spec.rasters]
         if missing:
             raise SceneError(f"scene {spec.id}: no raster for modalities {missing} (has {sorted(spec.rasters)})")
@@ -175,13 +184,20 @@ class SceneReader:
 
     def read(self, window: Window, out_shape: tuple[int, int] | None = None):
         h, w = out_shape or (int(window.height), int(window.width))
-        images = {}
+        images, covers = {}, {}
         if REFERENCE in self.modalities:
             valid = np.ones((h, w), dtype=bool)
         else:  # the reference footprint bounds every tile, served or not
             _, valid = self._read_source(self._ref, window, (h, w))
         for m in self.modalities:
-            images[m], ok = self._read_source(self._sources[m], window, (h, w))
+            images[m], covers[m] = self._read_source(self._sources[m], window, (h, w))
+        if REFERENCE in covers:
+            valid &= covers[REFERENCE]
+        seen = max(int(valid.sum()), 1)
+        for m in self.optional:
+            if m in covers and (covers[m] & valid).sum() < self.MIN_OPTIONAL_COVER * seen:
+                del images[m], covers[m]  # too little of it here: the model maps without it
+        for ok in covers.values():
             valid &= ok
 
         for data in images.values():

@@ -31,6 +31,7 @@ class SceneInstance:
     window: tuple[int, int, int, int] | None = None
     tile: int = -1
     n_tiles: int = 1
+    modalities: tuple[str, ...] = ()  # the inputs the model had where it saw the slump
 
     @property
     def bounds(self) -> tuple[int, int, int, int]:
@@ -53,7 +54,7 @@ def crop_to_content(mask: np.ndarray) -> tuple[int, int, np.ndarray] | None:
 
 
 def instances_from_tile(prediction: dict, window: tuple[int, int, int, int], valid: np.ndarray,
-                        tile: int, min_pixels: int = 4) -> list[SceneInstance]:
+                        tile: int, min_pixels: int = 4, modalities: tuple[str, ...] = ()) -> list[SceneInstance]:
     """Turn one tile's detector output (masks already thresholded) into scene instances.
 
     Pixels where the input was invalid (nodata) are removed from every mask: the
@@ -72,7 +73,8 @@ def instances_from_tile(prediction: dict, window: tuple[int, int, int, int], val
         if mask.sum() < min_pixels:
             continue
         r, c, cropped = crop_to_content(mask)
-        instances.append(SceneInstance(row_off + r, col_off + c, cropped.copy(), float(score), tuple(window), tile))
+        instances.append(SceneInstance(row_off + r, col_off + c, cropped.copy(), float(score), tuple(window), tile,
+                                       modalities=modalities))
     return instances
 
 
@@ -92,6 +94,7 @@ class TileDetections:
     masks: np.ndarray
     pasted: bool
     valid: np.ndarray | None = None
+    modalities: tuple[str, ...] = ()  # the inputs the model had on this tile
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -111,4 +114,5 @@ def tile_instances(detections: TileDetections, mask_threshold: float, min_pixels
                                       (height, width))[:, 0]
         masks = (pasted >= mask_threshold).numpy()
     return instances_from_tile({"masks": masks, "scores": detections.scores}, detections.window,
-                               detections.valid_pixels(), detections.tile, min_pixels=min_pixels)
+                               detections.valid_pixels(), detections.tile, min_pixels=min_pixels,
+                               modalities=detections.modalities)

@@ -6,6 +6,7 @@ each scene's files appear only when complete, so a killed run resumes cleanly.
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import wait
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from rts_thaw.mapping.scene_outputs import SceneOutputs, checkpoint_identity
 from rts_thaw.mapping.scene_predictor import TilingConfig, check_precision, predict_scenes
 from rts_thaw.mapping.shards import shard_scenes
 from rts_thaw.mapping.writer_pool import writer_pool
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,16 +79,19 @@ def set_detection_limits(detector: torch.nn.Module, score_threshold: float | Non
         rpn._post_nms_top_n["testing"] = own["proposals"] if proposals is None else proposals
 
 
-def scene_grid(spec: SceneSpec, modalities: list[str]) -> tuple[str, Affine, tuple[int, int]]:
+def scene_grid(spec: SceneSpec, modalities: list[str], optional: list[str] = ()) -> tuple[str, Affine, tuple[int, int]]:
     """(CRS as WKT, transform, (height, width)) of a scene's reference grid; opening the scene
     checks that its modalities can be read and are aligned."""
-    with SceneReader(spec, modalities) as reader:
+    with SceneReader(spec, modalities, optional) as reader:
+        if reader.absent:
+            log.info("scene %s has no %s raster: mapped without it", spec.id, ", ".join(reader.absent))
         return reader.crs.to_wkt(), reader.transform, (reader.height, reader.width)
 
 
-def check_modalities(scenes: list[SceneSpec], modalities: list[str], source: Path) -> None:
-    """Every scene must have every modality the model reads: checked before any work."""
-    lacking = {s.id: sorted(set(modalities) - set(s.rasters)) for s in scenes if set(modalities) - set(s.rasters)}
+def check_modalities(scenes: list[SceneSpec], modalities: list[str], source: Path, optional: list[str] = ()) -> None:
+    """Every scene must have every modality the model cannot map without: checked before any work."""
+    required = set(modalities) - set(optional)
+    lacking = {s.id: sorted(required - set(s.rasters)) for s in scenes if required - set(s.rasters)}
     if lacking:
         listed = "; ".join(f"{sid} lacks {missing}" for sid, missing in list(lacking.items())[:5])
         raise ValueError(f"{source}: the checkpoint reads modalities {modalities}, but {len(lacking)} scene(s) "
@@ -104,14 +110,15 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
     check_precision(precision)
     scenes_path, output_dir = Path(scenes_path), Path(output_dir)
     scenes = shard_scenes(load_scene_list(scenes_path), shard, num_shards)
-    check_modalities(scenes, list(model.detector.modalities), scenes_path)
+    optional = model.detector.optional_modalities
+    check_modalities(scenes, list(model.detector.modalities), scenes_path, optional)
     set_detection_limits(model.detector, tiling.score_threshold, tiling.max_detections, tiling.proposals)
     output_dir.mkdir(parents=True, exist_ok=True)
     summaries = {s.id: {"scene_id": s.id, "status": "skipped (done)"} for s in scenes}
     todo = [s for s in scenes if not SceneOutputs(output_dir, s.id).done()]
     for spec in todo:
         SceneOutputs(output_dir, spec.id).remove_leftovers()
-    grids = [scene_grid(spec, list(model.detector.modalities)) for spec in todo]  # bad scenes fail before any work
+    grids = [scene_grid(spec, list(model.detector.modalities), optional) for spec in todo]  # fail before any work
     index = {s.id: k for k, s in enumerate(todo)}
     started = time.perf_counter()
 

@@ -70,6 +70,7 @@ def scene_layer(instances: list[SceneInstance], transform, crs, scene_id: str, m
             "area_m2": np.array([area_m2(p, crs) for p in polygons], dtype=np.float64),
             "pixels": np.array([inst.pixels for inst in instances], dtype=np.int64),
             "n_tiles": np.array([inst.n_tiles for inst in instances], dtype=np.int64),
+            "modalities": np.array([",".join(inst.modalities) for inst in instances], dtype=object),
             "model": np.array([model] * n, dtype=object),
             "ckpt": np.array([ckpt] * n, dtype=object),
         },

@@ -111,7 +111,7 @@ def predict_scenes(detector: torch.nn.Module, specs: list[SceneSpec], shapes: li
         windows = tile_windows(width, height, config.tile_size, config.stride)
         scenes.append(_Scene(spec, len(windows), SceneStats(tiles=len(windows))))
         tiles += [(k, w) for w in windows]
-    dataset = SceneTiles(specs, tiles, list(detector.modalities), norm_stats)
+    dataset = SceneTiles(specs, tiles, list(detector.modalities), norm_stats, detector.optional_modalities)
     bar = tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not progress)
     bar.set_postfix(scenes=f"0/{len(scenes)}")
     finished = 0
@@ -155,8 +155,9 @@ def batch_detections(detector: torch.nn.Module, batch: dict, device: torch.devic
     `paste_masks=False`; one that pastes its masks anyway (returns `masks`, not `box_masks`) has
     them thresholded at `config.mask_threshold` here."""
     images = {m: x.to(device, non_blocking=True) for m, x in batch["image"].items()}
+    available = {m: has.to(device) for m, has in batch.get("available", {}).items()}
     with autocast:
-        outputs = detector(images, batch["image_sizes"], paste_masks=False)
+        outputs = detector(images, batch["image_sizes"], paste_masks=False, available=available or None)
     # one copy per kind for the whole batch, not one per tile: each copy waits for the device
     counts = [len(o["scores"]) for o in outputs]
     scores = torch.cat([o["scores"] for o in outputs]).float().cpu().numpy()
@@ -173,6 +174,8 @@ def batch_detections(detector: torch.nn.Module, batch: dict, device: torch.devic
         tile_masks = masks[t] if pasted else masks[part]
         keep = slice(None) if score_threshold is None else scores[part] >= score_threshold
         valid = valid[:window[2], :window[3]].numpy()
+        used = tuple(m for m in detector.modalities
+                     if m in images and (m not in available or bool(batch["available"][m][t])))
         per_tile.append(TileDetections(window, tile, scores[part][keep], boxes[part][keep], tile_masks[keep],
-                                       pasted, None if valid.all() else valid.copy()))
+                                       pasted, None if valid.all() else valid.copy(), used))
     return per_tile

@@ -3,7 +3,9 @@ across scene boundaries too (the next scene's tiles are read while this one is f
 
 Each worker opens its own SceneReader (file handles do not cross processes) and keeps only
 the reader of the scene it is on; a tile that is entirely nodata comes back marked empty
-and the collate function drops it, so the model never runs on it.
+and the collate function drops it, so the model never runs on it. An `optional` modality
+(one the model maps without) may be missing from a scene or a tile; the batch says which
+tiles have it (`available`).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ class SceneTiles(Dataset):
     """Tiles of several scenes, in scene order: item k is (scene index, window) of `tiles[k]`."""
 
     def __init__(self, specs: list[SceneSpec], tiles: list[tuple[int, Window]], modalities: list[str],
-                 norm_stats: NormStats):
+                 norm_stats: NormStats, optional: list[str] | tuple[str, ...] = ()):
         self.specs = list(specs)
         self.tiles = list(tiles)
         self.modalities = list(modalities)
+        self.optional = list(optional)
         self.norm_stats = norm_stats.subset(self.modalities)
         self._reader: tuple[int, SceneReader] | None = None
 
@@ -43,7 +46,7 @@ class SceneTiles(Dataset):
         if self._reader is None or self._reader[0] != scene:
             if self._reader is not None:
                 self._reader[1].close()
-            self._reader = (scene, SceneReader(self.specs[scene], self.modalities))
+            self._reader = (scene, SceneReader(self.specs[scene], self.modalities, self.optional))
         return self._reader[1]
 
     def __getitem__(self, index: int) -> dict:
@@ -61,7 +64,8 @@ class SceneTiles(Dataset):
 def collate_tiles(tiles: list[dict]) -> dict:
     """Stack the non-empty tiles, padded bottom/right to a multiple of 32 as in training;
     `empty_scenes` lists the scene of each dropped all-nodata tile. A tile's `index` is its
-    identity within its scene (seam merging never joins two instances of one tile)."""
+    identity within its scene (seam merging never joins two instances of one tile). A modality
+    some tiles lack is zeros there, and `available[modality]` marks the tiles that have it."""
     kept = [t for t in tiles if "image" in t]
     batch = {"empty_scenes": [t["scene"] for t in tiles if "image" not in t],
              "scene": [t["scene"] for t in kept], "index": [t["index"] for t in kept],
@@ -70,6 +74,14 @@ def collate_tiles(tiles: list[dict]) -> dict:
     if not kept:
         return batch
     height, width = padded_size(batch["image_sizes"])
-    batch["image"] = {m: stack_padded([t["image"][m] for t in kept], height, width) for m in kept[0]["image"]}
+    modalities = list(dict.fromkeys(m for t in kept for m in t["image"]))
+    batch["image"], batch["available"] = {}, {}
+    for m in modalities:
+        have = [m in t["image"] for t in kept]
+        shape = next(t["image"][m].shape[:-2] for t in kept if m in t["image"])
+        batch["image"][m] = stack_padded([t["image"][m] if m in t["image"] else torch.zeros(*shape, *t["valid"].shape)
+                                          for t in kept], height, width)
+        if not all(have):
+            batch["available"][m] = torch.tensor(have)
     batch["valid"] = stack_padded([t["valid"] for t in kept], height, width)
     return batch

@@ -44,8 +44,9 @@ def _union(group: list[SceneInstance]) -> SceneInstance:
     for inst in group:
         ir0, ic0, ir1, ic1 = inst.bounds
         mask[ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] |= inst.mask
-    # the most confident view of the slump speaks for it
-    return SceneInstance(r0, c0, mask, max(i.score for i in group), None, -1, len({i.tile for i in group}))
+    # the most confident view of the slump speaks for it; it was seen with every input of any view
+    used = tuple(dict.fromkeys(m for i in group for m in i.modalities))
+    return SceneInstance(r0, c0, mask, max(i.score for i in group), None, -1, len({i.tile for i in group}), used)
 
 
 def merge_across_seams(instances: list[SceneInstance], min_shared_iou: float = 0.3) -> list[SceneInstance]:

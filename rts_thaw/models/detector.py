@@ -46,6 +46,13 @@ class MultiModalDetector(nn.Module):
     def modalities(self) -> list[str]:
         return list(self.modality_channels)
 
+    @property
+    def optional_modalities(self) -> list[str]:
+        """The auxiliary modalities this model can map without (its fusion leaves them out)."""
+        if not getattr(self.fusion, "skips_missing", False):
+            return []
+        return [m for m in self.modalities if m != self.fusion.reference]
+
     def summary(self) -> dict[str, dict[str, int]]:
         return parameter_summary(self, PARTS)
 

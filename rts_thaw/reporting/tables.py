@@ -127,14 +127,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     show_overrides = len(set(descriptions)) < len(descriptions)
     header = (["configuration"] * show_overrides + DESCRIPTION + ["seeds"] + [f"mask {m}" for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
               + [f"box {m}" for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
-              + ["trainable (M)", "total (M)", "peak mem (MB)", "wall (s)"])
+              + ["trainable (M)", "total (M)", "peak mem (MB)", "train img/s", "wall (s)"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [f"`{row['configuration']}`"] * show_overrides + [str(row[k]) for k in DESCRIPTION]
         cells += [f"{row['seeds']}/{row['jobs']}"]
         cells += [_cell(row, m, 100.0, "{:.2f}") for m in AP_KEYS]
         cells += [_cell(row, "trainable_params", 1e-6, "{:.2f}"), _cell(row, "total_params", 1e-6, "{:.2f}"),
-                  _cell(row, "peak_memory_mb", 1.0, "{:.0f}"), _cell(row, "wall_s", 1.0, "{:.0f}")]
+                  _cell(row, "peak_memory_mb", 1.0, "{:.0f}"), _cell(row, "train_images_per_s", 1.0, "{:.1f}"),
+                  _cell(row, "wall_s", 1.0, "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
