@@ -165,7 +165,7 @@ def test_paper_like_world_lets_rgb_tell_look_alikes_apart_and_blurs_ndvi(tmp_pat
     assert _disturbed_lookalike_share(paper) < 0.6 * _disturbed_lookalike_share(decisive)
     with rasterio.open(Path(paper).parent / "scene_000" / "ndvi.tif") as ndvi:
         assert ndvi.res == (10.0, 10.0)
-    assert yaml.safe_load(Path(paper).read_text())["generator"]["rgb_separability"] == 0.6
+    assert yaml.safe_load(Path(paper).read_text())["generator"]["rgb_separability"] == 0.8
     # a preset value can be replaced
     custom = ensure_world(tmp_path, scenes=1, size=96, seed=3, world="paper_like", aux_resolution=3.0)
     assert yaml.safe_load(Path(custom).read_text())["generator"]["aux_resolution"] == 3.0

@@ -14,15 +14,18 @@ modality's own grid, as real sensors would see the same ground:
 
 Slumps are bare, low-NDVI, medium-NIR scars cut into slopes with a head scarp in the
 DEM. Distractors (turbid water, gravel bars, burned tundra) often share the slump
-shape, and differ in NDVI, NIR and elevation. Two parameters set how much each
-sensor can tell on its own (`WorldParams`, named presets in `WORLDS`):
+shape. Three parameters set how much each sensor can tell on its own (`WorldParams`,
+named presets in `WORLDS`):
 
 - `rgb_separability` (0..1): how far each look-alike's colour moves from the slumps'
-  bare-ground brown towards its own (dark turbid water, pale gravel, charred burns).
-  0 is the *auxiliary-decisive* world (same palette: RGB alone is ambiguous);
-- `aux_resolution` (m): the NIR/NDVI pixel size. Sentinel-2's 10 m blurs small
-  slumps away, as in the paper's data, where high-resolution RGB alone is the
-  strongest input and NDVI/NIR/DEM resolve its confusions (the *paper-like* world).
+  bare-ground brown towards its own (dark turbid water, pale gravel, charred burns);
+- `aux_separability` (0..1): likewise for their NDVI and NIR signatures (1: each its
+  own; lower: bare ground looks like bare ground to NDVI, whatever it is);
+- `aux_resolution` (m): the NIR/NDVI pixel size (Sentinel-2: 10 m).
+
+The *auxiliary-decisive* world (the default) has RGB separability 0: RGB alone is
+ambiguous and NDVI/NIR decide. The *paper-like* world follows the paper's data, where
+high-resolution RGB alone is the strongest input and 10 m NDVI/NIR resolve its confusions.
 """
 
 from __future__ import annotations
@@ -86,10 +89,12 @@ class WorldParams:
     distractors_per_scene: tuple[int, int] = (6, 10)
     rgb_separability: float = 0.0  # 0: look-alikes share the slumps' colour; 1: each has its own
     aux_resolution: float = 3.0  # NIR/NDVI pixel size, m (Sentinel-2: 10)
+    aux_separability: float = 1.0  # 0: look-alikes share the slumps' NDVI/NIR; 1: each has its own
 
     def __post_init__(self):
-        if not 0.0 <= self.rgb_separability <= 1.0:
-            raise ValueError(f"rgb_separability must be in [0, 1], got {self.rgb_separability}")
+        for name in ("rgb_separability", "aux_separability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.aux_resolution < TRUTH_RES:
             raise ValueError(f"aux_resolution must be at least the truth grid's {TRUTH_RES} m, "
                              f"got {self.aux_resolution}")
@@ -110,7 +115,7 @@ class WorldParams:
 # input and 10 m NDVI/NIR resolve its confusions; the default world makes them decisive.
 WORLDS = {
     "auxiliary_decisive": {"rgb_separability": 0.0, "aux_resolution": 3.0},
-    "paper_like": {"rgb_separability": 0.6, "aux_resolution": 10.0},
+    "paper_like": {"rgb_separability": 0.8, "aux_separability": 0.3, "aux_resolution": 10.0},
 }
 
 
@@ -367,12 +372,20 @@ def _draw_scene(rng: np.random.Generator, params: WorldParams, x0: float, y0: fl
         return base * brightness + rng.normal(0, 10, 3)
 
     to_utm = lambda g: translate(scale(g, 1, -1, origin=(0, 0)), x0, y0)  # noqa: E731  local (y down) -> UTM
+    ndvi, nir, _ = SIGNATURE[RTS]
+
+    def signature(kind):  # NDVI and NIR from the slumps' (0) to the kind's own (1)
+        own_ndvi, own_nir, elev = SIGNATURE[kind]
+        if kind == SNOW:
+            return own_ndvi, own_nir, elev
+        s = params.aux_separability
+        return own_ndvi * s + ndvi * (1 - s), own_nir * s + nir * (1 - s), elev
+
     painted = [
-        _Object(kind, to_utm(g), colour(kind), *SIGNATURE[kind])
+        _Object(kind, to_utm(g), colour(kind), *signature(kind))
         for kind, g in objects
         if not g.is_empty
     ]
-    ndvi, nir, _ = SIGNATURE[RTS]
     for geom in slumps:
         depth = rng.uniform(2.0, 5.0)  # metres below the rim
         painted.append(_Object(RTS, to_utm(geom), colour(RTS), ndvi + rng.normal(0, 0.03), nir + rng.normal(0, 0.02), depth))
@@ -548,18 +561,19 @@ def ensure_world(
     world: str = "auxiliary_decisive",
     rgb_separability: float | None = None,
     aux_resolution: float | None = None,
+    aux_separability: float | None = None,
 ) -> str:
     """Generate the world once under `root/synthetic_<key>` and return its scene list path.
 
-    `world` names a preset of `WORLDS`; `rgb_separability` and `aux_resolution`, where
-    given, replace the preset's value.
+    `world` names a preset of `WORLDS`; `rgb_separability`, `aux_separability` and
+    `aux_resolution`, where given, replace the preset's value.
 
     Safe when several processes start at once (sweep jobs): each writes to its own
     temporary directory and renames it into place; the loser of the race keeps the
     winner's copy.
     """
-    sensors = {k: float(v) for k, v in (("rgb_separability", rgb_separability),
-                                        ("aux_resolution", aux_resolution)) if v is not None}
+    sensors = {k: float(v) for k, v in (("rgb_separability", rgb_separability), ("aux_resolution", aux_resolution),
+                                        ("aux_separability", aux_separability)) if v is not None}
     params = WorldParams.named(world, scenes=scenes, size=size, seed=seed, rts_per_scene=tuple(rts_per_scene),
                                distractors_per_scene=tuple(distractors_per_scene), **sensors)
     root = Path(root).expanduser()
