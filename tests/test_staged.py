@@ -200,3 +200,16 @@ def test_report_adds_rows_of_fused_models_without_a_modality(staged_run, monkeyp
     monkeypatch.setattr("rts_thaw.training.evaluation.evaluate_checkpoint",
                         lambda *a, **k: pytest.fail("evaluated again"))
     assert missing.missing_modality_runs([run], ["ndvi"])[0].results["test"].keys() == results["test"].keys()
+
+
+def test_stage1_key_follows_the_generated_world_not_only_its_config(tmp_path, monkeypatch):
+    """Same config, different world (a preset changed in code): the stage-1 models of the
+    old world must not be reused."""
+    from rts_thaw.data import synthetic
+
+    overrides = ["+experiment=unimodal", f"paths.cache_dir={tmp_path}", "data.path.scenes=1", "data.path.size=64",
+                 "data.path.world=paper_like"]
+    key = staged.stage1_key(staged.stage1_config(compose_train(overrides), "rgb"))
+    assert key == staged.stage1_key(staged.stage1_config(compose_train(overrides), "rgb"))  # stable
+    monkeypatch.setitem(synthetic.WORLDS, "paper_like", {**synthetic.WORLDS["paper_like"], "rgb_separability": 0.5})
+    assert staged.stage1_key(staged.stage1_config(compose_train(overrides), "rgb")) != key

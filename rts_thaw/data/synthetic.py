@@ -19,13 +19,14 @@ named presets in `WORLDS`):
 
 - `rgb_separability` (0..1): how far each look-alike's colour moves from the slumps'
   bare-ground brown towards its own (dark turbid water, pale gravel, charred burns);
-- `aux_separability` (0..1): likewise for their NDVI and NIR signatures (1: each its
-  own; lower: bare ground looks like bare ground to NDVI, whatever it is);
+- `ndvi_separability` (0..1): likewise for their NDVI (1: each its own; 0: bare ground
+  is bare ground to NDVI, whatever it is; NIR brightness still tells gravel from mud);
 - `aux_resolution` (m): the NIR/NDVI pixel size (Sentinel-2: 10 m).
 
 The *auxiliary-decisive* world (the default) has RGB separability 0: RGB alone is
 ambiguous and NDVI/NIR decide. The *paper-like* world follows the paper's data, where
-high-resolution RGB alone is the strongest input and 10 m NDVI/NIR resolve its confusions.
+high-resolution RGB alone is the strongest input and 10 m NDVI/NIR resolve its confusions:
+look-alikes mostly have their own colour, NDVI sees only "bare", NIR tells kinds of bare.
 """
 
 from __future__ import annotations
@@ -89,10 +90,10 @@ class WorldParams:
     distractors_per_scene: tuple[int, int] = (6, 10)
     rgb_separability: float = 0.0  # 0: look-alikes share the slumps' colour; 1: each has its own
     aux_resolution: float = 3.0  # NIR/NDVI pixel size, m (Sentinel-2: 10)
-    aux_separability: float = 1.0  # 0: look-alikes share the slumps' NDVI/NIR; 1: each has its own
+    ndvi_separability: float = 1.0  # 0: look-alikes share the slumps' NDVI; 1: each has its own
 
     def __post_init__(self):
-        for name in ("rgb_separability", "aux_separability"):
+        for name in ("rgb_separability", "ndvi_separability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.aux_resolution < TRUTH_RES:
@@ -115,7 +116,7 @@ class WorldParams:
 # input and 10 m NDVI/NIR resolve its confusions; the default world makes them decisive.
 WORLDS = {
     "auxiliary_decisive": {"rgb_separability": 0.0, "aux_resolution": 3.0},
-    "paper_like": {"rgb_separability": 0.8, "aux_separability": 0.3, "aux_resolution": 10.0},
+    "paper_like": {"rgb_separability": 0.8, "ndvi_separability": 0.0, "aux_resolution": 10.0},
 }
 
 
@@ -374,12 +375,12 @@ def _draw_scene(rng: np.random.Generator, params: WorldParams, x0: float, y0: fl
     to_utm = lambda g: translate(scale(g, 1, -1, origin=(0, 0)), x0, y0)  # noqa: E731  local (y down) -> UTM
     ndvi, nir, _ = SIGNATURE[RTS]
 
-    def signature(kind):  # NDVI and NIR from the slumps' (0) to the kind's own (1)
+    def signature(kind):  # NDVI from the slumps' (0) to the kind's own (1)
         own_ndvi, own_nir, elev = SIGNATURE[kind]
         if kind == SNOW:
             return own_ndvi, own_nir, elev
-        s = params.aux_separability
-        return own_ndvi * s + ndvi * (1 - s), own_nir * s + nir * (1 - s), elev
+        s = params.ndvi_separability
+        return own_ndvi * s + ndvi * (1 - s), own_nir, elev
 
     painted = [
         _Object(kind, to_utm(g), colour(kind), *signature(kind))
@@ -561,11 +562,11 @@ def ensure_world(
     world: str = "auxiliary_decisive",
     rgb_separability: float | None = None,
     aux_resolution: float | None = None,
-    aux_separability: float | None = None,
+    ndvi_separability: float | None = None,
 ) -> str:
     """Generate the world once under `root/synthetic_<key>` and return its scene list path.
 
-    `world` names a preset of `WORLDS`; `rgb_separability`, `aux_separability` and
+    `world` names a preset of `WORLDS`; `rgb_separability`, `ndvi_separability` and
     `aux_resolution`, where given, replace the preset's value.
 
     Safe when several processes start at once (sweep jobs): each writes to its own
@@ -573,7 +574,7 @@ def ensure_world(
     winner's copy.
     """
     sensors = {k: float(v) for k, v in (("rgb_separability", rgb_separability), ("aux_resolution", aux_resolution),
-                                        ("aux_separability", aux_separability)) if v is not None}
+                                        ("ndvi_separability", ndvi_separability)) if v is not None}
     params = WorldParams.named(world, scenes=scenes, size=size, seed=seed, rts_per_scene=tuple(rts_per_scene),
                                distractors_per_scene=tuple(distractors_per_scene), **sensors)
     root = Path(root).expanduser()

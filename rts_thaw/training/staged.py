@@ -27,6 +27,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rts_thaw.eval.coco import AP_KEYS
@@ -74,9 +75,21 @@ def _fusion_none() -> DictConfig:
     return OmegaConf.load(str(files("rts_thaw.conf") / "fusion" / "none.yaml"))
 
 
+def _data_identity(data_cfg: DictConfig) -> Any:
+    """The data source as the key sees it. A path that a function makes (a generated world,
+    `ensure_world`) is called: its folder names every parameter of the world, so a changed
+    preset or generator never reuses models trained on the old data."""
+    path = data_cfg.get("path")
+    if OmegaConf.is_config(path) and "_target_" in path:
+        made = Path(instantiate(path))
+        return f"{made.parent.name}/{made.name}"
+    return OmegaConf.to_container(path, resolve=True) if OmegaConf.is_config(path) else path
+
+
 def stage1_key(stage1: DictConfig) -> str:
     """Hash of the settings that decide what a stage-1 model becomes."""
     data = OmegaConf.to_container(stage1.data, resolve=True)
+    data["path"] = _data_identity(stage1.data)
     for key in DATA_RUNTIME_KEYS:
         data.pop(key, None)
     model = OmegaConf.to_container(stage1.model, resolve=True)
