@@ -95,7 +95,33 @@ def sine_position_encoding(height: int, width: int, dim: int, device=None, dtype
     return torch.cat([enc_y, enc_x], dim=2).reshape(height * width, dim).to(dtype or torch.float32)
 
 
-class CrossModalAttention(nn.Module):
+class RgbQueryProjections(nn.Module):
+    """What every attention of RGB queries over auxiliary modalities learns: a normalised
+    query projection and, per modality, normalised key and value projections and an output
+    projection. With `zero_output` the output projections start at zero: no auxiliary term
+    at the start, so a residual fusion starts as the RGB model (staged training)."""
+
+    def __init__(self, dim: int, aux_dims: Mapping[str, int], num_heads: int, zero_output: bool):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"fusion num_heads={num_heads} does not divide the feature width {dim}")
+        self.dim, self.num_heads = dim, num_heads
+        self.q_norm = nn.LayerNorm(dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.kv_norm = nn.ModuleDict({m: nn.LayerNorm(d) for m, d in aux_dims.items()})
+        self.k_proj = nn.ModuleDict({m: nn.Linear(d, dim) for m, d in aux_dims.items()})
+        self.v_proj = nn.ModuleDict({m: nn.Linear(d, dim) for m, d in aux_dims.items()})
+        self.out_proj = nn.ModuleDict({m: nn.Linear(dim, dim) for m in aux_dims})
+        if zero_output:
+            for layer in self.out_proj.values():
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [..., N, C] -> [..., heads, N, C/heads]
+        return x.view(*x.shape[:-1], self.num_heads, self.dim // self.num_heads).transpose(-3, -2)
+
+
+class CrossModalAttention(RgbQueryProjections):
     """One level: RGB tokens are queries, each auxiliary modality gives keys and values.
 
     Keys/values are average-pooled to at most `kv_pool_size`^2 tokens, which bounds
@@ -108,31 +134,15 @@ class CrossModalAttention(nn.Module):
 
     def __init__(self, dim: int, aux_dims: Mapping[str, int], num_heads: int, kv_pool_size: int,
                  residual: bool, combine: str = "sum"):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"fusion num_heads={num_heads} does not divide the feature width {dim}")
         if combine not in ("sum", "mean"):
             raise ValueError(f"fusion combine must be 'sum' or 'mean', got '{combine}'")
-        self.dim, self.num_heads, self.kv_pool_size = dim, num_heads, kv_pool_size
-        self.residual, self.combine = residual, combine
-        self.q_norm = nn.LayerNorm(dim)
-        self.q_proj = nn.Linear(dim, dim)
-        self.kv_norm = nn.ModuleDict({m: nn.LayerNorm(d) for m, d in aux_dims.items()})
-        self.k_proj = nn.ModuleDict({m: nn.Linear(d, dim) for m, d in aux_dims.items()})
-        self.v_proj = nn.ModuleDict({m: nn.Linear(d, dim) for m, d in aux_dims.items()})
-        self.out_proj = nn.ModuleDict({m: nn.Linear(dim, dim) for m in aux_dims})
+        super().__init__(dim, aux_dims, num_heads, zero_output=residual)
+        self.kv_pool_size, self.residual, self.combine = kv_pool_size, residual, combine
         self.proj = nn.Conv2d(dim, dim, 1)
         if residual:
-            for layer in self.out_proj.values():
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
             with torch.no_grad():
                 self.proj.weight.copy_(torch.eye(dim)[:, :, None, None])
                 self.proj.bias.zero_()
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, N, C] -> [B, heads, N, C/heads]
-        b, n, _ = x.shape
-        return x.view(b, n, self.num_heads, self.dim // self.num_heads).transpose(1, 2)
 
     def forward(self, query: torch.Tensor, aux: Mapping[str, torch.Tensor],
                 available: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rts_thaw.models.fusion import resize_like
+from rts_thaw.models.fusion import RgbQueryProjections, resize_like
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -58,7 +58,7 @@ def squared_offsets(window: int, device=None) -> torch.Tensor:
     return (dy * dy + dx * dx).float()
 
 
-class GatedLocalAttention(nn.Module):
+class GatedLocalAttention(RgbQueryProjections):
     """One level: windowed RGB-query attention over each auxiliary modality, gated residual."""
 
     # Initial distance penalties per head (per squared token): from "the co-located token"
@@ -66,29 +66,14 @@ class GatedLocalAttention(nn.Module):
     INITIAL_DECAY = (1.0, 0.25, 0.05, 0.0)
 
     def __init__(self, dim: int, aux_dims: Mapping[str, int], num_heads: int, window_size: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"fusion num_heads={num_heads} does not divide the feature width {dim}")
         if window_size < 1:
             raise ValueError(f"fusion window_size must be at least 1, got {window_size}")
-        self.dim, self.num_heads, self.window_size = dim, num_heads, window_size
-        self.q_norm = nn.LayerNorm(dim)
-        self.q_proj = nn.Linear(dim, dim)
-        self.kv_norm = nn.ModuleDict({m: nn.LayerNorm(d) for m, d in aux_dims.items()})
-        self.k_proj = nn.ModuleDict({m: nn.Linear(d, dim) for m, d in aux_dims.items()})
-        self.v_proj = nn.ModuleDict({m: nn.Linear(d, dim) for m, d in aux_dims.items()})
-        self.out_proj = nn.ModuleDict({m: nn.Linear(dim, dim) for m in aux_dims})
+        super().__init__(dim, aux_dims, num_heads, zero_output=True)  # no auxiliary term at the start
+        self.window_size = window_size
         self.gate = nn.ModuleDict({m: nn.Linear(2 * dim, dim) for m in aux_dims})
         decay = [self.INITIAL_DECAY[i * len(self.INITIAL_DECAY) // num_heads] for i in range(num_heads)]
         # softplus^-1 of each decay; a zero decay starts as a small one
         self.decay = nn.Parameter(torch.tensor([math.log(math.expm1(max(d, 1e-3))) for d in decay]))
-        for layer in self.out_proj.values():  # no auxiliary term at the start: the RGB model
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, nW, N, C] -> [B, nW, heads, N, C/heads]
-        b, nw, n, _ = x.shape
-        return x.view(b, nw, n, self.num_heads, self.dim // self.num_heads).transpose(2, 3)
 
     def forward(self, query: torch.Tensor, aux: Mapping[str, torch.Tensor],
                 available: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
