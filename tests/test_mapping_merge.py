@@ -125,3 +125,15 @@ def test_many_instances_vectorised_at_once_each_burn_back_to_their_mask():
 def test_geographic_area_is_geodesic():
     square = shapely.box(-150.0, 70.0, -149.99, 70.01)  # ~380 m x 1113 m at 70 N
     assert area_m2(square, pyproj.CRS("EPSG:4326")) == pytest.approx(380.4e3 * 1.113, rel=0.02)
+
+
+def test_a_merged_slump_lists_every_input_any_of_its_views_had():
+    """One slump seen by two tiles, one of them under a cloud in NDVI (mapped from RGB+NIR):
+    the merged polygon was seen with all three, in the model's order."""
+    slump = _ellipse(100, 100, 30, 30)
+    (r0, c0, h, w), (r1, c1, _, _) = (100 - 48, 100 - 48, TILE, TILE), (100 - 16, 100 - 16, TILE, TILE)
+    views = [instances_from_tile({"masks": slump[None, r:r + h, c:c + w], "scores": np.array([0.8])},
+                                 (r, c, h, w), np.ones((h, w), bool), tile, modalities=used)
+             for tile, (r, c, used) in enumerate([(r0, c0, ("rgb", "nir")), (r1, c1, ("rgb", "ndvi", "nir"))])]
+    (merged,) = merge_across_seams(views[0] + views[1])
+    assert merged.n_tiles == 2 and merged.modalities == ("rgb", "ndvi", "nir")

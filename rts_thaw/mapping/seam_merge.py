@@ -44,8 +44,10 @@ def _union(group: list[SceneInstance]) -> SceneInstance:
     for inst in group:
         ir0, ic0, ir1, ic1 = inst.bounds
         mask[ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] |= inst.mask
-    # the most confident view of the slump speaks for it; it was seen with every input of any view
-    used = tuple(dict.fromkeys(m for i in group for m in i.modalities))
+    # the most confident view of the slump speaks for it; it was seen with every input of any
+    # view, listed in the order of the fullest view (the model's order)
+    fullest = max((i.modalities for i in group), key=len)
+    used = tuple(dict.fromkeys(fullest + tuple(m for i in group for m in i.modalities)))
     return SceneInstance(r0, c0, mask, max(i.score for i in group), None, -1, len({i.tile for i in group}), used)
 
 
