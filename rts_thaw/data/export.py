@@ -93,7 +93,7 @@ def _hillshade(dem: np.ndarray, azimuth: float = 315.0, altitude: float = 45.0, 
 
 
 def export_challenge(scene_list: str | Path, out: str | Path) -> Path:
-    """A release laid out like the GeoAI Arctic Challenge 2026 (see DESIGN.md):
+    """A release laid out like the GeoAI Arctic Challenge 2026:
     train and val scenes become train/, test scenes the unlabelled test/ with its
     manifest. Their labels go to metadata/test_ground_truth.json, which the real
     release does not have, so synthetic submissions can be scored."""
