@@ -21,7 +21,7 @@ term out; the others cannot run without one, and the detector refuses such a bat
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -171,7 +171,31 @@ class CrossModalAttention(RgbQueryProjections):
         return self.proj(query + combined if self.residual else combined)
 
 
-class CrossAttentionFusion(nn.Module):
+class LevelwiseAttentionFusion(nn.Module):
+    """One RGB-query attention module per configured level (`attend(dim, aux_dims)` makes
+    it); other levels keep the RGB features."""
+
+    def __init__(self, reference: str, feature_channels: Mapping[str, Sequence[int]], levels: Sequence[int],
+                 attend: Callable[[int, dict[str, int]], nn.Module]):
+        super().__init__()
+        self.reference = reference
+        self.aux = [m for m in feature_channels if m != reference]
+        self.out_channels = list(feature_channels[reference])
+        self.levels = list(levels)
+        self.attn = nn.ModuleDict({
+            str(lvl): attend(self.out_channels[lvl], {m: feature_channels[m][lvl] for m in self.aux})
+            for lvl in self.levels
+        })
+
+    def forward(self, features: Mapping[str, list[torch.Tensor]],
+                available: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        out = list(features[self.reference])
+        for lvl in self.levels:
+            out[lvl] = self.attn[str(lvl)](out[lvl], {m: features[m][lvl] for m in self.aux}, available)
+        return out
+
+
+class CrossAttentionFusion(LevelwiseAttentionFusion):
     """Cross-modality attention on the configured levels; other levels keep the RGB features.
 
     Only the residual variant can leave a modality out: without the residual, an image with
@@ -180,23 +204,9 @@ class CrossAttentionFusion(nn.Module):
 
     def __init__(self, reference: str, feature_channels: Mapping[str, Sequence[int]], levels: Sequence[int],
                  residual: bool, num_heads: int = 4, kv_pool_size: int = 16, combine: str = "sum"):
-        super().__init__()
+        super().__init__(reference, feature_channels, levels, lambda dim, aux_dims: CrossModalAttention(
+            dim, aux_dims, num_heads, kv_pool_size, residual, combine))
         self.skips_missing = residual
-        self.reference = reference
-        self.aux = [m for m in feature_channels if m != reference]
-        self.out_channels = list(feature_channels[reference])
-        self.levels = list(levels)
-        self.attn = nn.ModuleDict({
-            str(lvl): CrossModalAttention(self.out_channels[lvl], {m: feature_channels[m][lvl] for m in self.aux},
-                                          num_heads, kv_pool_size, residual, combine)
-            for lvl in self.levels
-        })
-
-    def forward(self, features: Mapping[str, list[torch.Tensor]], available=None) -> list[torch.Tensor]:
-        out = list(features[self.reference])
-        for lvl in self.levels:
-            out[lvl] = self.attn[str(lvl)](out[lvl], {m: features[m][lvl] for m in self.aux}, available)
-        return out
 
 
 FUSIONS = ("none", "data_level", "concat_conv", "cross_attention", "residual_cross_attention",

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rts_thaw.models.fusion import RgbQueryProjections, resize_like
+from rts_thaw.models.fusion import LevelwiseAttentionFusion, RgbQueryProjections, resize_like
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -100,27 +100,12 @@ class GatedLocalAttention(RgbQueryProjections):
         return window_merge(out, window, grid, (h, w))
 
 
-class GatedLocalFusion(nn.Module):
+class GatedLocalFusion(LevelwiseAttentionFusion):
     """Gated local cross-attention on the configured levels; other levels keep the RGB features."""
 
     skips_missing = True  # an unavailable modality's term is left out
 
     def __init__(self, reference: str, feature_channels: Mapping[str, Sequence[int]], levels: Sequence[int],
                  num_heads: int = 4, window_size: int = 8):
-        super().__init__()
-        self.reference = reference
-        self.aux = [m for m in feature_channels if m != reference]
-        self.out_channels = list(feature_channels[reference])
-        self.levels = list(levels)
-        self.attn = nn.ModuleDict({
-            str(lvl): GatedLocalAttention(self.out_channels[lvl], {m: feature_channels[m][lvl] for m in self.aux},
-                                          num_heads, window_size)
-            for lvl in self.levels
-        })
-
-    def forward(self, features: Mapping[str, list[torch.Tensor]],
-                available: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
-        out = list(features[self.reference])
-        for lvl in self.levels:
-            out[lvl] = self.attn[str(lvl)](out[lvl], {m: features[m][lvl] for m in self.aux}, available)
-        return out
+        super().__init__(reference, feature_channels, levels,
+                         lambda dim, aux_dims: GatedLocalAttention(dim, aux_dims, num_heads, window_size))
