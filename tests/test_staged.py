@@ -213,3 +213,12 @@ def test_stage1_key_follows_the_generated_world_not_only_its_config(tmp_path, mo
     assert key == staged.stage1_key(staged.stage1_config(compose_train(overrides), "rgb"))  # stable
     monkeypatch.setitem(synthetic.WORLDS, "paper_like", {**synthetic.WORLDS["paper_like"], "rgb_separability": 0.5})
     assert staged.stage1_key(staged.stage1_config(compose_train(overrides), "rgb")) != key
+
+
+def test_stage2_freezes_the_encoders_unless_asked_to_fine_tune_them(tmp_path):
+    overrides = ["+experiment=staged_fusion", f"paths.cache_dir={tmp_path}"]
+    checkpoints = {"rgb": "rgb.ckpt", "ndvi": "ndvi.ckpt", "nir": "nir.ckpt"}
+    frozen = staged.stage2_config(compose_train(overrides), checkpoints)
+    assert frozen.model.encoder.frozen is True and frozen.model.init_from == "rgb.ckpt"
+    tuned = staged.stage2_config(compose_train([*overrides, "training.stage2.freeze_encoders=false"]), checkpoints)
+    assert tuned.model.encoder.frozen is False and dict(tuned.model.encoder.weights) == checkpoints

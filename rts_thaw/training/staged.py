@@ -199,13 +199,14 @@ def ensure_stage1(stage1: DictConfig, smoke_dir: Path | None = None) -> dict[str
 
 # ---- stage 2 ------------------------------------------------------------------------
 def stage2_config(cfg: DictConfig, checkpoints: dict[str, str]) -> DictConfig:
-    """The fusion run: every encoder from its stage-1 checkpoint and frozen; FPN, RPN and
-    heads optionally from the RGB stage-1 detector."""
+    """The fusion run: every encoder from its stage-1 checkpoint and frozen (the paper's
+    method; `freeze_encoders: false` fine-tunes them too); FPN, RPN and heads optionally
+    from the RGB stage-1 detector."""
     stage2 = copy.deepcopy(cfg)
     settings = cfg.training.stage2
     with open_dict(stage2):
         stage2.model.encoder.weights = dict(checkpoints)
-        stage2.model.encoder.frozen = True
+        stage2.model.encoder.frozen = bool(settings.get("freeze_encoders", True))
         if settings.init_from_rgb:
             stage2.model.init_from = checkpoints["rgb"]
         if settings.get("max_epochs") is not None:
