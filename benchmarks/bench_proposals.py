@@ -27,7 +27,7 @@ from rts_thaw.data.geotiff import load_scene_list
 from rts_thaw.eval.polygons import evaluate_polygons, precision_recall_f1
 from rts_thaw.mapping.map_scenes import load_model, map_scenes, resolve_device
 from rts_thaw.mapping.scene_predictor import TilingConfig
-from rts_thaw.mapping.vector_io import read_layer
+from rts_thaw.core.vectors import read_layer
 
 
 def scene_subset(scene_list: Path, splits: list[str], folder: Path) -> Path:
@@ -73,7 +73,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     model = load_model(args.ckpt, device)
-    own = model.detector.rpn._post_nms_top_n["testing"]
+    own = model.detector.rpn.test_proposals
     settings = [None] + [n for n in args.proposals if n != own]
     work = Path(tempfile.mkdtemp(prefix="bench_proposals_"))
     try:

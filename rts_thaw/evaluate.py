@@ -14,7 +14,7 @@ from rts_thaw.lightning_logging import log_lightning_through_hydra
 
 
 def evaluate_checkpoint_mode(cfg: DictConfig) -> dict:
-    from rts_thaw.json_files import write_json_atomic
+    from rts_thaw.core.json_files import write_json_atomic
     from rts_thaw.training.evaluation import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(

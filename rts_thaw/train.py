@@ -9,7 +9,6 @@ last checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from pathlib import Path
@@ -19,25 +18,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from rts_thaw.lightning_logging import log_lightning_through_hydra
+from rts_thaw.training.run_identity import run_directory_name
 
 log = logging.getLogger(__name__)
 
 
-def _run_id(override_dirname: str) -> str:
-    """A short, filesystem-safe folder name for a set of command-line overrides."""
-    if not override_dirname:
-        return "base"
-    return hashlib.sha256(override_dirname.encode()).hexdigest()[:10]
-
-
 if not OmegaConf.has_resolver("rts_thaw.run_id"):
-    OmegaConf.register_new_resolver("rts_thaw.run_id", _run_id)
+    OmegaConf.register_new_resolver("rts_thaw.run_id", run_directory_name)
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run what `cfg` describes in `run_dir`; returns its results."""
     from rts_thaw.training import staged
-    from rts_thaw.json_files import write_json_atomic
+    from rts_thaw.core.json_files import write_json_atomic
     from rts_thaw.training.single_run import fit_and_test
 
     from rts_thaw.models.encoders import check_tile_size

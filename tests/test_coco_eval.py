@@ -11,7 +11,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from rts_thaw.eval.coco import PRESETS, CocoEvaluator, evaluate_coco, mask_to_rle
+from rts_thaw.core.rle import mask_to_rle
+from rts_thaw.eval.coco import PRESETS, CocoEvaluator, evaluate_coco
 
 
 def _ellipse(h, w, cy, cx, ry, rx):

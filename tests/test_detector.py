@@ -188,6 +188,7 @@ def test_stage2_model_starts_as_the_stage1_rgb_model(tmp_path, fusion):
         build("cascade_mvit", "none", ("rgb",), f"model.init_from='{tmp_path / 'missing.ckpt'}'")
 
 
+@pytest.mark.slow  # a long end-to-end run: `make test` runs it, `make test-fast` does not
 @pytest.mark.parametrize("model,fusion,modalities", [
     ("cascade_mvit", "residual_cross_attention", ("rgb", "ndvi", "nir")),  # the paper's model
     ("cascade_mvit", "gated_local_attention", ("rgb", "ndvi", "nir")),
@@ -249,3 +250,38 @@ def test_bad_configuration_is_a_clear_error():
         detector({"rgb": images["rgb"], "ndvi": images["rgb"]}, [(SIZE, SIZE)])
     with pytest.raises(ValueError, match="needs targets in training mode"):
         detector.train()({"rgb": images["rgb"], "ndvi": images["ndvi"]}, [(SIZE, SIZE)])
+
+
+def test_rpn_test_proposals_caps_eval_proposals_and_adds_no_state():
+    """`rpn.test_proposals` (what tiling.proposals sets) is the eval-time count torchvision keeps
+    after NMS; training keeps the config's training count, and the state dict is torchvision's."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    detector = build("cascade_mvit", "none", ("rgb",))
+    rpn = detector.rpn
+    plain = RegionProposalNetwork(rpn.anchor_generator, rpn.head, 0.7, 0.3, 8, 0.5, {"training": 1, "testing": 1},
+                                  {"training": 1, "testing": 1}, 0.7)
+    assert list(rpn.state_dict()) == list(plain.state_dict())
+    images, targets = make_tiles(n=2)
+    image_list = ImageList(images["rgb"], [(SIZE, SIZE)] * 2)
+    with torch.no_grad():
+        pyramid = detector.extract_features({"rgb": images["rgb"]})
+        for count in (3, 1):
+            rpn.eval()
+            rpn.test_proposals = count
+            assert [len(p) for p in rpn(image_list, pyramid)[0]] == [count, count]
+        rpn.train()
+        trained = rpn(image_list, pyramid, targets)[0]
+    assert max(len(p) for p in trained) > 3  # the training count, not test_proposals
+
+
+@pytest.mark.parametrize("model,norm_type", [("maskrcnn_r50", torch.nn.BatchNorm2d),
+                                             ("cascade_mvit", torch.nn.LayerNorm)])
+def test_weight_decay_skips_every_norm_layer_of_the_detector(model, norm_type):
+    from rts_thaw.training.optim import param_groups
+
+    detector = build(model, "none", ("rgb",))
+    norms = [m for m in detector.modules() if isinstance(m, norm_type)]
+    assert norms
+    decayed = {id(p) for p in param_groups(detector, 0.05)[0]["params"]}
+    assert not any(id(p) in decayed for m in norms for p in m.parameters())

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.models._builder import build_model_with_cfg
+from timm.models import build_model_with_cfg
 from timm.models.mvitv2 import MultiScaleVit
 
 from rts_thaw.models.encoders import ENCODERS, build_encoder, check_tile_size
@@ -142,3 +142,21 @@ def test_missing_or_wrong_weight_files_are_clear_errors(tmp_path):
         build_encoder("mvitv2_micro", 3, SIZE, "rgb", weights=str(bad))
     with pytest.raises(ValueError, match="no published weights"):
         build_encoder("mvitv2_micro", 3, SIZE, "rgb", pretrained=True)
+
+
+def test_resnet_encoder_keeps_torchvisions_keys_and_stage_outputs():
+    """The ResNet body has the classifier's state-dict keys without `fc`, in the same order,
+    and returns layer1..layer4 as torchvision's feature extractor does."""
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    enc = build_encoder("resnet50", 3, SIZE, "rgb").eval()
+    net = torchvision.models.resnet50().eval()
+    assert list(enc.body.state_dict()) == [k for k in net.state_dict() if not k.startswith("fc.")]
+    net.load_state_dict({**net.state_dict(), **enc.body.state_dict()})
+    stages = create_feature_extractor(net, {f"layer{i}": str(i) for i in range(1, 5)})
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        for ours, theirs in zip(enc(x), stages(x).values(), strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

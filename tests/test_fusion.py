@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from rts_thaw.models import fusion as fusion_mod
-from rts_thaw.models.fusion import CrossModalAttention, build_fusion, sine_position_encoding
+from rts_thaw.models.fusion import CrossModalAttention, sine_position_encoding
+from rts_thaw.models.fusion_choice import build_fusion
 
 RGB_CH = [16, 32, 64, 128]
 

@@ -1,4 +1,4 @@
-"""rts_thaw.json_files: atomic, strict-JSON writing (real files in tmp_path)."""
+"""rts_thaw.core.json_files: atomic, strict-JSON writing (real files in tmp_path)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from rts_thaw import json_files
-from rts_thaw.json_files import write_json_atomic
+from rts_thaw.core import json_files
+from rts_thaw.core.json_files import write_json_atomic
 
 
 def strict_loads(text: str):

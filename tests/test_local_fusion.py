@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rts_thaw.models.fusion import build_fusion
+from rts_thaw.models.fusion_choice import build_fusion
 from rts_thaw.models.local_fusion import GatedLocalAttention, squared_offsets, window_merge, window_partition
 
 

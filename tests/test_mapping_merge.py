@@ -9,7 +9,8 @@ from rasterio.features import rasterize
 
 from rts_thaw.mapping.instances import instances_from_tile
 from rts_thaw.mapping.seam_merge import merge_across_seams
-from rts_thaw.mapping.vectorize import area_m2, instance_polygons
+from rts_thaw.core.vectors import area_m2
+from rts_thaw.mapping.vectorize import instance_polygons
 
 SIZE, TILE, STRIDE = 200, 64, 48
 TRANSFORM = Affine(4.0, 0, 500000.0, 0, -4.0, 7600000.0)  # 4 m pixels, north up

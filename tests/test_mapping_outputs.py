@@ -12,7 +12,7 @@ from rts_thaw.mapping.instances import SceneInstance
 from rts_thaw.mapping.scene_outputs import SceneOutputs, checkpoint_identity, scene_layer, write_scene
 from rts_thaw.mapping.score_raster import ScoreRasterWriter
 from rts_thaw.mapping.shards import merge_scene_layers, shard_scenes
-from rts_thaw.mapping.vector_io import read_layer
+from rts_thaw.core.vectors import read_layer
 
 TRANSFORM = Affine(4.0, 0, 400000.0, 0, -4.0, 7700000.0)
 

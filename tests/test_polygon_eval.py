@@ -8,7 +8,7 @@ import pytest
 import shapely
 
 from rts_thaw.eval.polygons import evaluate_polygon_files, evaluate_polygons, match_polygons
-from rts_thaw.mapping.vector_io import VectorLayer, read_layer, write_layer
+from rts_thaw.core.vectors import VectorLayer, read_layer, write_layer
 
 UTM = pyproj.CRS("EPSG:32606").to_wkt()  # UTM 6N, Alaska's North Slope
 X0, Y0 = 600000.0, 7700000.0

@@ -29,7 +29,7 @@ from rts_thaw.eval.submission import validate_submission
 from rts_thaw.mapping.challenge import predict_challenge
 from rts_thaw.mapping.map_scenes import load_model
 from rts_thaw.mapping.scene_predictor import TilingConfig
-from rts_thaw.mapping.vector_io import read_layer
+from rts_thaw.core.vectors import read_layer
 from rts_thaw.training.module import DetectionModule
 
 MODALITIES = ["rgb", "ndvi"]
@@ -191,6 +191,7 @@ def test_proposals_per_tile_limit_what_the_heads_see(world, checkpoint, tmp_path
     assert not (tmp_path / "none").exists()
 
 
+@pytest.mark.slow  # a long end-to-end run: `make test` runs it, `make test-fast` does not
 def test_resume_after_kill_and_sharding(world, checkpoint, tmp_path):
     out = tmp_path / "maps"
     # one tile per batch, no reading workers, one writer process (scenes written one after

@@ -22,7 +22,7 @@ from rts_thaw.data.normalization import NormStats
 from rts_thaw.eval.polygons import evaluate_polygons
 from rts_thaw.mapping.map_scenes import LoadedModel, map_scenes
 from rts_thaw.mapping.scene_predictor import TilingConfig
-from rts_thaw.mapping.vector_io import VectorLayer, read_layer
+from rts_thaw.core.vectors import VectorLayer, read_layer
 
 SIZE = 200
 TRANSFORM = Affine(4.0, 0, 600000.0, 0, -4.0, 7750000.0)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rts_thaw.json_files import write_json_atomic
+from rts_thaw.core.json_files import write_json_atomic
 from rts_thaw.report import write_report
 
 SWEEP_PARAMS = {"+fusion_training": "concat_conv_staged,residual_cross_attention_end_to_end",

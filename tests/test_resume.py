@@ -23,6 +23,7 @@ def readable_checkpoint(path):
         return None
 
 
+@pytest.mark.slow  # a long end-to-end run: `make test` runs it, `make test-fast` does not
 def test_killed_run_resumes_with_the_same_step_count(tiny_world_config, tmp_path):
     command = [sys.executable, "-m", "rts_thaw.train",
                *tiny_overrides(tiny_world_config, tmp_path / "cache", experiment="unimodal", epochs=3, logger="csv")]
@@ -84,3 +85,36 @@ def test_keyboard_interrupt_leaves_a_usable_last_checkpoint(tiny_world_config, t
     monkeypatch.setattr(single_run, "instantiate", real_instantiate)
     results = fit_and_test(cfg, tmp_path / "run")
     assert results["global_step"] == 2 * 2
+
+
+def test_a_run_does_not_resume_from_another_configurations_checkpoint(tiny_world_config, tmp_path):
+    overrides = tiny_overrides(tiny_world_config, tmp_path / "cache", experiment="unimodal", epochs=1, logger="none")
+    first = fit_and_test(compose_train(overrides), tmp_path / "run")
+    assert first["global_step"] == 2
+    changed = compose_train([*overrides, "training.optimizer.lr=1e-4"])
+    with pytest.raises(RuntimeError, match="another configuration"):
+        fit_and_test(changed, tmp_path / "run")
+    # a setting that does not change the run (here the progress bar) resumes: nothing left to train
+    same = compose_train([*overrides, "trainer.enable_progress_bar=true"])
+    assert fit_and_test(same, tmp_path / "run")["global_step"] == 2
+
+
+def test_an_unreadable_last_checkpoint_is_named(tiny_world_config, tmp_path):
+    overrides = tiny_overrides(tiny_world_config, tmp_path / "cache", experiment="unimodal", epochs=1, logger="none")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match=f"cannot resume: checkpoint {last} cannot be read"):
+        fit_and_test(compose_train(overrides), tmp_path / "run")
+
+
+def test_the_run_directory_ignores_settings_that_do_not_change_a_run():
+    from rts_thaw.training.run_identity import run_directory_name
+
+    base = ["+experiment=unimodal", "seed=1"]
+    name = run_directory_name(base)
+    assert run_directory_name([*base, "trainer.devices=4", "logger=wandb", "logger.wandb.project=x",
+                               "paths.log_dir=/tmp/x", "data.num_workers=8"]) == name
+    assert run_directory_name(list(reversed(base))) == name
+    assert run_directory_name([*base, "trainer.max_epochs=3"]) != name
+    assert run_directory_name([]) == "base"

@@ -155,7 +155,8 @@ def test_evaluate_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
 def test_fused_model_runs_without_an_auxiliary_modality(staged_run):
     """A scene without NDVI: the fused model leaves NDVI's term out, which is not the same as
     feeding it zeros; evaluation and the report run it that way."""
-    from rts_thaw.training.evaluation import detector_from_checkpoint, load_checkpoint
+    from rts_thaw.core.checkpoints import load_checkpoint
+    from rts_thaw.models.checkpoint import detector_from_checkpoint
 
     stage2 = staged_run["results"]["stage2"]
     detector = detector_from_checkpoint(load_checkpoint(stage2["best_checkpoint"])).eval()

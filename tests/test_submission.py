@@ -4,30 +4,27 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from rts_thaw.eval.coco import evaluate_coco, mask_to_rle, rle_to_mask
-from rts_thaw.eval.submission import prediction_to_results, validate_submission, write_submission
+from rts_thaw.core.rle import decode, mask_to_rle
+from rts_thaw.eval.coco import evaluate_coco
+from rts_thaw.eval.submission import validate_submission, write_submission
 
 
-def _prediction(h, w):
-    masks = np.zeros((3, h, w), np.float32)
-    masks[0, 2:10, 3:12] = 0.9
-    masks[1, 20:30, 5:9] = 0.7
-    masks[2] = 0.1  # below threshold everywhere: dropped
-    return {"boxes": torch.zeros(3, 4), "scores": torch.tensor([0.95, 1.2, 0.3]),
-            "labels": torch.ones(3, dtype=torch.int64), "masks": torch.from_numpy(masks)}
+def _results(image_id, h, w):
+    masks = np.zeros((2, h, w), np.uint8)
+    masks[0, 2:10, 3:12] = 1
+    masks[1, 15:22, 5:9] = 1
+    return [{"image_id": image_id, "category_id": 1, "segmentation": mask_to_rle(m), "score": s}
+            for m, s in zip(masks, (0.95, 0.7))]
 
 
 def test_written_submission_validates_and_scores(tmp_path):
     sizes = {7: (40, 32), 8: (24, 24)}
-    results = prediction_to_results(_prediction(40, 32), 7, 40, 32)
-    results += prediction_to_results(_prediction(24, 24), 8, 24, 24)
-    assert len(results) == 4 and all(0 <= r["score"] <= 1 for r in results)  # 1.2 clipped
+    results = _results(7, 40, 32) + _results(8, 24, 24)
     path = write_submission(results, tmp_path / "sub" / "submission.json")
     assert validate_submission(path, sizes) == []
     loaded = json.loads(path.read_text())
-    assert rle_to_mask(loaded[0]["segmentation"])[2:10, 3:12].all()
+    assert decode(loaded[0]["segmentation"], 40, 32)[2:10, 3:12].all()
     # the file scores against a ground truth built from the same masks: AP 1
     gt = {"images": [{"id": i, "height": h, "width": w} for i, (h, w) in sizes.items()],
           "annotations": [{"id": k + 1, "image_id": r["image_id"], "category_id": 1,
@@ -77,8 +74,3 @@ def test_unreadable_files(tmp_path):
     assert "not valid JSON" in validate_submission(tmp_path / "x.json")[0]
     (tmp_path / "d.json").write_text("{}")
     assert validate_submission(tmp_path / "d.json") == ["the submission must be a JSON list of results, got dict"]
-
-
-def test_mask_size_must_match_the_chip():
-    with pytest.raises(ValueError, match="the chip is"):
-        prediction_to_results(_prediction(40, 32), 7, 32, 32)

@@ -192,6 +192,7 @@ def test_local_launcher_composes(hydra_conf):
     assert cfg.hydra.launcher._target_ == "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 
+@pytest.mark.slow  # a long end-to-end run: `make test` runs it, `make test-fast` does not
 def test_local_launcher_runs_a_sweep_that_the_report_reads(tmp_path):
     """The same sweep mechanism without SLURM: 2 seeds of one configuration, then the report."""
     sweep = tmp_path / "sweep"
@@ -209,3 +210,17 @@ def test_local_launcher_runs_a_sweep_that_the_report_reads(tmp_path):
     assert row["segm_AP50"] == pytest.approx(statistics.fmean(per_seed))
     assert row["segm_AP50_std"] == pytest.approx(statistics.stdev(per_seed))
     assert row["trainable_params"] > 0 and row["wall_s"] > 0
+
+
+def test_expand_jobs_matches_the_basic_sweepers_order_and_strings():
+    """The launch order and override strings `-m` gives (checked once against Hydra's
+    BasicSweeper): the first key varies slowest, the config's params come first, a repeated
+    key keeps its first place and its last values, prefixes and packages stay in the key."""
+    jobs = expand_jobs(["b=x,y", "+c@pkg=range(1,3)", "a=3,4", "~d"], {"a": "1,2", "s": "[1,2],[3]"})
+    assert jobs == [
+        [f"a={a}", f"s={s}", f"b={b}", f"+c@pkg={c}", "~d=null"]
+        for a in (3, 4) for s in ("[1,2]", "[3]") for b in "xy" for c in (1, 2)
+    ]
+    assert expand_jobs([]) == [[]]
+    with pytest.raises(Exception, match="does not support sweep type"):
+        expand_jobs(["lr=interval(0,1)"])

@@ -106,8 +106,8 @@ def test_none_restores_the_checkpoints_detection_limits():
     """A detector reused across calls: None gives back the checkpoint's own values, not the last ones set."""
     detector = random_detector()
     heads, rpn = detector.roi_heads, detector.rpn
-    own = (heads.score_thresh, heads.detections_per_img, rpn._post_nms_top_n["testing"])
+    own = (heads.score_thresh, heads.detections_per_img, rpn.test_proposals)
     set_detection_limits(detector, 0.7, 5, proposals=7)
-    assert (heads.score_thresh, heads.detections_per_img, rpn._post_nms_top_n["testing"]) == (0.7, 5, 7)
+    assert (heads.score_thresh, heads.detections_per_img, rpn.test_proposals) == (0.7, 5, 7)
     set_detection_limits(detector)
-    assert (heads.score_thresh, heads.detections_per_img, rpn._post_nms_top_n["testing"]) == own
+    assert (heads.score_thresh, heads.detections_per_img, rpn.test_proposals) == own

@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from PIL import Image
-from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from rts_thaw.data.sample import make_sample
-from rts_thaw.eval.coco import compressed_rle
+from rts_thaw.core.rle import decode
 
 CHALLENGE_BANDS = ("red", "green", "blue", "ndvi", "relative_elevation", "shaded_relief", "nir", "ndwi")
 CHALLENGE_BAND_MAP = {
@@ -106,7 +105,7 @@ def decode_segmentation(segm, height: int, width: int, where: str) -> np.ndarray
     try:
         if not isinstance(segm, (list, dict)):
             raise TypeError(f"unknown segmentation type {type(segm).__name__}")
-        mask = mask_utils.decode(compressed_rle(segm, height, width))
+        mask = decode(segm, height, width)
     except Exception as err:
         raise ChipError(f"{where}: cannot decode segmentation ({err})") from err
     if mask.shape[:2] != (height, width):

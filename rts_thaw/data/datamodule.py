@@ -18,7 +18,7 @@ from rts_thaw.data import chips, geotiff
 from rts_thaw.data.collate import collate_samples
 from rts_thaw.data.normalization import NormStats, RunningStats
 from rts_thaw.data.transforms import Augment
-from rts_thaw.json_files import nan_for_null, write_json_atomic
+from rts_thaw.core.json_files import nan_for_null, write_json_atomic
 
 SOURCES = ("geotiff", "coco_chips", "arctic_challenge")
 
@@ -238,6 +238,3 @@ class RTSDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False, self.eval_batch_size)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", False, self.eval_batch_size)

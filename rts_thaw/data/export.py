@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
+from rts_thaw.core.classes import RTS_CATEGORY
+from rts_thaw.core.rle import mask_to_rle
 from rts_thaw.data.chips import CHALLENGE_BANDS
+from rts_thaw.data.targets import boxes_from_masks
 from rts_thaw.data.geotiff import SceneReader, load_labels, load_scene_list, rasterize_instances, tile_windows, scene_bounds
 
 CHIP_SIZES = (96, 128, 160)
@@ -40,17 +42,15 @@ def _chips(scene_list: str | Path, modalities: list[str], min_valid: float = 0.5
 
 
 def _annotation(ann_id: int, image_id: int, mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask))
-    x0, y0, w, h = mask_utils.toBbox(rle).tolist()
+    (x0, y0, x1, y1), = boxes_from_masks(mask[None]).tolist()
     return {
-        "id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
-        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
-        "area": float(mask.sum()), "bbox": [x0, y0, w, h],
+        "id": ann_id, "image_id": image_id, "category_id": RTS_CATEGORY["id"], "iscrowd": 0,
+        "segmentation": mask_to_rle(mask), "area": float(mask.sum()), "bbox": [x0, y0, x1 - x0, y1 - y0],
     }
 
 
 def _coco(images: list, annotations: list) -> dict:
-    return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "rts"}]}
+    return {"images": images, "annotations": annotations, "categories": [RTS_CATEGORY]}
 
 
 def _to_png(modality: str, data: np.ndarray) -> np.ndarray:

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyogrio.raw
 import rasterio
 import shapely
 import yaml
-from pyproj import CRS, Transformer
+from pyproj import CRS
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.features import rasterize
@@ -29,6 +28,7 @@ from rasterio.transform import array_bounds
 from rasterio.windows import Window
 from torch.utils.data import Dataset
 
+from rts_thaw.core.vectors import read_layer, reproject
 from rts_thaw.data.sample import make_sample
 
 REFERENCE = "rgb"
@@ -254,18 +254,16 @@ def load_labels(path: Path, scene_crs, scene_bounds: tuple[float, float, float, 
     if not path.exists():
         raise SceneError(f"{path}: label file of scene {scene_id} does not exist")
     try:
-        meta, _, wkb, _ = pyogrio.raw.read(str(path), read_geometry=True)
-    except Exception as err:  # pyogrio raises DataSourceError and friends
+        layer = read_layer(path)
+    except ValueError as err:
         raise SceneError(f"{path}: label file of scene {scene_id} is not a readable vector file ({err})") from err
-    if wkb is None or len(wkb) == 0:
+    if not len(layer):
         return []
-    geoms = [g for g in shapely.from_wkb(wkb) if g is not None and not g.is_empty]
-    label_crs = meta.get("crs")
+    geoms = [g for g in layer.geometries if g is not None and not g.is_empty]
+    label_crs = layer.crs
     if label_crs is None:
         raise SceneError(f"{path}: label file of scene {scene_id} has no CRS")
-    if CRS.from_user_input(label_crs) != CRS.from_user_input(scene_crs):
-        to_scene = Transformer.from_crs(label_crs, scene_crs, always_xy=True)
-        geoms = [shapely.transform(g, lambda xy: np.column_stack(to_scene.transform(xy[:, 0], xy[:, 1]))) for g in geoms]
+    geoms = reproject(geoms, CRS.from_user_input(label_crs).to_wkt(), CRS.from_user_input(scene_crs).to_wkt())
     geoms = [shapely.make_valid(g) if not g.is_valid else g for g in geoms]
     polygons = [g for g in geoms if g.geom_type in ("Polygon", "MultiPolygon")]
     if len(polygons) < len(geoms):

@@ -44,7 +44,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyogrio.raw
 import rasterio
 import shapely
 import yaml
@@ -54,6 +53,8 @@ from affine import Affine
 from scipy import ndimage
 from shapely.affinity import rotate, scale, translate
 from shapely.geometry import LineString, Point, Polygon
+
+from rts_thaw.core.vectors import VectorLayer, write_layer
 
 GENERATOR_VERSION = 7  # bump when the output changes, so caches are not reused
 UTM_CRS = "EPSG:32606"  # UTM zone 6N (northern Alaska)
@@ -441,13 +442,9 @@ def _write(path: Path, data: np.ndarray, crs: str, transform, nodata, dtype) -> 
 
 def write_labels(path: Path, polygons: list, crs: str) -> None:
     """Write RTS polygons as a GeoPackage layer (an empty list gives a valid empty layer)."""
-    geometry = np.array([shapely.to_wkb(p) for p in polygons], dtype=object)
-    ids = np.arange(1, len(polygons) + 1, dtype=np.int32)
-    areas = np.array([p.area for p in polygons], dtype=np.float64)
-    pyogrio.raw.write(
-        str(path), geometry, [ids, areas], ["rts_id", "area_m2"],
-        layer="rts", driver="GPKG", geometry_type="Polygon", crs=crs,
-    )
+    columns = {"rts_id": np.arange(1, len(polygons) + 1, dtype=np.int32),
+               "area_m2": np.array([p.area for p in polygons], dtype=np.float64)}
+    write_layer(VectorLayer(list(polygons), crs, columns), path)
 
 
 def _generate_scene(scene_dir: Path, params: WorldParams, index: int) -> None:

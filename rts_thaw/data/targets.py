@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-RTS_LABEL = 1  # the one foreground class; 0 is background (torchvision convention)
+from rts_thaw.core.classes import RTS_LABEL
+
 
 
 def boxes_from_masks(masks: np.ndarray) -> np.ndarray:

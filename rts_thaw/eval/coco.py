@@ -16,11 +16,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-RTS_CATEGORY = {"id": 1, "name": "rts"}
+from rts_thaw.core.classes import RTS_CATEGORY
+from rts_thaw.core.rle import mask_area, mask_to_rle
+
 
 # maxDets is ranked by its last entry (pycocotools reports AP at maxDets[-1]).
 PRESETS = {
@@ -51,31 +52,6 @@ METRIC_KEYS = [f"{iou_type}_{name}" for iou_type in ("segm", "bbox") for name in
 AP_KEYS = [key for key in METRIC_KEYS if not key.endswith("_AR")]
 
 
-def mask_to_rle(mask: np.ndarray) -> dict:
-    """Compressed RLE of a 2-D binary mask, JSON-ready (counts as str)."""
-    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
-def rle_to_mask(rle: dict) -> np.ndarray:
-    """Decode a compressed (str or bytes counts) or uncompressed RLE to uint8 [h, w]."""
-    rle = compressed_rle(rle, *rle["size"])
-    return mask_utils.decode(rle)
-
-
-def compressed_rle(segmentation, height: int, width: int) -> dict:
-    """Any COCO segmentation (polygons, uncompressed or compressed RLE) as compressed RLE."""
-    if isinstance(segmentation, list):  # polygons
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation["counts"], list):  # uncompressed RLE
-        return mask_utils.frPyObjects(segmentation, *segmentation["size"])
-    rle = dict(segmentation)
-    if isinstance(rle["counts"], str):
-        rle["counts"] = rle["counts"].encode("ascii")
-    return rle
-
-
 def with_mask_areas(gt: dict) -> dict:
     """A copy of a COCO ground-truth dict whose `area` fields are recomputed from the masks.
 
@@ -91,8 +67,7 @@ def with_mask_areas(gt: dict) -> dict:
                     f"annotation {ann.get('id')} refers to image_id {ann['image_id']}, "
                     "which is not in the ground truth's images"
                 )
-            rle = compressed_rle(ann["segmentation"], *sizes[ann["image_id"]])
-            ann["area"] = float(mask_utils.area(rle))
+            ann["area"] = mask_area(ann["segmentation"], *sizes[ann["image_id"]])
         elif "bbox" in ann:
             ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
         ann.setdefault("iscrowd", 0)
@@ -242,7 +217,7 @@ class CocoEvaluator:
                     "category_id": int(label),
                     "segmentation": rle,
                     "bbox": [float(v) for v in box],
-                    "area": float(mask_utils.area(compressed_rle(rle, h, w))),
+                    "area": mask_area(rle, h, w),
                     "iscrowd": 0,
                 }
             )

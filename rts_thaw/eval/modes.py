@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from rts_thaw.json_files import write_json_atomic
+from rts_thaw.core.json_files import write_json_atomic
 
 # Ground truth in one of these is vector truth (polygon mode); .json is COCO.
 VECTOR_SUFFIXES = (".gpkg", ".geojson", ".shp")

@@ -13,12 +13,10 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import pyproj
 import shapely
 from shapely.strtree import STRtree
 
-from rts_thaw.mapping.vector_io import VectorLayer, read_layer
-from rts_thaw.mapping.vectorize import area_m2
+from rts_thaw.core.vectors import VectorLayer, area_m2, read_layer, reproject
 
 # The challenge's pixel size classes ([0, 300], [300, 2000], [2000, inf) px) at 4 m pixels.
 DEFAULT_SIZE_CLASSES_M2 = {"small": (0.0, 4800.0), "medium": (4800.0, 32000.0), "large": (32000.0, math.inf)}
@@ -65,14 +63,6 @@ def match_polygons(predicted: Sequence, scores: Sequence[float], truth: Sequence
     return matched_truth, matched_iou
 
 
-def _to_crs(geometries: list, source_crs: str | None, target_crs: str | None) -> list:
-    if not source_crs or not target_crs or pyproj.CRS(source_crs) == pyproj.CRS(target_crs):
-        return geometries
-    transformer = pyproj.Transformer.from_crs(source_crs, target_crs, always_xy=True)
-    return [shapely.transform(g, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
-            for g in geometries]
-
-
 def _area_m2(geometries: list, crs: str | None) -> np.ndarray:
     if not crs:  # no CRS: map units are all there is
         return np.array([g.area for g in geometries])
@@ -83,7 +73,7 @@ def evaluate_polygons(predicted: VectorLayer, truth: VectorLayer, iou_threshold:
                       size_classes_m2: Mapping[str, tuple[float, float]] = DEFAULT_SIZE_CLASSES_M2,
                       score_column: str = "score") -> dict:
     """Precision, recall, F1 and counts, overall and per size class."""
-    truth_geoms = _to_crs([shapely.make_valid(g) for g in truth.geometries], truth.crs, predicted.crs)
+    truth_geoms = reproject([shapely.make_valid(g) for g in truth.geometries], truth.crs, predicted.crs)
     pred_geoms = [shapely.make_valid(g) for g in predicted.geometries]
     if score_column in predicted.columns:
         scores = predicted.columns[score_column].astype(float)

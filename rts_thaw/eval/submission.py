@@ -12,41 +12,11 @@ import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import numpy as np
-import torch
-from pycocotools import mask as mask_utils
-
-from rts_thaw.eval.coco import mask_to_rle
-from rts_thaw.json_files import write_json_atomic
+from rts_thaw.core.classes import RTS_CATEGORY
+from rts_thaw.core.json_files import write_json_atomic
+from rts_thaw.core.rle import decode
 
 REQUIRED_KEYS = ("image_id", "category_id", "segmentation", "score")
-RTS_CATEGORY_ID = 1
-
-
-def prediction_to_results(prediction: dict, image_id: int, height: int, width: int,
-                          mask_threshold: float = 0.5) -> list[dict]:
-    """Submission entries for one chip from a detector output (masks as probabilities)."""
-    masks = prediction["masks"]
-    masks = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-    if masks.ndim == 4:
-        masks = masks[:, 0]
-    if masks.shape[1:] != (height, width):
-        raise ValueError(f"image {image_id}: masks are {masks.shape[1:]}, the chip is {(height, width)}")
-    scores = prediction["scores"]
-    scores = scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
-    results = []
-    for mask, score in zip(masks >= mask_threshold, scores):
-        if not mask.any():  # an empty mask can never match a slump
-            continue
-        results.append(
-            {
-                "image_id": int(image_id),
-                "category_id": RTS_CATEGORY_ID,
-                "segmentation": mask_to_rle(mask),
-                "score": float(min(max(float(score), 0.0), 1.0)),
-            }
-        )
-    return results
 
 
 def write_submission(results: Iterable[dict], path: str | Path) -> Path:
@@ -70,7 +40,7 @@ def _segmentation_problems(seg, expected_size) -> list[str]:
     if expected_size is not None and tuple(size) != tuple(expected_size):
         problems.append(f"mask size {size} differs from the chip's H x W {list(expected_size)}")
     try:
-        mask = mask_utils.decode({"size": size, "counts": counts.encode("ascii")})
+        mask = decode(seg, *size)
         if mask.shape != tuple(size):
             problems.append(f"RLE decodes to {list(mask.shape)}, not its size {size}")
     except Exception as err:  # pycocotools raises bare exceptions on corrupt counts
@@ -112,8 +82,8 @@ def validate_submission(submission, expected_sizes: Mapping[int, tuple[int, int]
                 problems.append(f"{where}: image_id must be an integer")
             elif expected_sizes is not None and image_id not in expected_sizes:
                 problems.append(f"{where}: image_id is not in the test manifest")
-        if "category_id" in entry and entry["category_id"] != RTS_CATEGORY_ID:
-            problems.append(f"{where}: category_id must be {RTS_CATEGORY_ID}, got {entry['category_id']!r}")
+        if "category_id" in entry and entry["category_id"] != RTS_CATEGORY["id"]:
+            problems.append(f"{where}: category_id must be {RTS_CATEGORY['id']}, got {entry['category_id']!r}")
         if "score" in entry:
             score = entry["score"]
             if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):

@@ -17,9 +17,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from rts_thaw.core.classes import RTS_CATEGORY
+from rts_thaw.core.rle import mask_to_rle
 from rts_thaw.data.geotiff import tile_windows
-from rts_thaw.eval.coco import mask_to_rle
-from rts_thaw.eval.submission import RTS_CATEGORY_ID, validate_submission, write_submission
+from rts_thaw.eval.submission import validate_submission, write_submission
 from rts_thaw.mapping.instances import SceneInstance, tile_instances
 from rts_thaw.mapping.map_scenes import set_detection_limits
 from rts_thaw.mapping.scene_predictor import TilingConfig, batch_detections, inference_autocast
@@ -61,7 +62,7 @@ def _chip_results(image_id: int, size: tuple[int, int], instances: list[SceneIns
         mask = np.zeros(size, dtype=bool)
         r0, c0, r1, c1 = inst.bounds
         mask[r0:r1, c0:c1] = inst.mask
-        results.append({"image_id": image_id, "category_id": RTS_CATEGORY_ID,
+        results.append({"image_id": image_id, "category_id": RTS_CATEGORY["id"],
                         "segmentation": mask_to_rle(mask), "score": float(min(max(inst.score, 0.0), 1.0))})
     return results
 

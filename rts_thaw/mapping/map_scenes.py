@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from affine import Affine
 
+from rts_thaw.core.checkpoints import load_checkpoint
 from rts_thaw.data.geotiff import SceneReader, SceneSpec, load_scene_list
 from rts_thaw.data.normalization import NormStats
 from rts_thaw.mapping.scene_finish import SceneJob, finish_scene
@@ -22,6 +23,7 @@ from rts_thaw.mapping.scene_outputs import SceneOutputs, checkpoint_identity
 from rts_thaw.mapping.scene_predictor import TilingConfig, check_precision, predict_scenes
 from rts_thaw.mapping.shards import shard_scenes
 from rts_thaw.mapping.writer_pool import writer_pool
+from rts_thaw.models.checkpoint import detector_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,6 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_model(ckpt_path: str | Path, device: torch.device) -> LoadedModel:
-    from rts_thaw.training.evaluation import detector_from_checkpoint, load_checkpoint
-
     checkpoint = load_checkpoint(ckpt_path)
     info = checkpoint["rts_thaw"]
     detector = detector_from_checkpoint(checkpoint).to(device).eval()
@@ -61,22 +61,21 @@ def set_detection_limits(detector: torch.nn.Module, score_threshold: float | Non
     also on a detector an earlier call changed."""
     heads, rpn = getattr(detector, "roi_heads", None), getattr(detector, "rpn", None)
     limits = {"score_threshold": (heads, "score_thresh"), "max_detections": (heads, "detections_per_img")}
-    # torchvision's RegionProposalNetwork keeps its test-time count in this dict, with no setter
-    has_rpn = isinstance(getattr(rpn, "_post_nms_top_n", None), dict)
+    has_rpn = hasattr(rpn, "test_proposals")  # the detector's ProposalNetwork
     if proposals is not None and not has_rpn:
         raise ValueError(f"tiling.proposals={proposals}: this model has no torchvision RPN to limit")
     own = getattr(detector, "_checkpoint_limits", None)
     if own is None:  # the first call: remember the checkpoint's values, for None to restore
         own = {name: getattr(module, attr) for name, (module, attr) in limits.items() if hasattr(module, attr)}
         if has_rpn:
-            own["proposals"] = rpn._post_nms_top_n["testing"]
+            own["proposals"] = rpn.test_proposals
         detector._checkpoint_limits = own
     asked = {"score_threshold": score_threshold, "max_detections": max_detections, "proposals": proposals}
     for name, (module, attr) in limits.items():
         if name in own:
             setattr(module, attr, own[name] if asked[name] is None else asked[name])
     if has_rpn:
-        rpn._post_nms_top_n["testing"] = own["proposals"] if proposals is None else proposals
+        rpn.test_proposals = own["proposals"] if proposals is None else proposals
 
 
 def scene_grid(spec: SceneSpec, modalities: list[str], optional: list[str] = ()) -> tuple[str, Affine, tuple[int, int]]:

@@ -22,7 +22,7 @@ from rts_thaw.mapping.scene_outputs import SceneOutputs, scene_layer, write_scen
 from rts_thaw.mapping.scene_predictor import SceneStats, TilingConfig
 from rts_thaw.mapping.score_raster import ScoreRasterWriter
 from rts_thaw.mapping.seam_merge import merge_across_seams
-from rts_thaw.mapping.vectorize import area_m2
+from rts_thaw.core.vectors import area_m2
 
 
 @dataclass

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from rts_thaw.mapping.instances import SceneInstance
-from rts_thaw.mapping.vector_io import VectorLayer, remove_if_empty, write_layer
-from rts_thaw.mapping.vectorize import area_m2, instance_polygons
+from rts_thaw.core.vectors import VectorLayer, remove_if_empty, write_layer
+from rts_thaw.core.vectors import area_m2
+from rts_thaw.mapping.vectorize import instance_polygons
 
 
 def checkpoint_identity(ckpt_path: str | Path) -> str:

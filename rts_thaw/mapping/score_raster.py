@@ -17,7 +17,7 @@ import rasterio.shutil
 from rasterio.windows import Window
 
 from rts_thaw.mapping.instances import SceneInstance
-from rts_thaw.mapping.vector_io import remove_if_empty, temporary_path
+from rts_thaw.core.vectors import remove_if_empty, temporary_path
 
 
 class ScoreRasterWriter:

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pyproj
-import shapely
 
-from rts_thaw.mapping.vector_io import VectorLayer, read_layer, write_layer
+from rts_thaw.core.vectors import VectorLayer, read_layer, reproject, write_layer
 
 # Scenes in different UTM zones share no CRS; NSIDC polar stereographic north suits the Arctic.
 ARCTIC_CRS = "EPSG:3413"
@@ -20,14 +19,6 @@ def shard_scenes(scenes: list, shard: int, num_shards: int) -> list:
         raise ValueError(f"shard={shard} num_shards={num_shards}: need num_shards >= 1 and 0 <= shard < num_shards")
     ordered = sorted(scenes, key=lambda s: s.id)
     return ordered[shard::num_shards]
-
-
-def _reprojected(layer: VectorLayer, crs: str) -> list:
-    if pyproj.CRS(layer.crs) == pyproj.CRS(crs):
-        return layer.geometries
-    transformer = pyproj.Transformer.from_crs(layer.crs, crs, always_xy=True)
-    return [shapely.transform(g, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
-            for g in layer.geometries]
 
 
 def merge_scene_layers(paths: list[Path], output: Path, crs: str | None = None) -> Path:
@@ -42,6 +33,6 @@ def merge_scene_layers(paths: list[Path], output: Path, crs: str | None = None) 
     for path, layer in zip(sorted(paths), layers):
         if list(layer.columns) != names:
             raise ValueError(f"{path}: columns {list(layer.columns)} differ from {names}")
-    geometries = [g for layer in layers for g in _reprojected(layer, crs)]
+    geometries = [g for layer in layers for g in reproject(layer.geometries, layer.crs, crs)]
     columns = {n: np.concatenate([layer.columns[n] for layer in layers]) for n in names}
     return write_layer(VectorLayer(geometries, pyproj.CRS(crs).to_wkt(), columns), output)

@@ -1,11 +1,8 @@
-"""Instance masks to polygons in the scene's CRS (rasterio.features.shapes), with areas in m^2."""
+"""Instance masks to polygons in the scene's CRS (rasterio.features.shapes)."""
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
-import pyproj
 import shapely
 from affine import Affine
 from rasterio.features import shapes
@@ -32,21 +29,3 @@ def instance_polygons(instances: list[SceneInstance], transform: Affine) -> list
     ring_of_coord = np.repeat(np.arange(len(rings)), [len(ring) for ring in rings])
     polygons = shapely.polygons(shapely.linearrings(coords, indices=ring_of_coord), indices=ring_polygon)
     return list(shapely.multipolygons(polygons, indices=polygon_instance))
-
-
-@functools.lru_cache(maxsize=32)
-def _area_rule(crs_wkt: str):
-    """(geodesic calculator or None, square metres per squared map unit) of a CRS; parsed once."""
-    crs = pyproj.CRS(crs_wkt)
-    if crs.is_geographic:
-        return crs.get_geod(), 1.0
-    return None, crs.axis_info[0].unit_conversion_factor**2
-
-
-def area_m2(geometry, crs) -> float:
-    """Planar area in square metres in a projected CRS, geodesic in a geographic one."""
-    wkt = crs if isinstance(crs, str) else crs.to_wkt()
-    geod, factor = _area_rule(wkt)
-    if geod is not None:
-        return abs(geod.geometry_area_perimeter(geometry)[0])
-    return geometry.area * factor

@@ -20,9 +20,11 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from rts_thaw.core.checkpoints import read_checkpoint
 from rts_thaw.models.cascade import CascadeRoIHeads
 from rts_thaw.models.encoders import build_encoder, check_tile_size
-from rts_thaw.models.fusion import STACKED, build_fusion, uses_stacked_input
+from rts_thaw.models.fusion import STACKED
+from rts_thaw.models.fusion_choice import build_fusion, uses_stacked_input
 from rts_thaw.models.heads import BoxHead, BoxPredictor, Float32RPNHead, MaskHead
 from rts_thaw.models.summary import parameter_summary
 
@@ -149,11 +151,27 @@ def build_encoders(modality_channels: Mapping[str, int], encoder: Mapping[str, A
     })
 
 
-def build_rpn(channels: int, heads: Mapping[str, Any]) -> RegionProposalNetwork:
+class ProposalNetwork(RegionProposalNetwork):
+    """torchvision's RPN whose test-time proposal count can be set: `test_proposals`.
+
+    torchvision keeps that count in a private dict with no setter, while mapping sets it
+    per run (tiling.proposals). No parameters or buffers are added: state dicts are unchanged.
+    """
+
+    def __init__(self, *args, post_nms_top_n: dict[str, int], **kwargs):
+        super().__init__(*args, post_nms_top_n=post_nms_top_n, **kwargs)
+        self.test_proposals = post_nms_top_n["testing"]
+
+    def post_nms_top_n(self) -> int:
+        # torchvision asks this method how many proposals per image to keep after NMS.
+        return super().post_nms_top_n() if self.training else self.test_proposals
+
+
+def build_rpn(channels: int, heads: Mapping[str, Any]) -> ProposalNetwork:
     rpn = heads["rpn"]
     sizes = tuple((int(s),) for s in heads["anchor_sizes"])
     anchors = AnchorGenerator(sizes, (tuple(float(a) for a in heads["aspect_ratios"]),) * len(sizes))
-    return RegionProposalNetwork(
+    return ProposalNetwork(
         anchors, Float32RPNHead(channels, anchors.num_anchors_per_location()[0]),
         fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=rpn["batch_size_per_image"],
         positive_fraction=0.5,
@@ -183,10 +201,8 @@ def build_roi_heads(channels: int, heads: Mapping[str, Any]) -> CascadeRoIHeads:
 
 def load_heads_from_checkpoint(detector: MultiModalDetector, path: str | Path) -> None:
     """Start neck, RPN and RoI heads from a stage-1 (e.g. RGB) Lightning checkpoint."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict")
+    checkpoint = read_checkpoint(path, "init_from checkpoint")
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if state is None:
         raise ValueError(f"init_from checkpoint {path} is not a Lightning checkpoint (no 'state_dict')")
     for part in ("neck", "rpn", "roi_heads"):

@@ -12,12 +12,12 @@ from typing import Any, Mapping
 import timm
 import torch
 import torchvision
-from timm.models import adapt_input_conv
-from timm.models._builder import build_model_with_cfg
+from timm.models import adapt_input_conv, build_model_with_cfg
 from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 from timm.models.mvitv2 import checkpoint_filter_fn as mvitv2_checkpoint_filter
 from torch import nn
-from torchvision.models._utils import IntermediateLayerGetter
+
+from rts_thaw.core.checkpoints import read_checkpoint
 
 STRIDES = (4, 8, 16, 32)
 
@@ -122,7 +122,7 @@ def _build_mvitv2(name: str, spec: EncoderSpec, in_chans: int, img_size: int, pr
 
 def _load_timm_file(encoder: "Encoder", family: str, path: str, modality: str) -> None:
     """A timm/torchvision state dict (e.g. an ImageNet classifier) into the encoder's backbone."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path, f"encoder weights of {modality}")
     state = state.get("model", state) if isinstance(state, dict) else state
     if family == "mvitv2":
         # The features-only model drops the classifier and the final norm.
@@ -144,6 +144,27 @@ def _resize_rel_pos(state: dict, model: nn.Module, path: Any, modality: str) -> 
         raise ValueError(f"Encoder weights in {path} do not fit the '{modality}' MViTv2 encoder: {err!r}") from err
 
 
+class ResNetStages(nn.Module):
+    """A torchvision ResNet's stem and four stages, returning each stage's output (strides 4 to 32).
+
+    The submodules keep the ResNet's own names and order (conv1, bn1, ..., layer4), so state-dict
+    keys are those of the classifier without its head and existing checkpoints load unchanged.
+    """
+
+    def __init__(self, net: torchvision.models.ResNet):
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        features = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            features.append(x)
+        return features
+
+
 def _build_resnet50(in_chans: int, pretrained: bool) -> nn.Module:
     weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1 if pretrained else None
     # Zero-initialised residual branches keep a from-scratch ResNet's features small.
@@ -153,13 +174,12 @@ def _build_resnet50(in_chans: int, pretrained: bool) -> nn.Module:
         net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
         if pretrained:  # keep the ImageNet filters, spread over the new channel count
             net.conv1.weight.data = adapt_input_conv(in_chans, old.weight.data)
-    layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
-    return IntermediateLayerGetter(net, return_layers=layers)
+    return ResNetStages(net)
 
 
 def _encoder_state_from_checkpoint(path: Path, modality: str) -> dict[str, torch.Tensor] | None:
     """Encoder weights of an rts_thaw Lightning checkpoint, or None for a plain state dict."""
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = read_checkpoint(path, f"encoder weights of {modality}")
     if not isinstance(obj, dict):
         raise ValueError(f"Checkpoint {path} holds a {type(obj).__name__}, not a state dict or Lightning checkpoint")
     if "state_dict" not in obj:

@@ -3,7 +3,7 @@
 One interface for every variant: `forward(features: dict[modality, list[Tensor]])`
 returns a list of feature maps with the strides and channels of the reference
 (RGB) encoder, so the FPN never knows which fusion ran. Variants are picked by the
-registry name in the `fusion` config group:
+`name` of the `fusion` config group (`fusion_choice.py`):
 
 - `none`: one modality, passed through;
 - `data_level`: modalities are stacked as input channels of one encoder (keyed
@@ -21,7 +21,7 @@ term out; the others cannot run without one, and the detector refuses such a bat
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -207,56 +207,3 @@ class CrossAttentionFusion(LevelwiseAttentionFusion):
         super().__init__(reference, feature_channels, levels, lambda dim, aux_dims: CrossModalAttention(
             dim, aux_dims, num_heads, kv_pool_size, residual, combine))
         self.skips_missing = residual
-
-
-FUSIONS = ("none", "data_level", "concat_conv", "cross_attention", "residual_cross_attention",
-           "gated_local_attention")
-
-
-def uses_stacked_input(fusion_cfg: Mapping[str, Any]) -> bool:
-    return _name(fusion_cfg) == "data_level"
-
-
-def _name(fusion_cfg: Mapping[str, Any]) -> str:
-    name = fusion_cfg.get("name") if fusion_cfg else "none"
-    if name not in FUSIONS:
-        raise ValueError(f"Unknown fusion '{name}'; choose one of {list(FUSIONS)}")
-    return name
-
-
-def build_fusion(fusion_cfg: Mapping[str, Any] | None, feature_channels: Mapping[str, Sequence[int]]) -> nn.Module:
-    """Pick a fusion from the registry; `feature_channels` maps each encoder key to its level widths."""
-    cfg = dict(fusion_cfg or {"name": "none"})
-    name = _name(cfg)
-    cfg.pop("name", None)
-    reference = cfg.pop("reference", "rgb")
-    modalities = list(feature_channels)
-    if name == "data_level":
-        return PassThrough(STACKED, feature_channels[STACKED])
-    if name == "none":
-        if len(modalities) != 1:
-            raise ValueError(f"fusion 'none' takes one modality, got {modalities}; "
-                             "choose a fusion (e.g. fusion=residual_cross_attention) or a single modality")
-        return PassThrough(modalities[0], feature_channels[modalities[0]])
-    if reference not in feature_channels:
-        raise ValueError(f"fusion '{name}' uses '{reference}' as its reference (query) modality, "
-                         f"but the modalities are {modalities}")
-    if len(modalities) < 2:
-        raise ValueError(f"fusion '{name}' needs at least one auxiliary modality besides '{reference}', "
-                         f"got only {modalities}; use fusion=none for a single modality")
-    levels = list(cfg.pop("levels", [0, 1, 2, 3]))
-    num_levels = len(feature_channels[reference])
-    bad = [lvl for lvl in levels if not 0 <= lvl < num_levels]
-    if bad or not levels:
-        raise ValueError(f"fusion levels {levels} invalid: give indices in 0..{num_levels - 1} (stride 4..32)")
-    try:
-        if name == "concat_conv":
-            return ConcatConvFusion(reference, feature_channels, levels, **cfg)
-        if name == "gated_local_attention":
-            from rts_thaw.models.local_fusion import GatedLocalFusion  # it builds on this module
-
-            return GatedLocalFusion(reference, feature_channels, levels, **cfg)
-        return CrossAttentionFusion(reference, feature_channels, levels,
-                                    residual=(name == "residual_cross_attention"), **cfg)
-    except TypeError as err:
-        raise ValueError(f"bad parameter for fusion '{name}': {err}") from err

@@ -9,13 +9,15 @@ from torch import nn
 PAPER_PARAMS = {"one_encoder_total": 103e6, "three_encoders_total": 230e6, "frozen_trainable": 78e6}
 
 
+def parameter_counts(module: nn.Module) -> dict[str, int]:
+    """{"total": n, "trainable": n} parameters of a module."""
+    params = list(module.parameters())
+    return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+
 def parameter_summary(model: nn.Module, parts: Iterable[str]) -> dict[str, dict[str, int]]:
     """{part: {"total": n, "trainable": n}} for each named child, plus "all"."""
-    summary = {}
-    for part in parts:
-        params = list(getattr(model, part).parameters())
-        summary[part] = {"total": sum(p.numel() for p in params),
-                         "trainable": sum(p.numel() for p in params if p.requires_grad)}
+    summary = {part: parameter_counts(getattr(model, part)) for part in parts}
     summary["all"] = {"total": sum(s["total"] for s in summary.values()),
                       "trainable": sum(s["trainable"] for s in summary.values())}
     return summary

@@ -7,10 +7,12 @@ the way `python -m rts_thaw.train -m` does.
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterable, Mapping
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException
 
 # Overrides that name a repetition of a configuration, not the configuration itself.
 REPEAT_KEYS = ("seed",)
@@ -28,9 +30,21 @@ def expand_jobs(overrides: Iterable[str], sweeper_params: Mapping | None = None)
     line after it (so the command line wins on a repeated key).
     """
     arguments = sweeper_params_as_overrides(sweeper_params) + list(overrides)
-    parsed = OverridesParser.create().parse_overrides(arguments)
-    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
-    return [list(job) for batch in batches for job in batch]
+    choices: dict[str, list[str]] = {}
+    for override in OverridesParser.create().parse_overrides(arguments):
+        # A repeated key keeps its first place and takes its last values, as in the sweeper.
+        choices[override.get_key_element()] = override_choices(override)
+    return [list(job) for job in itertools.product(*choices.values())]
+
+
+def override_choices(override: Override) -> list[str]:
+    """The "key=value" strings one parsed override stands for: one, or one per swept value."""
+    key = override.get_key_element()
+    if not override.is_sweep_override():
+        return [f"{key}={override.get_value_element_as_str()}"]
+    if not override.is_discrete_sweep():  # range() is discrete; interval() needs a search sweeper
+        raise HydraException(f"BasicSweeper does not support sweep type : {override.value_type.name}")
+    return [f"{key}={value}" for value in override.sweep_string_iterator()]
 
 
 def override_key(override: str) -> str:

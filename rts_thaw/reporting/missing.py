@@ -12,7 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from rts_thaw.json_files import nan_for_null, write_json_atomic
+from rts_thaw.core.json_files import nan_for_null, write_json_atomic
 from rts_thaw.reporting.collect import Run
 
 # The fusions whose detector leaves a missing modality's term out (`skips_missing`).

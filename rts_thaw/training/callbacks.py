@@ -1,9 +1,10 @@
-"""Callbacks: run statistics (params, throughput, memory, wall time) and prediction images."""
+"""Callbacks: the resume check, run statistics (params, throughput, memory, wall time) and
+prediction images; conf/callbacks/ lists those of a run."""
 
 from __future__ import annotations
 
+import logging
 import time
-from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -11,7 +12,28 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 
-from rts_thaw.training.module import parameter_counts
+from rts_thaw.models.summary import parameter_counts
+
+log = logging.getLogger(__name__)
+
+
+class RunIdentityCheck(pl.Callback):
+    """Refuses to resume from a checkpoint that another configuration wrote: its weights and
+    optimiser state would silently continue a different run."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        if trainer.state.fn != "fit":  # testing a checkpoint of this run is no resume
+            return
+        stored = checkpoint.get("rts_thaw", {}).get("run_key")
+        if stored != self.key:
+            raise RuntimeError(
+                f"cannot resume: {trainer.ckpt_path} was written by another configuration (key {stored}, "
+                f"this run {self.key}); use another run directory (hydra.run.dir=...) or pass "
+                "training.resume=false")
+        log.info("resuming from %s", trainer.ckpt_path)
 
 
 class RunStats(pl.Callback):
@@ -30,7 +52,7 @@ class RunStats(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module):
         self._fit_start = time.perf_counter()
-        self.stats.update(parameter_counts(pl_module.detector))
+        self.stats.update({f"params/{k}": n for k, n in parameter_counts(pl_module.detector).items()})
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         for logger in trainer.loggers:
@@ -59,23 +81,6 @@ class RunStats(pl.Callback):
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             perf["perf/peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
         return perf
-
-
-class LastCheckpointOnInterrupt(pl.Callback):
-    """Writes `last.ckpt` when training stops on an exception (Ctrl-C included).
-
-    Lightning's own exception checkpoints either overwrite the best file or are
-    deleted again at teardown; this one stays, so the same command resumes from it.
-    """
-
-    def __init__(self, dirpath: str | Path):
-        self.path = Path(dirpath) / "last.ckpt"
-
-    def on_exception(self, trainer, pl_module, exception):
-        if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == 0:
-            return
-        trainer.save_checkpoint(str(self.path))
-        print(f"{type(exception).__name__}: saved {self.path}; run the same command again to resume")
 
 
 class PredictionImages(pl.Callback):

@@ -7,42 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from rts_thaw.core.checkpoints import load_checkpoint
+from rts_thaw.models.checkpoint import detector_from_checkpoint
 from rts_thaw.training.module import DetectionModule
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise ValueError(f"checkpoint {path} cannot be read ({error})") from error
-    if not isinstance(checkpoint, dict) or "rts_thaw" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(
-            f"{path} is not an rts_thaw training checkpoint (no 'rts_thaw' run information or state_dict)"
-        )
-    return checkpoint
-
-
-def detector_from_checkpoint(checkpoint: dict[str, Any]) -> torch.nn.Module:
-    """The detector the checkpoint was trained with, its weights loaded from the checkpoint."""
-    info = checkpoint["rts_thaw"]
-    model_cfg = OmegaConf.create(info["config"]["model"])
-    with open_dict(model_cfg):
-        # Every weight is in the checkpoint: no stage-1 files or downloads are needed.
-        model_cfg.encoder.weights = None
-        model_cfg.encoder.pretrained = False
-        model_cfg.encoder.frozen = False
-        model_cfg.init_from = None
-    detector = instantiate(model_cfg)(modality_channels=dict(info["modality_channels"]))
-    state = {k[len("detector."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("detector.")}
-    detector.load_state_dict(state)
-    return detector
 
 
 def data_config_for(checkpoint: dict[str, Any], data_cfg: DictConfig | None,

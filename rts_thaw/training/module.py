@@ -14,12 +14,6 @@ from rts_thaw.eval.coco import CocoEvaluator
 from rts_thaw.training.optim import build_optimizer
 
 
-def parameter_counts(model: nn.Module) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"params/total": total, "params/trainable": trainable}
-
-
 class DetectionModule(pl.LightningModule):
     """Trains and evaluates one detector on batches of the data contract.
 

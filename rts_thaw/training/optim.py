@@ -11,6 +11,14 @@ from torch import nn
 # tables pulls them towards zero and on norms/biases only fights the normalisation.
 NO_DECAY_NAME_PARTS = ("rel_pos", "pos_embed", "cls_token", "relative_position")
 
+# Normalisation layers whose affine parameters are not decayed. Named one by one
+# because torch's common base class of batch and instance norms is private.
+NORM_TYPES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.LayerNorm, nn.GroupNorm,
+)
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups (decay / no decay) over the trainable parameters only.
@@ -18,10 +26,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     Frozen parameters (requires_grad False) never reach the optimiser, so frozen
     encoders cost no optimiser state and cannot drift through weight decay.
     """
-    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
     no_decay_ids = set()
     for module in model.modules():
-        if isinstance(module, norm_types):
+        if isinstance(module, NORM_TYPES):
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
     decay, no_decay = [], []
     for name, param in model.named_parameters():

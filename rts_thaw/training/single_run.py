@@ -6,50 +6,27 @@ Used by `rts_thaw.train` for a plain run and by the staged pipeline for each sta
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rts_thaw.json_files import write_json_atomic
-from rts_thaw.training.callbacks import LastCheckpointOnInterrupt, PredictionImages, RunStats
+from rts_thaw.core.checkpoints import checkpoint_run_info
+from rts_thaw.core.json_files import write_json_atomic
+from rts_thaw.training.callbacks import RunIdentityCheck, RunStats
 from rts_thaw.training.module import DetectionModule
+from rts_thaw.training.run_identity import config_key, run_key
 
 log = logging.getLogger(__name__)
-
-# Settings that do not change what a run computes; left out of the config key.
-VOLATILE_KEYS = ("logger", "paths", "hydra")
-VOLATILE_TRAINER_KEYS = ("accelerator", "devices", "enable_progress_bar", "default_root_dir",
-                         "log_every_n_steps", "num_nodes", "strategy")
-
-
-def config_key(cfg: DictConfig | dict, length: int = 12) -> str:
-    """A short stable hash of a config (plain containers, sorted keys)."""
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    text = json.dumps(container, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-def run_key(cfg: DictConfig) -> str:
-    """The hash of everything in a run's config that affects its result."""
-    container = OmegaConf.to_container(cfg, resolve=False)
-    for key in VOLATILE_KEYS:
-        container.pop(key, None)
-    container.get("training", {}).pop("resume", None)
-    for key in VOLATILE_TRAINER_KEYS:
-        container.get("trainer", {}).pop(key, None)
-    return config_key(container)
-
 
 def resolved_config(cfg: DictConfig) -> dict:
     """The run's config as plain containers, every interpolation resolved."""
@@ -67,12 +44,23 @@ def build_detector(cfg: DictConfig, datamodule) -> torch.nn.Module:
     return instantiate(cfg.model)(modality_channels=dict(datamodule.modality_channels))
 
 
+def build_callbacks(cfg: DictConfig) -> dict[str, pl.Callback]:
+    """The `callbacks` config group, by name; the run reads its results from the required ones."""
+    callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items() if c is not None}
+    required = {"best_checkpoint": ModelCheckpoint, "last_checkpoint": ModelCheckpoint, "run_stats": RunStats}
+    for name, kind in required.items():
+        if not isinstance(callbacks.get(name), kind):
+            raise ValueError(f"callbacks.{name} must be a {kind.__name__} (conf/callbacks/default.yaml); "
+                             f"got {type(callbacks.get(name)).__name__}")
+    return callbacks
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers = []
     for name, logger_cfg in (cfg.get("logger") or {}).items():
         if logger_cfg is None or "_target_" not in logger_cfg:
             continue
-        if "WandbLogger" in logger_cfg._target_:
+        if issubclass(get_class(logger_cfg._target_), WandbLogger):
             loggers.append(_wandb_logger(logger_cfg, run_dir))
         else:
             loggers.append(instantiate(logger_cfg, save_dir=str(run_dir)))
@@ -104,32 +92,12 @@ def _wandb_api_key_available() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    path = run_dir / "checkpoints" / "last.ckpt"
-    return path if path.is_file() else None
-
-
-def checkpoint_run_info(path: Path) -> dict[str, Any]:
-    """The rts_thaw run information a checkpoint stores ({} if none); raises what torch.load raises."""
-    # Only the metadata is needed: map the file instead of reading every tensor.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return checkpoint.get("rts_thaw", {}) if isinstance(checkpoint, dict) else {}
-
-
-def check_resumable(path: Path, key: str) -> None:
-    """Refuse to resume from a checkpoint that another configuration wrote."""
+def check_last_checkpoint_readable(path: Path) -> None:
+    """A resume from an unreadable `last.ckpt` (a disk full mid-write) names the file and the way out."""
     try:
-        info = checkpoint_run_info(path)
-    except Exception as error:
-        raise RuntimeError(
-            f"cannot resume: {path} is unreadable ({error}); delete it or pass training.resume=false"
-        ) from error
-    stored = info.get("run_key")
-    if stored != key:
-        raise RuntimeError(
-            f"cannot resume: {path} was written by another configuration (key {stored}, this run "
-            f"{key}); use another run directory (hydra.run.dir=...) or pass training.resume=false"
-        )
+        checkpoint_run_info(path)
+    except ValueError as error:
+        raise RuntimeError(f"cannot resume: {error}; delete it or pass training.resume=false") from error
 
 
 def fit_and_test(
@@ -177,35 +145,22 @@ def fit_and_test(
     )
 
     ckpt_dir = run_dir / "checkpoints"
-    checkpointing = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best", monitor=cfg.training.monitor, mode="max",
-        save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
-    )
-    # A separate callback: save_last=True skips epochs whose metric did not improve.
-    last_checkpointing = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
-    )
-    stats = RunStats()
-    callbacks = [
-        checkpointing,
-        last_checkpointing,
-        # Ctrl-C (or any crash) still leaves a last.ckpt to continue from.
-        LastCheckpointOnInterrupt(ckpt_dir),
-        stats,
-        PredictionImages(max_images=int(cfg.training.log_images)),
-    ]
+    callbacks = build_callbacks(cfg)
+    checkpointing, stats = callbacks["best_checkpoint"], callbacks["run_stats"]
     loggers = build_loggers(cfg, run_dir)
     for logger in loggers:
         logger.log_hyperparams(run_info["config"])
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir)
+        cfg.trainer, callbacks=[*callbacks.values(), RunIdentityCheck(key)], logger=loggers or False,
+        default_root_dir=str(run_dir)
     )
 
-    resume_from = last_checkpoint(run_dir) if cfg.training.get("resume", True) else None
-    if resume_from is not None:
-        check_resumable(resume_from, key)
-        log.info("resuming from %s", resume_from)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    resume = bool(cfg.training.get("resume", True))
+    if resume and (ckpt_dir / "last.ckpt").is_file():
+        check_last_checkpoint_readable(ckpt_dir / "last.ckpt")
+    with warnings.catch_warnings():  # a first run has no last checkpoint yet: nothing to warn about
+        warnings.filterwarnings("ignore", message=r".*ckpt_path=\"last\"\) is set, but there is no last checkpoint")
+        trainer.fit(module, datamodule=datamodule, ckpt_path="last" if resume else None)
     if not (ckpt_dir / "last.ckpt").is_file():  # fast_dev_run saves nothing by itself
         trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
 

@@ -31,23 +31,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rts_thaw.eval.coco import AP_KEYS
-from rts_thaw.json_files import nan_for_null, write_json_atomic
-from rts_thaw.training.single_run import checkpoint_run_info, config_key, fit_and_test
+from rts_thaw.core.checkpoints import checkpoint_run_info
+from rts_thaw.core.json_files import nan_for_null, write_json_atomic
+from rts_thaw.training.run_identity import config_key, resolved_without_invariants
+from rts_thaw.training.single_run import fit_and_test
 
 log = logging.getLogger(__name__)
 
 MARKER = "stage1.json"
-# Trainer settings that change what stage 1 computes (others, such as the device, do not).
-SCHEDULE_TRAINER_KEYS = (
-    "max_epochs", "max_steps", "min_epochs", "min_steps", "limit_train_batches",
-    "limit_val_batches", "check_val_every_n_epoch", "val_check_interval",
-    "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "precision",
-    "fast_dev_run",
-)
-# Data settings that do not change the data a model sees.
-DATA_RUNTIME_KEYS = ("num_workers", "persistent_workers", "pin_memory", "prefetch_factor")
-
-
 class Stage1Error(RuntimeError):
     """A stage-1 cache entry that is missing, corrupt or from another configuration."""
 
@@ -87,22 +78,20 @@ def _data_identity(data_cfg: DictConfig) -> Any:
 
 
 def stage1_key(stage1: DictConfig) -> str:
-    """Hash of the settings that decide what a stage-1 model becomes."""
-    data = OmegaConf.to_container(stage1.data, resolve=True)
+    """Hash of the settings that decide what a stage-1 model becomes: the data, model,
+    optimisation, schedule and seed, whatever run (staged or unimodal) asks for it."""
+    data = resolved_without_invariants(stage1.data, "data.")
     data["path"] = _data_identity(stage1.data)
-    for key in DATA_RUNTIME_KEYS:
-        data.pop(key, None)
-    model = OmegaConf.to_container(stage1.model, resolve=True)
+    model = resolved_without_invariants(stage1.model, "model.")
     model.pop("init_from", None)
     for key in ("weights", "frozen", "grad_checkpointing"):
         model.get("encoder", {}).pop(key, None)
-    training = OmegaConf.to_container(stage1.training, resolve=True)
-    trainer = {k: OmegaConf.select(stage1.trainer, k) for k in SCHEDULE_TRAINER_KEYS if k in stage1.trainer}
+    training = resolved_without_invariants(stage1.training, "training.")
     relevant = {
         "data": data,
         "model": model,
         "training": {k: training.get(k) for k in ("optimizer", "scheduler", "monitor", "coco_preset")},
-        "trainer": trainer,
+        "trainer": resolved_without_invariants(stage1.trainer, "trainer."),
         "seed": stage1.seed,
     }
     return config_key(relevant)
@@ -227,7 +216,8 @@ def run_staged(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         stage1_results[modality] = ensure_stage1(stage1_config(cfg, modality), run_dir / "stage1_fast_dev_run")
 
     checkpoints = {m: r["checkpoint"] for m, r in stage1_results.items()}
-    log.info("stage 2: fusion of %s with frozen encoders", modalities)
+    log.info("stage 2: fusion of %s, encoders %s", modalities,
+             "frozen" if cfg.training.stage2.get("freeze_encoders", True) else "fine-tuned")
     stage2_results = fit_and_test(stage2_config(cfg, checkpoints), run_dir,
                                   extra_info={"stage1_checkpoints": checkpoints})
 

@@ -1,4 +1,5 @@
-"""Reading and writing vector layers (GeoPackage, GeoJSON, shapefile) with pyogrio.
+"""Vector layers: reading and writing them (GeoPackage, GeoJSON, shapefile) with pyogrio,
+reprojecting geometries, and areas in square metres.
 
 Writes are atomic: the layer goes to a temporary file in the same folder, then is
 renamed into place, so a reader (or a rerun) never sees a half-written layer.
@@ -6,12 +7,14 @@ renamed into place, so a reader (or a rerun) never sees a half-written layer.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyogrio.raw
+import pyproj
 import shapely
 
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON", ".shp": "ESRI Shapefile"}
@@ -88,3 +91,30 @@ def write_layer(layer: VectorLayer, path: str | Path, layer_name: str = "rts") -
     os.replace(tmp, path)
     remove_if_empty(tmp.parent)
     return path
+
+
+def reproject(geometries: list, source_crs, target_crs) -> list:
+    """Geometries from one CRS to another (unchanged where the CRSs are equal or one is unknown)."""
+    if not source_crs or not target_crs or pyproj.CRS(source_crs) == pyproj.CRS(target_crs):
+        return list(geometries)
+    transformer = pyproj.Transformer.from_crs(source_crs, target_crs, always_xy=True)
+    return [shapely.transform(g, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
+            for g in geometries]
+
+
+@functools.lru_cache(maxsize=32)
+def _area_rule(crs_wkt: str):
+    """(geodesic calculator or None, square metres per squared map unit) of a CRS; parsed once."""
+    crs = pyproj.CRS(crs_wkt)
+    if crs.is_geographic:
+        return crs.get_geod(), 1.0
+    return None, crs.axis_info[0].unit_conversion_factor**2
+
+
+def area_m2(geometry, crs) -> float:
+    """Planar area in square metres in a projected CRS, geodesic in a geographic one."""
+    wkt = crs if isinstance(crs, str) else crs.to_wkt()
+    geod, factor = _area_rule(wkt)
+    if geod is not None:
+        return abs(geod.geometry_area_perimeter(geometry)[0])
+    return geometry.area * factor
