@@ -20,7 +20,7 @@ import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from rts_thaw.mapping.instances import tile_instances
-from rts_thaw.mapping.scene_predictor import TilingConfig, batch_detections, inference_autocast
+from rts_thaw.mapping.engine import TilingConfig, batch_detections, inference_autocast
 
 
 class FixedOutputs(torch.nn.Module):

@@ -38,12 +38,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from rts_thaw.data.geotiff import SceneReader, load_scene_list, tile_windows
+from rts_thaw.data.geotiff import SceneReader, load_scene_list
 from rts_thaw.data.normalization import NormStats
 from rts_thaw.data.synthetic import WorldParams, generate_world
 from rts_thaw.mapping.map_scenes import LoadedModel, load_model, map_scenes, resolve_device, set_detection_limits
-from rts_thaw.mapping.scene_predictor import PRECISIONS, TilingConfig, inference_autocast
-from rts_thaw.mapping.scene_tiles import SceneTiles, collate_tiles
+from rts_thaw.mapping.engine import PRECISIONS, TilingConfig, inference_autocast
+from rts_thaw.mapping.tile_sources import SceneTiles, collate_tiles
 
 MODALITIES = ["rgb", "ndvi", "nir"]
 
@@ -65,14 +65,15 @@ def random_model(tile_size: int, modalities: list[str], channels: dict[str, int]
 
 def in_memory_batches(scenes, model: LoadedModel, tiling: TilingConfig) -> list[dict]:
     """The pipeline's tiles, read, normalised and batched the same way, held in memory."""
-    tiles = []
-    for k, spec in enumerate(scenes):
+    shapes = []
+    for spec in scenes:
         with SceneReader(spec, list(model.detector.modalities)) as reader:
-            tiles += [(k, w) for w in tile_windows(reader.width, reader.height, tiling.tile_size, tiling.stride)]
-    dataset = SceneTiles(scenes, tiles, list(model.detector.modalities), model.norm_stats)
+            shapes.append((reader.height, reader.width))
+    dataset = SceneTiles(scenes, shapes, tiling.tile_size, tiling.stride, list(model.detector.modalities),
+                         model.norm_stats)
     items = [dataset[i] for i in range(len(dataset))]
     batches = [collate_tiles(items[i:i + tiling.batch_size]) for i in range(0, len(items), tiling.batch_size)]
-    return [b for b in batches if b["scene"]]
+    return [b for b in batches if b["group"]]
 
 
 def repeated_scene_list(scene_list: Path, repeat: int, work: Path) -> Path:
@@ -165,7 +166,7 @@ def main() -> None:
 
         batches = in_memory_batches(scenes, model, tiling)
         log(f"read {len(batches)} batches into memory")
-        n_tiles = args.rounds * args.repeat * sum(len(b["scene"]) for b in batches)  # over all rounds
+        n_tiles = args.rounds * args.repeat * sum(len(b["group"]) for b in batches)  # over all rounds
         forward_only(model, batches[:2], device, args.precision)  # warm-up (allocator, cuDNN autotune)
         mapped = repeated_scene_list(scene_list, args.repeat, work) if args.repeat > 1 else scene_list
         rounds, stages = [], {}

@@ -26,7 +26,7 @@ import yaml
 from rts_thaw.data.geotiff import load_scene_list
 from rts_thaw.eval.polygons import evaluate_polygons, precision_recall_f1
 from rts_thaw.mapping.map_scenes import load_model, map_scenes, resolve_device
-from rts_thaw.mapping.scene_predictor import TilingConfig
+from rts_thaw.mapping.engine import TilingConfig
 from rts_thaw.core.vectors import read_layer
 
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def _tiling(cfg: DictConfig, model_tile_size: int):
-    from rts_thaw.mapping.scene_predictor import TilingConfig
+    from rts_thaw.mapping.engine import TilingConfig
 
     tiling = OmegaConf.to_container(cfg.tiling, resolve=True)
     tile_size = tiling.pop("tile_size") or model_tile_size
@@ -40,12 +40,14 @@ def merge_mode(cfg: DictConfig) -> Path:
 
 def scenes_mode(cfg: DictConfig) -> list[dict]:
     from rts_thaw.mapping.map_scenes import load_model, map_scenes, resolve_device
+    from rts_thaw.mapping.scene_outputs import EXTRA_OUTPUTS
 
     device = resolve_device(cfg.device)
     model = load_model(cfg.ckpt_path, device)
+    outputs = [name for name in EXTRA_OUTPUTS if cfg.get(name)]  # each format has its switch
     summaries = map_scenes(model, cfg.scenes, cfg.output_dir, _tiling(cfg, model.tile_size), device,
-                           shard=cfg.shard, num_shards=cfg.num_shards, geojson=cfg.geojson,
-                           score_raster=cfg.score_raster, progress=cfg.progress, precision=cfg.precision)
+                           shard=cfg.shard, num_shards=cfg.num_shards, outputs=outputs, progress=cfg.progress,
+                           precision=cfg.precision)
     for summary in summaries:
         print(json.dumps(summary))
     if cfg.output and cfg.num_shards == 1:

@@ -9,7 +9,7 @@ import shapely
 from affine import Affine
 
 from rts_thaw.mapping.instances import SceneInstance
-from rts_thaw.mapping.scene_outputs import SceneOutputs, checkpoint_identity, scene_layer, write_scene
+from rts_thaw.mapping.scene_outputs import FinishedScene, SceneOutputs, checkpoint_identity, scene_layer, write_scene
 from rts_thaw.mapping.score_raster import ScoreRasterWriter
 from rts_thaw.mapping.shards import merge_scene_layers, shard_scenes
 from rts_thaw.core.vectors import read_layer
@@ -24,13 +24,18 @@ def _instances():
     return [SceneInstance(5, 7, square, 0.8), SceneInstance(40, 30, ring, 0.6, n_tiles=2)]
 
 
+def _finished(layer):
+    """A scene to write whose polygons are already made (the formats tested here need no tiles)."""
+    return FinishedScene("s", layer, [], [], TRANSFORM, layer.crs, (64, 64))
+
+
 def test_layers_read_back_with_crs_coordinates_and_attributes(tmp_path):
     crs = pyproj.CRS("EPSG:32605")
     outputs = SceneOutputs(tmp_path, "scene_007")
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"weights")
     layer = scene_layer(_instances(), TRANSFORM, crs, "scene_007", "cascade_mvit", checkpoint_identity(ckpt))
-    write_scene(layer, outputs, geojson=True)
+    write_scene(_finished(layer), outputs, ["geojson"])
     assert outputs.done()
     for path in (outputs.gpkg, outputs.geojson):
         back = read_layer(path)
@@ -46,7 +51,7 @@ def test_layers_read_back_with_crs_coordinates_and_attributes(tmp_path):
 
 def test_empty_scene_still_writes_a_layer(tmp_path):
     outputs = SceneOutputs(tmp_path, "empty")
-    write_scene(scene_layer([], TRANSFORM, pyproj.CRS("EPSG:32605"), "empty", "m", "c"), outputs, geojson=False)
+    write_scene(_finished(scene_layer([], TRANSFORM, pyproj.CRS("EPSG:32605"), "empty", "m", "c")), outputs)
     assert outputs.done() and len(read_layer(outputs.gpkg)) == 0
 
 
@@ -81,7 +86,7 @@ def test_shards_are_disjoint_and_cover_everything():
 def test_merge_reprojects_scenes_in_different_zones(tmp_path):
     for scene_id, epsg in (("a", 32605), ("b", 32606)):
         layer = scene_layer(_instances(), TRANSFORM, pyproj.CRS(epsg), scene_id, "m", "c")
-        write_scene(layer, SceneOutputs(tmp_path / "scenes", scene_id), geojson=False)
+        write_scene(_finished(layer), SceneOutputs(tmp_path / "scenes", scene_id))
     merged = merge_scene_layers(sorted((tmp_path / "scenes").glob("*.gpkg")), tmp_path / "all.gpkg")
     layer = read_layer(merged)
     assert pyproj.CRS(layer.crs).to_epsg() == 3413

@@ -28,7 +28,7 @@ from rts_thaw.data.synthetic import WorldParams, generate_world
 from rts_thaw.eval.submission import validate_submission
 from rts_thaw.mapping.challenge import predict_challenge
 from rts_thaw.mapping.map_scenes import load_model
-from rts_thaw.mapping.scene_predictor import TilingConfig
+from rts_thaw.mapping.engine import TilingConfig
 from rts_thaw.core.vectors import read_layer
 from rts_thaw.training.module import DetectionModule
 
@@ -322,3 +322,26 @@ def test_challenge_commands_on_the_exported_world(world, checkpoint, tmp_path, c
     assert "entry 0 " in out and "score 1.7 is outside [0, 1]" in out
     assert f"entry {len(entries) - 1} (image_id 424242): image_id is not in the test manifest" in out
     assert "2 problem(s)" in out
+
+
+def test_predict_on_coco_chips_writes_results_that_evaluate_scores(world, checkpoint, tmp_path, capsys):
+    """predict data=coco_chips split=test output=preds.json: COCO results (masks at each chip's
+    size, the larger chips tiled and merged) that `evaluate gt=... predictions=...` scores."""
+    from rts_thaw import evaluate
+    from rts_thaw.data.export import export_coco_chips
+
+    root = export_coco_chips(world, tmp_path / "coco", modalities=("rgb", "ndvi", "nir"))
+    preds = tmp_path / "preds.json"
+    predict.main.__wrapped__(_predict_cfg(f"ckpt_path={checkpoint}", "data=coco_chips", f"data.path={root}",
+                                          "split=test", f"output={preds}", "submission_score_threshold=0.0",
+                                          "tiling.overlap=16", "tiling.num_workers=0", "progress=false"))
+    assert "(valid)" in capsys.readouterr().out
+    gt = json.loads((root / "test" / "annotations.json").read_text())
+    sizes = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
+    results = json.loads(preds.read_text())
+    assert results and all(tuple(r["segmentation"]["size"]) == sizes[r["image_id"]] for r in results)
+    with initialize_config_module("rts_thaw.conf", version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"gt={root / 'test' / 'annotations.json'}", f"predictions={preds}",
+                                             f"output={tmp_path / 'metrics.json'}"])
+    metrics = evaluate.main.__wrapped__(cfg)
+    assert 0.0 <= metrics["segm_AP50"] <= 1.0 and 0.0 <= metrics["bbox_AP50"] <= 1.0

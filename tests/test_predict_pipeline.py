@@ -21,7 +21,7 @@ from shapely.geometry import shape
 from rts_thaw.data.normalization import NormStats
 from rts_thaw.eval.polygons import evaluate_polygons
 from rts_thaw.mapping.map_scenes import LoadedModel, map_scenes
-from rts_thaw.mapping.scene_predictor import TilingConfig
+from rts_thaw.mapping.engine import TilingConfig
 from rts_thaw.core.vectors import VectorLayer, read_layer
 
 SIZE = 200
@@ -118,7 +118,7 @@ def test_polygons_match_the_truth_in_the_scene_crs(oracle_world, tmp_path, write
     with_workers = TilingConfig(tile_size=64, overlap=16, batch_size=4, num_workers=2, write_workers=write_workers,
                                 score_threshold=0.5)
     summaries = map_scenes(model, scene_list, tmp_path, with_workers, torch.device("cpu"),
-                           geojson=True, score_raster=True, progress=False)
+                           outputs=["geojson", "score_raster"], progress=False)
     assert [s["status"] for s in summaries] == ["done"] * 3
     layer = read_layer(tmp_path / "scene_a.gpkg")
     assert pyproj.CRS(layer.crs) == pyproj.CRS(CRS)
@@ -193,12 +193,12 @@ def test_a_scene_that_cannot_be_written_names_itself_and_the_others_are_written(
                           write_workers=write_workers)
     with pytest.raises(RuntimeError, match=r"out: 1 of 3 scene\(s\) could not be written \(the others were; a rerun "
                                            r"redoes only these\): scene_b: \w+Error: .*scene_b\.geojson") as error:
-        map_scenes(_model(), scene_list, out, tiling, torch.device("cpu"), geojson=True, progress=False)
+        map_scenes(_model(), scene_list, out, tiling, torch.device("cpu"), outputs=["geojson"], progress=False)
     assert error.value.__cause__ is not None  # the writer's own error, with its traceback
     assert sorted(p.name for p in out.glob("*.gpkg")) == ["scene_a.gpkg", "scene_c.gpkg"]
     (out / "scene_b.geojson").rmdir()
     oracle = BlobOracle()
-    summaries = map_scenes(_model(oracle), scene_list, out, tiling, torch.device("cpu"), geojson=True, progress=False)
+    summaries = map_scenes(_model(oracle), scene_list, out, tiling, torch.device("cpu"), outputs=["geojson"], progress=False)
     assert [s["status"] for s in summaries] == ["skipped (done)", "done", "skipped (done)"]
     assert oracle.tiles == 16 and read_layer(out / "scene_b.geojson").crs == read_layer(out / "scene_b.gpkg").crs
     assert sorted(p.name for p in out.iterdir()) == [f"scene_{s}.{ext}" for s in "abc" for ext in ("geojson", "gpkg")]

@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 
 from rts_thaw.mapping.instances import instances_from_tile, tile_instances
 from rts_thaw.mapping.map_scenes import set_detection_limits
-from rts_thaw.mapping.scene_predictor import TilingConfig, batch_detections, inference_autocast
+from rts_thaw.mapping.engine import TilingConfig, batch_detections, inference_autocast
 
 SIZE = 64
 CHANNELS = {"rgb": 3, "ndvi": 1}
@@ -31,7 +31,7 @@ def batch_of_tiles():
     valid[1, 40:] = False
     valid[1, :, 48:] = False  # padding beyond the 48 px wide tile
     return {"image": images, "image_sizes": [(SIZE, SIZE), (SIZE, 48)], "valid": valid,
-            "window": [(0, 0, SIZE, SIZE), (0, 32, SIZE, 48)], "index": [0, 1], "scene": [0, 0]}
+            "window": [(0, 0, SIZE, SIZE), (0, 32, SIZE, 48)], "index": [0, 1], "group": [0, 0]}
 
 
 def as_tuples(instances):

@@ -134,6 +134,10 @@ class _ChipDataset(Dataset):
     def read_raw(self, index: int, modalities: list[str] | None = None):
         raise NotImplementedError  # each chip format reads its own files
 
+    def chip_sizes(self) -> dict[int, tuple[int, int]]:
+        """Image id -> (H, W) of every chip, from the file headers (what a results file must match)."""
+        return {int(record["id"]): (h, w) for record, (_, h, w) in zip(self.images, self.sizes)}
+
     def __getitem__(self, index: int) -> dict:
         record = self.images[index]
         images, valid = self.read_raw(index)
@@ -279,10 +283,6 @@ class ChallengeNpzDataset(_ChipDataset):
         super().__init__(images, annotations, modalities, norm_stats, augment, min_instance_area, where)
         self.files = files
         self.channels = {m: len(idx) for m, idx in self.band_index.items()}
-
-    def chip_sizes(self) -> dict[int, tuple[int, int]]:
-        """Image id -> (H, W) of every chip, from the file headers (what a submission must match)."""
-        return {int(record["id"]): (h, w) for record, (_, h, w) in zip(self.images, self.sizes)}
 
     def read_raw(self, index: int, modalities: list[str] | None = None):
         with np.load(self.files[index]) as npz:

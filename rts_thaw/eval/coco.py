@@ -19,7 +19,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from rts_thaw.core.classes import RTS_CATEGORY
+from rts_thaw.core.classes import RTS_CATEGORY, RTS_LABEL
 from rts_thaw.core.rle import mask_area, mask_to_rle
 
 
@@ -50,6 +50,12 @@ _AREA_INDEX = {"all": 0, "small": 1, "medium": 2, "large": 3}
 METRIC_KEYS = [f"{iou_type}_{name}" for iou_type in ("segm", "bbox") for name in _METRICS]
 # The precision metrics, the columns of every results table.
 AP_KEYS = [key for key in METRIC_KEYS if not key.endswith("_AR")]
+
+
+def coco_result(image_id: int, mask: np.ndarray, box_xywh, score: float, category_id: int = RTS_LABEL) -> dict:
+    """One entry of a COCO results list: the mask (at the image's full size) as RLE, its box."""
+    return {"image_id": int(image_id), "category_id": category_id, "segmentation": mask_to_rle(mask),
+            "bbox": [float(v) for v in box_xywh], "score": float(score)}
 
 
 def with_mask_areas(gt: dict) -> dict:
@@ -231,15 +237,7 @@ class CocoEvaluator:
         scores = _numpy(prediction["scores"]).astype(float)
         labels = _numpy(prediction["labels"]).astype(int)
         for mask, box, score, label in zip(masks, boxes, scores, labels):
-            self.results.append(
-                {
-                    "image_id": image_id,
-                    "category_id": int(label),
-                    "segmentation": mask_to_rle(mask),
-                    "bbox": [float(v) for v in box],
-                    "score": float(score),
-                }
-            )
+            self.results.append(coco_result(image_id, mask, box, score, int(label)))
 
     def state(self) -> tuple[list, list, list]:
         """What this evaluator accumulated, as plain lists (picklable, for gathering across ranks)."""

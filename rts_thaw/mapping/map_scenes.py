@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import wait
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from rts_thaw.core.checkpoints import load_checkpoint
 from rts_thaw.data.geotiff import SceneReader, SceneSpec, load_scene_list
 from rts_thaw.data.normalization import NormStats
 from rts_thaw.mapping.scene_finish import SceneJob, finish_scene
-from rts_thaw.mapping.scene_outputs import SceneOutputs, checkpoint_identity
-from rts_thaw.mapping.scene_predictor import TilingConfig, check_precision, predict_scenes
+from rts_thaw.mapping.scene_outputs import EXTRA_OUTPUTS, SceneOutputs, checkpoint_identity
+from rts_thaw.mapping.engine import TilingConfig, check_precision, predict_tiles
 from rts_thaw.mapping.shards import shard_scenes
+from rts_thaw.mapping.tile_sources import SceneTiles
 from rts_thaw.mapping.writer_pool import writer_pool
 from rts_thaw.models.checkpoint import detector_from_checkpoint
 
@@ -98,9 +100,10 @@ def check_modalities(scenes: list[SceneSpec], modalities: list[str], source: Pat
 
 
 def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Path, tiling: TilingConfig,
-               device: torch.device, shard: int = 0, num_shards: int = 1, geojson: bool = False,
-               score_raster: bool = False, progress: bool = True, precision: str | int = "32") -> list[dict]:
+               device: torch.device, shard: int = 0, num_shards: int = 1, outputs: Sequence[str] = (),
+               progress: bool = True, precision: str | int = "32") -> list[dict]:
     """Predict every scene of this shard that is not done yet; returns one summary per scene.
+    Each scene gets its GeoPackage and the `outputs` asked for (`scene_outputs.EXTRA_OUTPUTS`).
 
     Pasting masks, merging, vectorising and writing a finished scene run in
     `tiling.writer_count(device)` separate processes (0: one background thread) while the
@@ -117,22 +120,27 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
     todo = [s for s in scenes if not SceneOutputs(output_dir, s.id).done()]
     for spec in todo:
         SceneOutputs(output_dir, spec.id).remove_leftovers()
+    unknown = [name for name in outputs if name not in EXTRA_OUTPUTS]
+    if unknown:
+        raise ValueError(f"unknown scene outputs {unknown}; choose from {sorted(EXTRA_OUTPUTS)}")
     grids = [scene_grid(spec, list(model.detector.modalities), optional) for spec in todo]  # fail before any work
-    index = {s.id: k for k, s in enumerate(todo)}
+    source = SceneTiles(todo, [shape for _, _, shape in grids], tiling.tile_size, tiling.stride,
+                        list(model.detector.modalities), model.norm_stats, optional)
     started = time.perf_counter()
 
     finishing = {}  # scene id -> the future of its writing
     finisher = writer_pool(tiling.writer_count(device) if todo else 0)  # they start now, beside the model's loop
 
-    def hand_over(spec, tiles, stats) -> None:
-        crs_wkt, transform, shape = grids[index[spec.id]]
-        finishing[spec.id] = finisher.submit(finish_scene, SceneJob(
-            spec.id, tiles, transform, crs_wkt, shape, output_dir, model.name, model.identity, tiling, geojson,
-            score_raster, stats))
+    def hand_over(scene: int, tiles, stats) -> None:  # the sink: a scene's tiles are all through
+        crs_wkt, transform, shape = grids[scene]
+        scene_id = todo[scene].id
+        finishing[scene_id] = finisher.submit(finish_scene, SceneJob(
+            scene_id, tiles, transform, crs_wkt, shape, output_dir, model.name, model.identity, tiling,
+            tuple(outputs), stats))
 
     try:
-        predict_scenes(model.detector, todo, [g[2] for g in grids], model.norm_stats, tiling, device,
-                       on_scene_done=hand_over, progress=progress, precision=precision)
+        predict_tiles(model.detector, source, tiling, device, hand_over, score_threshold=tiling.score_threshold,
+                      progress=progress, precision=precision)
     finally:
         wait(finishing.values())  # even when interrupted, scenes whose tiles all went through the model are written
         # every output is complete: the writers' exit (an interpreter's teardown each) need not hold up the caller

@@ -1,4 +1,5 @@
-"""Finishing one predicted scene: paste each tile's masks, merge across seams, vectorise, write.
+"""Finishing one predicted scene: paste each tile's masks, merge across seams, vectorise, write
+its outputs.
 
 This is CPU work done while the model goes on with the next scenes, so on a GPU it runs
 in separate processes (`tiling.write_workers`): in a thread of the inferring process it
@@ -17,12 +18,11 @@ import shapely
 from affine import Affine
 from rasterio.transform import array_bounds
 
-from rts_thaw.mapping.instances import TileDetections, tile_instances
-from rts_thaw.mapping.scene_outputs import SceneOutputs, scene_layer, write_scene
-from rts_thaw.mapping.scene_predictor import SceneStats, TilingConfig
-from rts_thaw.mapping.score_raster import ScoreRasterWriter
-from rts_thaw.mapping.seam_merge import merge_across_seams
 from rts_thaw.core.vectors import area_m2
+from rts_thaw.mapping.engine import GroupStats, TilingConfig
+from rts_thaw.mapping.instances import TileDetections, tile_instances
+from rts_thaw.mapping.scene_outputs import FinishedScene, SceneOutputs, scene_layer, write_scene
+from rts_thaw.mapping.seam_merge import merge_across_seams
 
 
 @dataclass
@@ -36,9 +36,8 @@ class SceneJob:
     model_name: str
     model_identity: str
     tiling: TilingConfig
-    geojson: bool = False
-    score_raster: bool = False  # also a score GeoTIFF, which marks where the model looked
-    stats: SceneStats = field(default_factory=SceneStats)  # what inference already knows
+    extra_outputs: tuple[str, ...] = ()  # beside the GeoPackage (scene_outputs.EXTRA_OUTPUTS)
+    stats: GroupStats = field(default_factory=GroupStats)  # what inference already knows
 
 
 def finish_scene(job: SceneJob) -> dict:
@@ -54,18 +53,8 @@ def finish_scene(job: SceneJob) -> dict:
     seconds["merge"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
     layer = scene_layer(merged, job.transform, job.crs_wkt, job.scene_id, job.model_name, job.model_identity)
-    if job.score_raster:
-        height, width = job.shape
-        writer = ScoreRasterWriter(outputs.score_tif, width, height, job.transform, job.crs_wkt)
-        try:
-            for tile in job.tiles:
-                writer.mark_valid(tile.window, tile.valid_pixels())
-            writer.add_instances(merged)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
-    write_scene(layer, outputs, job.geojson)
+    scene = FinishedScene(job.scene_id, layer, merged, job.tiles, job.transform, job.crs_wkt, job.shape)
+    write_scene(scene, outputs, job.extra_outputs)
     seconds["write"] = round(time.perf_counter() - start, 3)
     bounds = shapely.box(*array_bounds(job.shape[0], job.shape[1], job.transform))
     return {"scene_id": job.scene_id, "status": "done", "tiles": job.stats.tiles, "empty_tiles": job.stats.empty_tiles,

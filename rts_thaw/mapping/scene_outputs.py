@@ -1,4 +1,5 @@
-"""Per-scene output files: names, atomic writing, and knowing which scenes are done.
+"""Per-scene output files: names, the formats (GeoPackage, and GeoJSON and a score COG on
+request), atomic writing, and knowing which scenes are done.
 
 A scene is done when its GeoPackage exists; it is renamed into place last, after any
 GeoJSON and score raster, so a run killed part-way leaves the scene not done (and
@@ -8,14 +9,16 @@ only hidden temporary files, which the rerun removes) rather than half-written.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from affine import Affine
 
-from rts_thaw.mapping.instances import SceneInstance
-from rts_thaw.core.vectors import VectorLayer, remove_if_empty, write_layer
-from rts_thaw.core.vectors import area_m2
+from rts_thaw.core.vectors import VectorLayer, area_m2, remove_if_empty, write_layer
+from rts_thaw.mapping.instances import SceneInstance, TileDetections
+from rts_thaw.mapping.score_raster import ScoreRasterWriter
 from rts_thaw.mapping.vectorize import instance_polygons
 
 
@@ -78,7 +81,44 @@ def scene_layer(instances: list[SceneInstance], transform, crs, scene_id: str, m
     )
 
 
-def write_scene(layer: VectorLayer, outputs: SceneOutputs, geojson: bool) -> None:
-    if geojson:
-        write_layer(layer, outputs.geojson)
-    write_layer(layer, outputs.gpkg)  # last: its existence marks the scene done
+@dataclass
+class FinishedScene:
+    """A scene after merging: what every output format is written from."""
+
+    scene_id: str
+    layer: VectorLayer  # one polygon per slump, with its fields
+    instances: list[SceneInstance]  # the merged slumps on the scene grid
+    tiles: list[TileDetections]  # every tile the model saw (where it looked)
+    transform: Affine
+    crs_wkt: str
+    shape: tuple[int, int]  # (height, width)
+
+
+def write_geojson(scene: FinishedScene, outputs: SceneOutputs) -> None:
+    write_layer(scene.layer, outputs.geojson)
+
+
+def write_score_raster(scene: FinishedScene, outputs: SceneOutputs) -> None:
+    """The score COG, which also marks where the model looked (NaN elsewhere)."""
+    height, width = scene.shape
+    writer = ScoreRasterWriter(outputs.score_tif, width, height, scene.transform, scene.crs_wkt)
+    try:
+        for tile in scene.tiles:
+            writer.mark_valid(tile.window, tile.valid_pixels())
+        writer.add_instances(scene.instances)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+
+
+# Outputs written beside the GeoPackage when their switch in conf/predict.yaml is on. A new
+# format (say GeoParquet) is one function like those above, one entry here and one switch there.
+EXTRA_OUTPUTS = {"geojson": write_geojson, "score_raster": write_score_raster}
+
+
+def write_scene(scene: FinishedScene, outputs: SceneOutputs, extra: Sequence[str] = ()) -> None:
+    """The requested extra outputs, then the GeoPackage: its existence marks the scene done."""
+    for name in extra:
+        EXTRA_OUTPUTS[name](scene, outputs)
+    write_layer(scene.layer, outputs.gpkg)

@@ -1,10 +1,12 @@
-"""Scenes through the model: tiles -> detector -> per-tile detections, handed over scene by scene.
+"""The prediction engine: tiles from a source -> the detector in batches -> each group's
+detections, handed to a sink as soon as the group's last tile is through.
 
-One DataLoader streams the tiles of all scenes in order; as soon as the last tile of a
-scene has been through the model, `on_scene_done` receives that scene's tile detections
-(the caller pastes, merges and writes them elsewhere while the model goes on). This loop
-feeds the accelerator, so it does as little else as it can: masks leave the device at the
-heads' resolution and are pasted into their tiles by the scene's finisher.
+A source (`tile_sources`: GeoTIFF scenes, chips) lists its tiles group by group, a group
+being one scene or one chip. One DataLoader streams them in order; `on_group_done` (the
+sink: scene files in `map_scenes`, COCO results in `challenge`) receives a group's tile
+detections and pastes, merges and writes them while the model goes on. This loop feeds
+the accelerator, so it does as little else as it can: masks leave the device at the
+heads' resolution and are pasted into their tiles by the sink.
 """
 
 from __future__ import annotations
@@ -15,13 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from rts_thaw.data.geotiff import SceneSpec, tile_windows
-from rts_thaw.data.normalization import NormStats
 from rts_thaw.mapping.instances import TileDetections
-from rts_thaw.mapping.scene_tiles import SceneTiles, collate_tiles
+from rts_thaw.mapping.tile_sources import TileSource, collate_tiles
 
 
 @dataclass
@@ -78,73 +78,70 @@ def inference_autocast(device: torch.device, precision: str | int = "32"):
 
 
 @dataclass
-class SceneStats:
+class GroupStats:
+    """What the engine knows of one group (a scene or a chip) when it hands it over."""
+
     tiles: int = 0
     empty_tiles: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: {"wait_for_tiles": 0.0, "infer": 0.0})
 
 
 @dataclass
-class _Scene:
-    spec: SceneSpec
+class _Group:
     remaining: int
-    stats: SceneStats
+    stats: GroupStats
     tiles: list[TileDetections] = field(default_factory=list)
 
 
-def _loader(dataset: SceneTiles, config: TilingConfig) -> DataLoader:
-    workers = config.num_workers if len(dataset) > config.batch_size else 0
-    return DataLoader(dataset, batch_size=config.batch_size, num_workers=workers, collate_fn=collate_tiles,
+def _loader(source: Dataset, config: TilingConfig) -> DataLoader:
+    workers = config.num_workers if len(source) > config.batch_size else 0
+    return DataLoader(source, batch_size=config.batch_size, num_workers=workers, collate_fn=collate_tiles,
                       pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
 
 
 @torch.inference_mode()
-def predict_scenes(detector: torch.nn.Module, specs: list[SceneSpec], shapes: list[tuple[int, int]],
-                   norm_stats: NormStats, config: TilingConfig, device: torch.device,
-                   on_scene_done: Callable[[SceneSpec, list[TileDetections], SceneStats], None],
-                   progress: bool = True, precision: str | int = "32") -> None:
-    """Run every tile of `specs` (scene shapes (height, width)) through the detector and call
-    `on_scene_done(spec, detections of each non-empty tile, stats)` once per scene."""
+def predict_tiles(detector: torch.nn.Module, source: TileSource, config: TilingConfig, device: torch.device,
+                  on_group_done: Callable[[int, list[TileDetections], GroupStats], None],
+                  score_threshold: float | None = None, progress: bool = True, precision: str | int = "32",
+                  unit: str = "scenes") -> None:
+    """Run every tile of `source` through the detector and call `on_group_done(group, detections
+    of each non-empty tile, stats)` once per group, as soon as its last tile is through.
+    Detections scoring below `score_threshold` are dropped (None keeps what the heads keep)."""
     autocast = inference_autocast(device, precision)
-    scenes, tiles = [], []
-    for k, (spec, (height, width)) in enumerate(zip(specs, shapes)):
-        windows = tile_windows(width, height, config.tile_size, config.stride)
-        scenes.append(_Scene(spec, len(windows), SceneStats(tiles=len(windows))))
-        tiles += [(k, w) for w in windows]
-    dataset = SceneTiles(specs, tiles, list(detector.modalities), norm_stats, detector.optional_modalities)
-    bar = tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not progress)
-    bar.set_postfix(scenes=f"0/{len(scenes)}")
+    groups = [_Group(n, GroupStats(tiles=n)) for n in source.tiles_per_group()]
+    bar = tqdm(total=len(source), desc="tiles", unit="tile", disable=not progress)
+    bar.set_postfix({unit: f"0/{len(groups)}"})
     finished = 0
-    batches = iter(_loader(dataset, config))
+    batches = iter(_loader(source, config))
     while True:
         start = time.perf_counter()
         batch = next(batches, None)
         if batch is None:
             break
         waited = time.perf_counter() - start
-        touched = batch["scene"] + batch["empty_scenes"]
-        for k in touched:  # the wait is shared by the scenes in the batch
-            scenes[k].stats.seconds["wait_for_tiles"] += waited / len(touched)
-        for k in batch["empty_scenes"]:
-            scenes[k].stats.empty_tiles += 1
-            scenes[k].remaining -= 1
-        if batch["scene"]:
+        touched = batch["group"] + batch["empty_groups"]
+        for k in touched:  # the wait is shared by the groups in the batch
+            groups[k].stats.seconds["wait_for_tiles"] += waited / len(touched)
+        for k in batch["empty_groups"]:
+            groups[k].stats.empty_tiles += 1
+            groups[k].remaining -= 1
+        if batch["group"]:
             start = time.perf_counter()
-            for k, detections in zip(batch["scene"], batch_detections(detector, batch, device, autocast, config,
-                                                                      config.score_threshold)):
-                scenes[k].tiles.append(detections)
-                scenes[k].remaining -= 1
+            for k, detections in zip(batch["group"], batch_detections(detector, batch, device, autocast, config,
+                                                                      score_threshold)):
+                groups[k].tiles.append(detections)
+                groups[k].remaining -= 1
             elapsed = time.perf_counter() - start
-            for k in batch["scene"]:
-                scenes[k].stats.seconds["infer"] += elapsed / len(batch["scene"])
+            for k in batch["group"]:
+                groups[k].stats.seconds["infer"] += elapsed / len(batch["group"])
         bar.update(len(touched))
         for k in sorted(set(touched)):
-            if scenes[k].remaining == 0:
-                scene = scenes[k]
-                on_scene_done(scene.spec, scene.tiles, scene.stats)
-                scene.tiles = []
+            if groups[k].remaining == 0:
+                group = groups[k]
+                on_group_done(k, group.tiles, group.stats)
+                group.tiles = []
                 finished += 1
-                bar.set_postfix(scenes=f"{finished}/{len(scenes)}")
+                bar.set_postfix({unit: f"{finished}/{len(groups)}"})
     bar.close()
 
 
