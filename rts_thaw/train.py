@@ -29,11 +29,11 @@ if not OmegaConf.has_resolver("rts_thaw.run_id"):
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run what `cfg` describes in `run_dir`; returns its results."""
-    from rts_thaw.training import staged
     from rts_thaw.core.json_files import write_json_atomic
-    from rts_thaw.training.single_run import fit_and_test
-
     from rts_thaw.models.encoders import check_tile_size
+    from rts_thaw.training import staged
+    from rts_thaw.training.ranks import is_global_zero
+    from rts_thaw.training.single_run import fit_and_test
 
     # Fail before any data is generated or read when the tiles cannot pass the encoder.
     check_tile_size(int(cfg.data.tile_size), cfg.model.encoder, cfg.model.get("img_size"))
@@ -48,13 +48,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             )
         stage1 = staged.stage1_config(cfg, cfg.data.modalities[0])
         results = staged.ensure_stage1(stage1)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "results.json", results, sort_keys=True)
+        if is_global_zero():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(run_dir / "results.json", results, sort_keys=True)
     else:
         results = fit_and_test(cfg, run_dir)
-    row = staged.table_row(cfg.name, results)
-    staged.write_table([row], run_dir)
-    print(staged.format_table([row]))
+    if is_global_zero():  # the other ranks of a multi-process run computed the same
+        row = staged.table_row(cfg.name, results)
+        staged.write_table([row], run_dir)
+        print(staged.format_table([row]))
     return results
 
 

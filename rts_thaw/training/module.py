@@ -133,11 +133,11 @@ class DetectionModule(pl.LightningModule):
     def _log_metrics(self, split: str, metrics: dict[str, float]) -> None:
         # Undefined metrics (no object of a size class) are logged as -1 rather than
         # NaN so that checkpoint selection and W&B charts stay well defined.
-        # Every rank holds the same gathered metrics, so no further sync is needed.
+        # Every rank holds the same gathered metrics: their mean across ranks is the value.
         values = {f"{split}/{k}": (-1.0 if math.isnan(v) else float(v)) for k, v in metrics.items()}
         headline = f"{split}/segm_AP50"
-        self.log(headline, values.pop(headline), prog_bar=True)
-        self.log_dict(values)
+        self.log(headline, values.pop(headline), prog_bar=True, sync_dist=True)
+        self.log_dict(values, sync_dist=True)
 
     # ---- checkpoints ----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ from rts_thaw.core.checkpoints import checkpoint_run_info
 from rts_thaw.core.json_files import write_json_atomic
 from rts_thaw.training.callbacks import RunIdentityCheck, RunStats
 from rts_thaw.training.module import DetectionModule
+from rts_thaw.training.ranks import is_global_zero
 from rts_thaw.training.run_identity import config_key, run_key
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,8 @@ def fit_and_test(
         "run_key": key,
         **(extra_info or {}),
     }
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
+    if is_global_zero():  # every rank of a multi-process run gets here; one writes
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
     module = DetectionModule(
         detector,
         optimizer=OmegaConf.to_container(cfg.training.optimizer, resolve=True),
@@ -184,5 +186,6 @@ def fit_and_test(
         logger.finalize("success")
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # the next run of this process gets its own W&B run
-    write_json_atomic(run_dir / "results.json", results, sort_keys=True)
+    if trainer.is_global_zero:
+        write_json_atomic(run_dir / "results.json", results, sort_keys=True)
     return results

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rts_thaw.eval.coco import AP_KEYS
 from rts_thaw.core.checkpoints import checkpoint_run_info
 from rts_thaw.core.json_files import nan_for_null, write_json_atomic
+from rts_thaw.training.ranks import is_global_zero
 from rts_thaw.training.run_identity import config_key, resolved_without_invariants
 from rts_thaw.training.single_run import fit_and_test
 
@@ -171,7 +172,8 @@ def ensure_stage1(stage1: DictConfig, smoke_dir: Path | None = None) -> dict[str
         results = fit_and_test(stage1, Path(smoke_dir) / modality, extra_info={"stage1_key": key})
         return {**results, "stage1_key": key, "checkpoint": results["last_checkpoint"], "reused": False}
     directory = stage1_dir(stage1)
-    with _locked(directory):
+    # The other ranks of a multi-process run train with rank 0, which holds the lock and stores the entry.
+    with _locked(directory) if is_global_zero() else contextlib.nullcontext():
         cached = load_stage1(directory, key)
         if cached is not None:
             log.info("stage 1 (%s): reusing %s", stage1.data.modalities[0], directory)
@@ -181,7 +183,8 @@ def ensure_stage1(stage1: DictConfig, smoke_dir: Path | None = None) -> dict[str
         if checkpoint is None:
             raise Stage1Error(f"stage 1 in {directory} produced no checkpoint (fast_dev_run?)")
         results.update(stage1_key=key, checkpoint=str(Path(checkpoint).relative_to(directory)))
-        write_json_atomic(directory / MARKER, results, sort_keys=True)
+        if is_global_zero():
+            write_json_atomic(directory / MARKER, results, sort_keys=True)
         results["checkpoint"] = str(directory / results["checkpoint"])
         return {**results, "reused": False}
 
@@ -223,8 +226,9 @@ def run_staged(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     rows = [table_row(f"stage1 {m}", r) for m, r in stage1_results.items()]
     rows.append(table_row(f"stage2 {'+'.join(modalities)}", stage2_results))
-    write_table(rows, run_dir)
-    print(format_table(rows))
+    if is_global_zero():
+        write_table(rows, run_dir)
+        print(format_table(rows))
     return {"stage1": stage1_results, "stage2": stage2_results, "table": rows}
 
 
