@@ -124,21 +124,21 @@ def test_matches_pycocotools_on_same_files(tmp_path, preset):
     assert 0.05 < ours["bbox_AP50"] < 1.0
 
 
-def test_merged_rank_states_score_like_one_evaluator():
-    """What DDP gathering does: each rank's state merged, a sample repeated on two ranks kept once."""
+def test_gathered_records_score_like_one_evaluator():
+    """What the metric holds after torchmetrics gathers two ranks: each rank's image records, one
+    image repeated on both (the distributed sampler evens out the ranks), which counts once."""
+    from rts_thaw.eval.coco_metric import CocoMetric
+
     preds, targets, sizes = _synthetic_batch(seed=3, n_images=5)
     whole = CocoEvaluator()
     whole.update(preds, targets, sizes, image_ids=[1, 2, 3, 4, 5])
-    rank0, rank1 = CocoEvaluator(), CocoEvaluator()
-    rank0.update(preds[:3], targets[:3], sizes[:3], image_ids=[1, 2, 3])
-    rank1.update(preds[2:], targets[2:], sizes[2:], image_ids=[3, 4, 5])  # image 3 padded onto rank 1 too
-    merged = CocoEvaluator()
-    for state in (rank0.state(), rank1.state()):
-        merged.merge_state(*state)
-    assert [img["id"] for img in merged.images] == [1, 2, 3, 4, 5]
-    assert len(merged.annotations) == len(whole.annotations)
-    assert len({ann["id"] for ann in merged.annotations}) == len(merged.annotations)
-    assert merged.compute() == pytest.approx(whole.compute(), nan_ok=True)
+    gathered = CocoMetric()
+    gathered.update(preds[:3], targets[:3], sizes[:3], image_ids=[1, 2, 3])  # rank 0
+    gathered.update(preds[2:], targets[2:], sizes[2:], image_ids=[3, 4, 5])  # rank 1, image 3 again
+    assert len(gathered.records) == 6
+    assert gathered.compute() == pytest.approx(whole.compute(), nan_ok=True)
+    gathered.reset()
+    assert all(math.isnan(v) for v in gathered.compute().values())
 
 
 def test_challenge_preset_ranks_at_ten():

@@ -239,12 +239,9 @@ class CocoEvaluator:
         for mask, box, score, label in zip(masks, boxes, scores, labels):
             self.results.append(coco_result(image_id, mask, box, score, int(label)))
 
-    def state(self) -> tuple[list, list, list]:
-        """What this evaluator accumulated, as plain lists (picklable, for gathering across ranks)."""
-        return self.images, self.annotations, self.results
-
     def merge_state(self, images: list, annotations: list, results: list) -> None:
-        """Add another evaluator's `state()`; images already here (a repeated sample) are kept once."""
+        """Add another evaluator's images, annotations and results; images already here (a
+        repeated sample) are kept once."""
         new_ids = {img["id"] for img in images} - self._seen_ids
         self.images.extend(img for img in images if img["id"] in new_ids)
         for ann in annotations:

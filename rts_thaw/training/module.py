@@ -7,10 +7,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from rts_thaw.eval.coco import CocoEvaluator
+from rts_thaw.eval.coco_metric import CocoMetric
 from rts_thaw.training.optim import build_optimizer
 
 
@@ -46,8 +45,8 @@ class DetectionModule(pl.LightningModule):
         self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_steps": 0})
         self.coco_preset = coco_preset
         self.run_info = dict(run_info or {})
-        self.val_evaluator = CocoEvaluator(coco_preset)
-        self.test_evaluator = CocoEvaluator(coco_preset)
+        self.val_metric = CocoMetric(coco_preset)
+        self.test_metric = CocoMetric(coco_preset)
         self.test_metrics: dict[str, float] = {}
         # The last validation batch and its predictions, for the image-logging callback.
         self.last_val_example: tuple[dict, list[dict]] | None = None
@@ -97,36 +96,36 @@ class DetectionModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- evaluation -----------------------------------------------------------------
-    def _evaluate_batch(self, batch: dict, evaluator: CocoEvaluator) -> list[dict]:
+    def _evaluate_batch(self, batch: dict, metric: CocoMetric) -> list[dict]:
         predictions = self.detector(batch["image"], batch["image_sizes"])
         image_ids = [meta["image_id"] for meta in batch["meta"]]
-        evaluator.update(predictions, batch["targets"], batch["image_sizes"], image_ids)
+        metric.update(predictions, batch["targets"], batch["image_sizes"], image_ids)
         return predictions
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        predictions = self._evaluate_batch(batch, self.val_evaluator)
+        predictions = self._evaluate_batch(batch, self.val_metric)
         if batch_idx == 0:
             self.last_val_example = (batch, predictions)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate_batch(batch, self.test_evaluator)
+        self._evaluate_batch(batch, self.test_metric)
 
     # Reset at the start (a loop interrupted mid-epoch leaves partial state) and after computing
     # (the accumulated masks are freed between epochs rather than held through training).
     def on_validation_epoch_start(self) -> None:
-        self.val_evaluator.reset()
+        self.val_metric.reset()
 
     def on_test_epoch_start(self) -> None:
-        self.test_evaluator.reset()
+        self.test_metric.reset()
 
     def on_validation_epoch_end(self) -> None:
-        metrics = _gathered(self.val_evaluator).compute()
-        self.val_evaluator.reset()
+        metrics = self.val_metric.compute()  # torchmetrics gathers the ranks' images
+        self.val_metric.reset()
         self._log_metrics("val", metrics)
 
     def on_test_epoch_end(self) -> None:
-        metrics = _gathered(self.test_evaluator).compute()
-        self.test_evaluator.reset()
+        metrics = self.test_metric.compute()
+        self.test_metric.reset()
         self.test_metrics = metrics
         self._log_metrics("test", metrics)
 
@@ -146,17 +145,3 @@ class DetectionModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.run_info = checkpoint.get("rts_thaw", self.run_info)
 
-
-def _gathered(evaluator: CocoEvaluator) -> CocoEvaluator:
-    """All ranks' accumulated images in one evaluator (DDP); the evaluator itself otherwise.
-
-    A distributed sampler may repeat images to even out the ranks: kept once.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return evaluator
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, evaluator.state())
-    merged = CocoEvaluator(evaluator.preset, evaluator.mask_threshold)
-    for part in parts:
-        merged.merge_state(*part)
-    return merged
