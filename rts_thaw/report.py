@@ -15,10 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from rts_thaw.eval.results_table import write_csv
 from rts_thaw.reporting.collect import Run, collect_runs, wandb_groups
 from rts_thaw.reporting.missing import missing_modality_runs
 from rts_thaw.reporting.plots import plot_accuracy_vs_memory, plot_ap50_by_fusion
-from rts_thaw.reporting.tables import configuration_rows, markdown_table, run_rows, write_csv
+from rts_thaw.reporting.tables import configuration_rows, markdown_table, run_rows
 
 
 def _problem_list(runs: list[Run]) -> str:

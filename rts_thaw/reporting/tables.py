@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
-from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from rts_thaw.eval.coco import AP_KEYS
+from rts_thaw.eval.results_table import RUN_FIGURES
 from rts_thaw.reporting.collect import Run, is_number
 from rts_thaw.reporting.jobs import override_key
 
-# Result key -> column name, for the figures every run writes beside its metrics.
-RUN_FIGURES = {
-    "params/trainable": "trainable_params",
-    "params/total": "total_params",
-    "perf/peak_gpu_memory_mb": "peak_memory_mb",
-    "perf/train_images_per_s": "train_images_per_s",
-    "perf/wall_s": "wall_s",
-}
 METRICS = AP_KEYS + list(RUN_FIGURES.values())
 DESCRIPTION = ["model", "fusion", "modalities", "training"]
 
@@ -100,16 +91,6 @@ def configuration_rows(runs: list[Run]) -> list[dict[str, Any]]:
             row[f"{metric}_std"] = std
         rows.append(row)
     return rows
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    if not rows:
-        return
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
 
 
 def _cell(row: dict, metric: str, scale: float, fmt: str) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import fcntl
 import json
 import logging
@@ -30,7 +29,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rts_thaw.eval.coco import AP_KEYS
+from rts_thaw.eval.results_table import results_row, write_csv
 from rts_thaw.core.checkpoints import checkpoint_run_info
 from rts_thaw.core.json_files import nan_for_null, write_json_atomic
 from rts_thaw.training.ranks import is_global_zero
@@ -234,23 +233,12 @@ def run_staged(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 # ---- the final table ----------------------------------------------------------------
 def table_row(name: str, results: dict[str, Any]) -> dict[str, Any]:
-    row = {"model": name}
-    row.update({k: results.get("test", {}).get(k, math.nan) for k in AP_KEYS})
-    row["trainable_params"] = results.get("params/trainable")
-    row["total_params"] = results.get("params/total")
-    row["peak_gpu_memory_mb"] = results.get("perf/peak_gpu_memory_mb")
-    row["train_images_per_s"] = results.get("perf/train_images_per_s")
-    row["wall_s"] = results.get("perf/wall_s")
-    row["reused"] = bool(results.get("reused", False))
-    return row
+    return {"model": name, **results_row(results), "reused": bool(results.get("reused", False))}
 
 
 def write_table(rows: list[dict], run_dir: Path) -> None:
     write_json_atomic(run_dir / "final_table.json", rows, sort_keys=True)
-    with open(run_dir / "final_table.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, run_dir / "final_table.csv")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -263,7 +251,7 @@ def format_table(rows: list[dict]) -> str:
         cells += [_percent(row[f"segm_{m}"]) for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
         cells += [_percent(row["bbox_AP"]), _percent(row["bbox_AP50"])]
         cells += [_millions(row["trainable_params"]), _millions(row["total_params"]),
-                  _number(row["peak_gpu_memory_mb"], "{:.0f}"), _number(row["train_images_per_s"], "{:.1f}"),
+                  _number(row["peak_memory_mb"], "{:.0f}"), _number(row["train_images_per_s"], "{:.1f}"),
                   _number(row["wall_s"], "{:.0f}")]
         lines.append(cells)
     widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
