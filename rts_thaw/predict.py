@@ -47,7 +47,7 @@ def scenes_mode(cfg: DictConfig) -> list[dict]:
     outputs = [name for name in EXTRA_OUTPUTS if cfg.get(name)]  # each format has its switch
     summaries = map_scenes(model, cfg.scenes, cfg.output_dir, _tiling(cfg, model.tile_size), device,
                            shard=cfg.shard, num_shards=cfg.num_shards, outputs=outputs, progress=cfg.progress,
-                           precision=cfg.precision)
+                           precision=cfg.precision, overwrite=cfg.overwrite)
     for summary in summaries:
         print(json.dumps(summary))
     if cfg.output and cfg.num_shards == 1:

@@ -212,14 +212,17 @@ def test_resume_after_kill_and_sharding(world, checkpoint, tmp_path):
     assert sorted(p.name for p in out.glob("*.gpkg")) == done
     stamps = {p: (out / p).stat().st_mtime_ns for p in done}
 
-    # the rerun, as two shards (the jobs of `-m shard=0,1 num_shards=2`), finishes the rest and skips what is done
+    # the rerun, as two shards (the jobs of `-m shard=0,1 num_shards=2`), finishes the rest and skips what is
+    # done; it maps as the killed run did (the same overlap: another would be refused, not mixed in)
     statuses = []
     for shard in (0, 1):
         statuses += predict.main.__wrapped__(_predict_cfg(f"ckpt_path={checkpoint}", f"scenes={world}",
-                                                          f"output_dir={out}", *TILING, "num_shards=2", f"shard={shard}"))
+                                                          f"output_dir={out}", *TILING, "tiling.overlap=32",
+                                                          "num_shards=2", f"shard={shard}"))
     assert sorted(s["scene_id"] for s in statuses) == ["scene_000", "scene_001", "scene_002"]
     assert sorted(s["scene_id"] for s in statuses if s["status"] == "skipped (done)") == [p[:-5] for p in done]
-    assert sorted(p.name for p in out.iterdir()) == ["scene_000.gpkg", "scene_001.gpkg", "scene_002.gpkg"]
+    assert sorted(p.name for p in out.iterdir()) == ["predict_identity.json", "scene_000.gpkg", "scene_001.gpkg",
+                                                     "scene_002.gpkg"]
     assert {p: (out / p).stat().st_mtime_ns for p in done} == stamps
 
     predict.main.__wrapped__(_predict_cfg("merge=true", f"output_dir={out}", f"output={tmp_path / 'merged.gpkg'}"))

@@ -6,6 +6,9 @@ reading and aligning modalities, tiling with overlap, skipping nodata tiles, dro
 invalid pixels, merging across seams, vectorising into the scene CRS, writing layers.
 """
 
+import dataclasses
+import json
+
 import numpy as np
 import pyproj
 import pytest
@@ -180,7 +183,36 @@ def test_rerun_skips_done_scenes_and_cleans_leftovers(oracle_world, tmp_path):
     assert [s["status"] for s in summaries] == ["skipped (done)", "done", "skipped (done)"]
     assert (tmp_path / "scene_a.gpkg").stat().st_mtime_ns == first
     assert oracle.tiles == 16  # only scene_b was read
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene_a.gpkg", "scene_b.gpkg", "scene_c.gpkg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predict_identity.json", "scene_a.gpkg", "scene_b.gpkg",
+                                                           "scene_c.gpkg"]
+
+
+def test_maps_of_another_checkpoint_or_threshold_are_never_mixed_in(oracle_world, tmp_path):
+    scene_list, _ = oracle_world
+    map_scenes(_model(), scene_list, tmp_path, TILING, torch.device("cpu"), progress=False)
+    stricter = dataclasses.replace(TILING, score_threshold=0.9)
+    with pytest.raises(ValueError, match=r"holds maps made with other settings.*tiling.score_threshold: 0.5 there, "
+                                         r"0.9 now.*overwrite=true"):
+        map_scenes(_model(), scene_list, tmp_path, stricter, torch.device("cpu"), progress=False)
+    other = LoadedModel(BlobOracle(), _model().norm_stats, 64, "oracle", "other.ckpt:sha256:1")
+    with pytest.raises(ValueError, match=r"checkpoint: 'oracle.ckpt:sha256:0' there, 'other.ckpt:sha256:1' now"):
+        map_scenes(other, scene_list, tmp_path, TILING, torch.device("cpu"), progress=False)
+    # speed settings are not part of what made a map: a rerun with more workers skips the done scenes
+    faster = dataclasses.replace(TILING, batch_size=8)
+    assert {s["status"] for s in map_scenes(_model(), scene_list, tmp_path, faster, torch.device("cpu"),
+                                            progress=False)} == {"skipped (done)"}
+    oracle = BlobOracle()
+    summaries = map_scenes(_model(oracle), scene_list, tmp_path, stricter, torch.device("cpu"), progress=False,
+                           overwrite=True)
+    assert [s["status"] for s in summaries] == ["done"] * 3 and oracle.tiles == 3 * 16
+    assert json.loads((tmp_path / "predict_identity.json").read_text())["tiling"]["score_threshold"] == 0.9
+
+
+def test_maps_with_no_record_of_what_made_them_are_refused(oracle_world, tmp_path):
+    scene_list, _ = oracle_world
+    (tmp_path / "scene_a.gpkg").write_bytes(b"an old map")
+    with pytest.raises(ValueError, match=r"holds 1 map\(s\) with no record of what made them"):
+        map_scenes(_model(), scene_list, tmp_path, TILING, torch.device("cpu"), progress=False)
 
 
 @pytest.mark.parametrize("write_workers", [2, 0], ids=["writer_processes", "writer_thread"])
@@ -201,7 +233,8 @@ def test_a_scene_that_cannot_be_written_names_itself_and_the_others_are_written(
     summaries = map_scenes(_model(oracle), scene_list, out, tiling, torch.device("cpu"), outputs=["geojson"], progress=False)
     assert [s["status"] for s in summaries] == ["skipped (done)", "done", "skipped (done)"]
     assert oracle.tiles == 16 and read_layer(out / "scene_b.geojson").crs == read_layer(out / "scene_b.gpkg").crs
-    assert sorted(p.name for p in out.iterdir()) == [f"scene_{s}.{ext}" for s in "abc" for ext in ("geojson", "gpkg")]
+    assert sorted(p.name for p in out.iterdir()) == ["predict_identity.json", *(f"scene_{s}.{ext}" for s in "abc"
+                                                                                for ext in ("geojson", "gpkg"))]
 
 
 def test_missing_modality_is_an_error_before_any_work(tmp_path):

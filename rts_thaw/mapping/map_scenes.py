@@ -19,6 +19,7 @@ from affine import Affine
 from rts_thaw.core.checkpoints import load_checkpoint
 from rts_thaw.data.geotiff import SceneReader, SceneSpec, load_scene_list
 from rts_thaw.data.normalization import NormStats
+from rts_thaw.mapping.map_identity import claim_output_dir, map_identity
 from rts_thaw.mapping.scene_finish import SceneJob, finish_scene
 from rts_thaw.mapping.scene_outputs import EXTRA_OUTPUTS, SceneOutputs, checkpoint_identity
 from rts_thaw.mapping.engine import TilingConfig, check_precision, predict_tiles
@@ -101,9 +102,11 @@ def check_modalities(scenes: list[SceneSpec], modalities: list[str], source: Pat
 
 def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Path, tiling: TilingConfig,
                device: torch.device, shard: int = 0, num_shards: int = 1, outputs: Sequence[str] = (),
-               progress: bool = True, precision: str | int = "32") -> list[dict]:
+               progress: bool = True, precision: str | int = "32", overwrite: bool = False) -> list[dict]:
     """Predict every scene of this shard that is not done yet; returns one summary per scene.
     Each scene gets its GeoPackage and the `outputs` asked for (`scene_outputs.EXTRA_OUTPUTS`).
+    Maps already in `output_dir` must have been made the same way (`map_identity`), unless
+    `overwrite`, which maps every scene again.
 
     Pasting masks, merging, vectorising and writing a finished scene run in
     `tiling.writer_count(device)` separate processes (0: one background thread) while the
@@ -115,14 +118,16 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
     optional = model.detector.optional_modalities
     check_modalities(scenes, list(model.detector.modalities), scenes_path, optional)
     set_detection_limits(model.detector, tiling.score_threshold, tiling.max_detections, tiling.proposals)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    summaries = {s.id: {"scene_id": s.id, "status": "skipped (done)"} for s in scenes}
-    todo = [s for s in scenes if not SceneOutputs(output_dir, s.id).done()]
-    for spec in todo:
-        SceneOutputs(output_dir, spec.id).remove_leftovers()
     unknown = [name for name in outputs if name not in EXTRA_OUTPUTS]
     if unknown:
         raise ValueError(f"unknown scene outputs {unknown}; choose from {sorted(EXTRA_OUTPUTS)}")
+    identity = map_identity(model.identity, model.detector.modalities, tiling, precision, outputs)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    skip_done = claim_output_dir(output_dir, identity, overwrite)
+    summaries = {s.id: {"scene_id": s.id, "status": "skipped (done)"} for s in scenes}
+    todo = [s for s in scenes if not (skip_done and SceneOutputs(output_dir, s.id).done())]
+    for spec in todo:
+        SceneOutputs(output_dir, spec.id).remove_leftovers()
     grids = [scene_grid(spec, list(model.detector.modalities), optional) for spec in todo]  # fail before any work
     source = SceneTiles(todo, [shape for _, _, shape in grids], tiling.tile_size, tiling.stride,
                         list(model.detector.modalities), model.norm_stats, optional)
