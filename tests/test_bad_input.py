@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
+import shapely.geometry
 import yaml
 from affine import Affine
 from pyproj import Transformer
@@ -97,6 +98,21 @@ def test_labels_outside_the_scene_are_dropped_with_a_warning(tmp_path, rgb):
     assert len(target["masks"]) == 1
 
 
+def test_labels_that_would_vanish_are_errors_naming_the_file(tmp_path, rgb):
+    # UTM coordinates in a GeoJSON without a CRS (read as WGS84): every label was dropped before
+    square = shapely.box(X0 + 40, Y0 - 80, X0 + 80, Y0 - 40)
+    (tmp_path / "utm.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": shapely.geometry.mapping(square)}]}))
+    with pytest.raises(SceneError, match=r"utm\.geojson: label file of scene s has coordinates up to .* not "
+                                         r"longitude/latitude.*a GeoJSON without a CRS is read as WGS84"):
+        _targets(SceneSpec("s", "train", {"rgb": rgb}, tmp_path / "utm.geojson"))
+    # every polygon outside the scene: another scene's file, or another CRS
+    write_labels(tmp_path / "elsewhere.gpkg", [shapely.box(X0 + 5000, Y0 - 80, X0 + 5040, Y0 - 40)], UTM)
+    with pytest.raises(SceneError, match=r"elsewhere\.gpkg: none of the 1 label polygon\(s\) of scene s lies "
+                                         r"within the scene"):
+        _targets(SceneSpec("s", "train", {"rgb": rgb}, tmp_path / "elsewhere.gpkg"))
+
+
 def test_empty_label_file_is_a_scene_without_slumps(tmp_path, rgb):
     write_labels(tmp_path / "empty.gpkg", [], UTM)
     target = _targets(SceneSpec("s", "train", {"rgb": rgb}, tmp_path / "empty.gpkg"))
@@ -119,7 +135,9 @@ def test_nan_and_nodata_only_tiles(tmp_path, rgb):
     assert not valid.any() and (images["ndvi"] == 0).all()
     assert len(GeoTiffTileDataset([spec], ["ndvi"], tile_size=16, min_valid_fraction=0.5)) == 0
     scene_list = tmp_path / "scenes.yaml"
-    scene_list.write_text(yaml.safe_dump({"scenes": [{"id": "s", "split": "train", "rasters": {"rgb": "rgb.tif", "ndvi": "ndvi.tif"}}]}))
+    write_labels(tmp_path / "none.gpkg", [], "EPSG:32606")  # a scene with no slumps
+    scene_list.write_text(yaml.safe_dump({"scenes": [{"id": "s", "split": "train", "labels": "none.gpkg",
+                                                      "rasters": {"rgb": "rgb.tif", "ndvi": "ndvi.tif"}}]}))
     dm = RTSDataModule(path=scene_list, modalities=["ndvi"], tile_size=16, norm_stats={"mean": {"ndvi": [0]}, "std": {"ndvi": [1]}})
     with pytest.raises(ValueError, match=r"scenes\.yaml: no tile of split 'train' has 50% valid pixels"):
         dm.setup("fit")
@@ -130,11 +148,41 @@ def test_scene_list_errors_name_the_file(tmp_path):
     bad.write_text(yaml.safe_dump({"scenes": [{"id": "a", "split": "training", "rasters": {"rgb": "a.tif"}}]}))
     with pytest.raises(SceneError, match=r"scenes\.yaml: scene #0 \(a\): split 'training' is not one of"):
         load_scene_list(bad)
-    bad.write_text(yaml.safe_dump({"scenes": [{"id": "a", "rasters": {"ndvi": "a.tif"}}]}))
+    bad.write_text(yaml.safe_dump({"scenes": [{"id": "a", "split": "predict", "rasters": {"ndvi": "a.tif"}}]}))
     with pytest.raises(SceneError, match=r"scenes\.yaml: scene #0 \(a\): no 'rgb' raster"):
         load_scene_list(bad)
     with pytest.raises(SceneError, match=r"missing\.yaml: cannot read scene list"):
         load_scene_list(tmp_path / "missing.yaml")
+
+
+def test_every_problem_of_a_scene_list_is_listed_before_any_work(tmp_path):
+    """A typo'd key, a scene without split, a training scene without labels: one error, each problem
+    with its scene, the typo with the key it probably meant."""
+    bad = tmp_path / "scenes.yaml"
+    bad.write_text(yaml.safe_dump({"scenes": [
+        {"id": "a", "split": "train", "rasters": {"rgb": "a.tif"}, "lables": "a.gpkg"},
+        {"id": "b", "rasters": {"rgb": "b.tif"}, "labels": "b.gpkg"},
+        {"id": "c", "split": "val", "rasters": {"rgb": "c.tif"}},
+        {"id": "d", "split": "predict", "rasters": {"rgb": "d.tif"}},  # fine: mapped, not scored
+    ]}))
+    with pytest.raises(SceneError) as error:
+        load_scene_list(bad, labelled=True)
+    message = str(error.value)
+    assert message.startswith(f"{bad}: 4 problems: ")
+    for problem in ("scene #0 (a): unknown key 'lables' (did you mean 'labels'?)",
+                    "scene #0 (a): a train scene needs 'labels'", "scene #1 (b): no split",
+                    "scene #2 (c): a val scene needs 'labels'"):
+        assert problem in message, (problem, message)
+    assert "scene #3" not in message
+    assert [s.id for s in load_scene_list(bad.parent / _rewritten(bad, keep="d"))] == ["d"]  # predict: no labels needed
+
+
+def _rewritten(scene_list, keep):
+    doc = yaml.safe_load(scene_list.read_text())
+    doc["scenes"] = [s for s in doc["scenes"] if s["id"] == keep]
+    out = scene_list.with_name(f"only_{keep}.yaml")
+    out.write_text(yaml.safe_dump(doc))
+    return out.name
 
 
 def test_coco_json_that_references_missing_images(tmp_path):

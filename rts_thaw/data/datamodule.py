@@ -155,7 +155,7 @@ class RTSDataModule(L.LightningDataModule):
 
     def _scenes(self) -> list[geotiff.SceneSpec]:
         if not hasattr(self, "_scene_specs"):
-            self._scene_specs = geotiff.load_scene_list(self.path)
+            self._scene_specs = geotiff.load_scene_list(self.path, labelled=True)
         return self._scene_specs
 
     # ------------------------------------------------------------------ statistics

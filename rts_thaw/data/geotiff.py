@@ -8,6 +8,7 @@ dtype. Tiles are windowed reads; a whole scene is never loaded to make one.
 
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -50,8 +51,37 @@ class SceneSpec:
     resampling: dict[str, str] = field(default_factory=dict)
 
 
-def load_scene_list(path: str | Path) -> list[SceneSpec]:
-    """Read a scene list YAML (paths relative to the file) into SceneSpecs."""
+SCENE_KEYS = ("id", "split", "rasters", "labels", "resampling")
+LABELLED_SPLITS = ("train", "val", "test")
+
+
+def _scene_problems(entry, where: str, labelled: bool) -> list[str]:
+    """Everything wrong with one scene-list entry (an unknown key names the closest valid one)."""
+    if not isinstance(entry, dict):
+        return [f"{where}: an entry must be a mapping with {', '.join(SCENE_KEYS[:3])}"]
+    problems = []
+    for key in entry:
+        if key not in SCENE_KEYS:
+            close = difflib.get_close_matches(str(key), SCENE_KEYS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the keys are {', '.join(SCENE_KEYS)}"
+            problems.append(f"{where}: unknown key {key!r} ({hint})")
+    missing = [key for key in ("id", "split", "rasters") if key not in entry]
+    if missing:
+        problems.append(f"{where}: no {', '.join(missing)}")
+    split = entry.get("split")
+    if "split" in entry and split not in SPLITS:
+        problems.append(f"{where}: split {split!r} is not one of {SPLITS}")
+    if labelled and split in LABELLED_SPLITS and not entry.get("labels"):
+        problems.append(f"{where}: a {split} scene needs 'labels' (an empty label file for a scene with no slumps)")
+    if "rasters" in entry and (not isinstance(entry["rasters"], dict) or REFERENCE not in entry["rasters"]):
+        problems.append(f"{where}: no '{REFERENCE}' raster, the reference grid")
+    return problems
+
+
+def load_scene_list(path: str | Path, labelled: bool = False) -> list[SceneSpec]:
+    """Read a scene list YAML (paths relative to the file) into SceneSpecs. Every entry is
+    checked first and one error lists every problem; `labelled` (training and evaluation)
+    also requires labels for the train, val and test scenes."""
     path = Path(path)
     try:
         with open(path) as f:
@@ -60,27 +90,22 @@ def load_scene_list(path: str | Path) -> list[SceneSpec]:
         raise SceneError(f"{path}: cannot read scene list ({err.strerror})") from err
     if not isinstance(doc, dict) or not isinstance(doc.get("scenes"), list):
         raise SceneError(f"{path}: a scene list needs a top-level 'scenes:' list")
-    specs, seen = [], set()
+    problems, seen = [], set()
     for i, entry in enumerate(doc["scenes"]):
-        where = f"{path}: scene #{i}"
-        if not isinstance(entry, dict) or "id" not in entry or "rasters" not in entry:
-            raise SceneError(f"{where} needs 'id' and 'rasters'")
-        if entry["id"] in seen:
-            raise SceneError(f"{where}: duplicate scene id {entry['id']!r}")
-        seen.add(entry["id"])
-        split = entry.get("split", "train")
-        if split not in SPLITS:
-            raise SceneError(f"{where} ({entry['id']}): split {split!r} is not one of {SPLITS}")
-        rasters = {m: (path.parent / p) for m, p in entry["rasters"].items()}
-        if REFERENCE not in rasters:
-            raise SceneError(f"{where} ({entry['id']}): no '{REFERENCE}' raster, the reference grid")
-        labels = entry.get("labels")
-        specs.append(SceneSpec(
-            id=str(entry["id"]), split=split, rasters=rasters,
-            labels=(path.parent / labels) if labels else None,
-            resampling=dict(entry.get("resampling", {})),
-        ))
-    return specs
+        scene_id = entry.get("id") if isinstance(entry, dict) else None
+        where = f"scene #{i}" + (f" ({scene_id})" if scene_id is not None else "")
+        problems += _scene_problems(entry, where, labelled)
+        if scene_id is not None and scene_id in seen:
+            problems.append(f"{where}: duplicate scene id {scene_id!r}")
+        seen.add(scene_id)
+    if problems:
+        listed = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
+        raise SceneError(f"{path}: {listed}")
+    return [SceneSpec(id=str(entry["id"]), split=entry["split"],
+                      rasters={m: (path.parent / p) for m, p in entry["rasters"].items()},
+                      labels=(path.parent / entry["labels"]) if entry.get("labels") else None,
+                      resampling=dict(entry.get("resampling", {})))
+            for entry in doc["scenes"]]
 
 
 def tile_windows(width: int, height: int, tile_size: int, stride: int | None = None) -> list[Window]:
@@ -263,6 +288,13 @@ def load_labels(path: Path, scene_crs, scene_bounds: tuple[float, float, float, 
     label_crs = layer.crs
     if label_crs is None:
         raise SceneError(f"{path}: label file of scene {scene_id} has no CRS")
+    if geoms and CRS.from_user_input(label_crs).is_geographic:
+        x0, y0, x1, y1 = shapely.total_bounds(geoms)
+        if x0 < -180 or x1 > 180 or y0 < -90 or y1 > 90:
+            raise SceneError(
+                f"{path}: label file of scene {scene_id} has coordinates up to ({x1:.0f}, {y1:.0f}), which are "
+                f"not longitude/latitude, yet its CRS is geographic ({CRS.from_user_input(label_crs).name}): a "
+                "GeoJSON without a CRS is read as WGS84. Write the file with its projected CRS (e.g. GeoPackage)")
     geoms = reproject(geoms, CRS.from_user_input(label_crs).to_wkt(), CRS.from_user_input(scene_crs).to_wkt())
     geoms = [shapely.make_valid(g) if not g.is_valid else g for g in geoms]
     polygons = [g for g in geoms if g.geom_type in ("Polygon", "MultiPolygon")]
@@ -270,6 +302,9 @@ def load_labels(path: Path, scene_crs, scene_bounds: tuple[float, float, float, 
         warnings.warn(f"{path}: {len(geoms) - len(polygons)} non-polygon label feature(s) ignored", stacklevel=2)
     scene_box = shapely.box(*scene_bounds)
     inside = [g for g in polygons if g.intersects(scene_box)]
+    if polygons and not inside:
+        raise SceneError(f"{path}: none of the {len(polygons)} label polygon(s) of scene {scene_id} lies within "
+                         "the scene; is this the scene's label file, in its CRS?")
     if len(inside) < len(polygons):
         warnings.warn(f"{path}: {len(polygons) - len(inside)} label polygon(s) lie outside scene {scene_id} and were dropped", stacklevel=2)
     return inside
