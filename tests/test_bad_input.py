@@ -195,6 +195,54 @@ def test_coco_json_that_references_missing_images(tmp_path):
         CocoChipDataset(tmp_path / "annotations.json", {"rgb": tmp_path / "rgb"}, ["rgb"])
 
 
+def test_coco_ids_that_would_mix_or_drop_labels_are_errors(tmp_path):
+    """Two images sharing an id (they got each other's masks), an annotation of an unknown image
+    (dropped), a box without a mask (crashed mid-epoch): one error, every problem, before training."""
+    (tmp_path / "rgb").mkdir()
+    for name in ("a.tif", "b.tif"):
+        tif(tmp_path / "rgb" / name, bands=3, dtype="uint8", value=5)
+    square = [[2, 2, 12, 2, 12, 12, 2, 12]]
+    coco = {"images": [{"id": 1, "file_name": "a.tif"}, {"id": 1, "file_name": "b.tif"}],
+            "annotations": [{"id": 10, "image_id": 1, "segmentation": square, "bbox": [2, 2, 10, 10]},
+                            {"id": 11, "image_id": 7, "segmentation": square, "bbox": [2, 2, 10, 10]},
+                            {"id": 12, "image_id": 1, "bbox": [2, 2, 10, 10]}]}
+    (tmp_path / "annotations.json").write_text(json.dumps(coco))
+    with pytest.raises(ChipError) as error:
+        CocoChipDataset(tmp_path / "annotations.json", {"rgb": tmp_path / "rgb"}, ["rgb"])
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'annotations.json'}: 3 problems: ")
+    for problem in ("image id 1 is used by more than one image",
+                    "annotation 11 refers to image_id 7, which is not among the images",
+                    "annotation 12 has no segmentation"):
+        assert problem in message, (problem, message)
+
+
+def test_evaluation_refuses_results_that_would_score_wrongly(tmp_path):
+    from rts_thaw.core.rle import mask_to_rle
+    from rts_thaw.eval.coco_files import evaluate_files
+
+    mask = np.zeros((16, 16), np.uint8)
+    mask[2:8, 2:8] = 1
+    gt = {"images": [{"id": 1, "height": 16, "width": 16}], "categories": [{"id": 1, "name": "rts"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": mask_to_rle(mask),
+                           "bbox": [2, 2, 6, 6], "iscrowd": 0}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    good = {"image_id": 1, "category_id": 1, "segmentation": mask_to_rle(mask), "score": 0.9}
+    (tmp_path / "good.json").write_text(json.dumps([good]))
+    assert evaluate_files(tmp_path / "gt.json", tmp_path / "good.json")["segm_AP50"] == pytest.approx(1.0)
+    bad = [{**good, "score": 7.0}, {**good, "segmentation": mask_to_rle(np.ones((32, 32), np.uint8))},
+           {**good, "image_id": 99}]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError) as error:
+        evaluate_files(tmp_path / "gt.json", tmp_path / "bad.json")
+    message = str(error.value)
+    assert message.startswith(f"predictions file {tmp_path / 'bad.json'}: 3 problem(s): ")
+    for problem in ("entry 0 (image_id 1): score 7.0 is outside [0, 1]",
+                    "entry 1 (image_id 1): mask size [32, 32] differs from the chip's H x W [16, 16]",
+                    f"entry 2 (image_id 99): image_id is not in the ground truth {tmp_path / 'gt.json'}"):
+        assert problem in message, (problem, message)
+
+
 def _release(tmp_path, **arrays):
     (tmp_path / "train" / "images").mkdir(parents=True)
     (tmp_path / "train" / "annotations").mkdir()

@@ -97,7 +97,29 @@ def _load_coco(path: Path) -> dict:
     if not isinstance(coco, dict) or "images" not in coco:
         raise ChipError(f"{path}: a COCO instance file needs an 'images' list")
     coco.setdefault("annotations", [])
+    problems = coco_problems(coco, need_masks=True)
+    if problems:
+        listed = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems[:20])
+        raise ChipError(f"{path}: {listed}")
     return coco
+
+
+def coco_problems(coco: dict, need_masks: bool) -> list[str]:
+    """What makes a COCO instance file unusable: image ids that repeat (their masks would mix),
+    annotations of unknown images (they would vanish), and, for training, annotations
+    without a mask (an instance segmentation model learns from masks, not boxes)."""
+    problems, ids = [], set()
+    for image in coco["images"]:
+        if image.get("id") in ids:
+            problems.append(f"image id {image.get('id')!r} is used by more than one image")
+        ids.add(image.get("id"))
+    for i, ann in enumerate(coco["annotations"]):
+        where = f"annotation {ann.get('id', f'#{i}')}"
+        if ann.get("image_id") not in ids:
+            problems.append(f"{where} refers to image_id {ann.get('image_id')!r}, which is not among the images")
+        if need_masks and not ann.get("segmentation"):
+            problems.append(f"{where} has no segmentation (a box alone is not an instance mask)")
+    return problems
 
 
 def decode_segmentation(segm, height: int, width: int, where: str) -> np.ndarray:

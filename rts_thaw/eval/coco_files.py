@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rts_thaw.data.chips import coco_problems
 from rts_thaw.eval.coco import evaluate_coco
+from rts_thaw.eval.submission import validate_submission
 
 
 def load_json(path: str | Path, what: str):
@@ -26,6 +28,9 @@ def load_ground_truth(path: str | Path) -> dict:
     for image in gt["images"]:
         if not {"id", "height", "width"} <= image.keys():
             raise ValueError(f"ground-truth file {path}: image {image} lacks id, height or width")
+    problems = coco_problems(gt, need_masks=False)
+    if problems:
+        raise ValueError(f"ground-truth file {path}: " + "; ".join(problems[:20]))
     return gt
 
 
@@ -42,8 +47,16 @@ def load_results(path: str | Path) -> list[dict]:
 
 
 def evaluate_files(gt_path: str | Path, predictions_path: str | Path, preset: str = "coco") -> dict[str, float]:
+    """COCO metrics of a results file; refused, with every problem, if it would score wrongly
+    (unknown images, scores outside [0, 1], masks of another size: the checks of a submission)."""
     gt = load_ground_truth(gt_path)
     results = load_results(predictions_path)
+    sizes = {image["id"]: (image["height"], image["width"]) for image in gt["images"]}
+    problems = validate_submission(results, sizes, required=("image_id", "category_id", "score"),
+                                   reference=f"the ground truth {gt_path}")
+    if problems:
+        raise ValueError(f"predictions file {predictions_path}: {len(problems)} problem(s): "
+                         + "; ".join(problems[:20]))
     try:
         return evaluate_coco(gt, results, preset)
     except ValueError as err:

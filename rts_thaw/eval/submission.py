@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from rts_thaw.core.classes import RTS_CATEGORY
@@ -48,11 +48,13 @@ def _segmentation_problems(seg, expected_size) -> list[str]:
     return problems
 
 
-def validate_submission(submission, expected_sizes: Mapping[int, tuple[int, int]] | None = None) -> list[str]:
+def validate_submission(submission, expected_sizes: Mapping[int, tuple[int, int]] | None = None,
+                        required: Sequence[str] = REQUIRED_KEYS, reference: str = "the test manifest") -> list[str]:
     """Every problem found in a submission (a path or a loaded list); [] when it is valid.
 
-    `expected_sizes` maps each test image id (from the manifest) to its chip's (H, W);
-    without it ids and sizes are not checked against the test set.
+    `expected_sizes` maps each test image id (from `reference`, the manifest) to its chip's
+    (H, W); without it ids and sizes are not checked against the test set. Any COCO results
+    file is checked the same way with the keys it `required`.
     """
     if isinstance(submission, (str, Path)):
         path = Path(submission)
@@ -73,7 +75,7 @@ def validate_submission(submission, expected_sizes: Mapping[int, tuple[int, int]
             continue
         if "image_id" in entry:
             where += f" (image_id {entry['image_id']!r})"
-        missing = [k for k in REQUIRED_KEYS if k not in entry]
+        missing = [k for k in required if k not in entry]
         if missing:
             problems.append(f"{where}: missing {', '.join(missing)}")
         image_id = entry.get("image_id")
@@ -81,7 +83,7 @@ def validate_submission(submission, expected_sizes: Mapping[int, tuple[int, int]
             if not _is_int(image_id):
                 problems.append(f"{where}: image_id must be an integer")
             elif expected_sizes is not None and image_id not in expected_sizes:
-                problems.append(f"{where}: image_id is not in the test manifest")
+                problems.append(f"{where}: image_id is not in {reference}")
         if "category_id" in entry and entry["category_id"] != RTS_CATEGORY["id"]:
             problems.append(f"{where}: category_id must be {RTS_CATEGORY['id']}, got {entry['category_id']!r}")
         if "score" in entry:
