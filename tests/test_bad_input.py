@@ -261,3 +261,45 @@ def test_challenge_npz_with_the_wrong_band_count(tmp_path):
     _release(tmp_path, image=np.zeros((8, 8, 5), np.float32))
     with pytest.raises(ChipError, match=r"c1\.npz: 'image' has shape \(8, 8, 5\), expected H x W x 8"):
         challenge_split(tmp_path, "train", ["rgb"], val_fraction=0.0)
+
+
+def test_a_raster_truncated_after_its_header_names_file_scene_and_window(tmp_path, rgb):
+    path = tmp_path / "ndvi.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=32, height=32, count=1, dtype="float32", crs=UTM,
+                       transform=REF, compress="deflate", tiled=True, blockxsize=16, blockysize=16) as dst:
+        dst.write(np.random.default_rng(0).normal(size=(1, 32, 32)).astype("float32"))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])  # the header and the first blocks survive
+    with SceneReader(SceneSpec("s7", "train", {"rgb": rgb, "ndvi": path}), ["ndvi"]) as reader:
+        with pytest.raises(SceneError, match=r"ndvi\.tif: ndvi raster of scene s7 cannot be read at window "
+                                             r"\(row 0, col 0, 32 x 32\)"):
+            reader.read(Window(0, 0, 32, 32))
+
+
+def _one_scene_list(tmp_path, rasters):
+    write_labels(tmp_path / "none.gpkg", [], UTM)
+    scene_list = tmp_path / "scenes.yaml"
+    scene_list.write_text(yaml.safe_dump({"scenes": [{"id": "s", "split": "train", "labels": "none.gpkg",
+                                                      "rasters": rasters}]}))
+    return scene_list
+
+
+def test_normalisation_of_a_modality_with_no_valid_pixel_names_it(tmp_path, rgb):
+    tif(tmp_path / "ndvi.tif", value=np.nan, nodata=np.nan)
+    scene_list = _one_scene_list(tmp_path, {"rgb": "rgb.tif", "ndvi": "ndvi.tif"})
+    dm = RTSDataModule(path=scene_list, modalities=["rgb", "ndvi"], tile_size=16, stats_cache_dir=tmp_path / "stats")
+    with pytest.raises(ValueError, match=r"scenes\.yaml: the ndvi rasters of the train split have no valid pixel"):
+        dm.setup("fit")
+
+
+def test_statistics_follow_a_raster_rewritten_in_place(tmp_path, rgb):
+    tif(tmp_path / "ndvi.tif", value=0.5)
+    scene_list = _one_scene_list(tmp_path, {"rgb": "rgb.tif", "ndvi": "ndvi.tif"})
+
+    def ndvi_mean():
+        dm = RTSDataModule(path=scene_list, modalities=["ndvi"], tile_size=16, stats_cache_dir=tmp_path / "stats")
+        return dm._train_stats().mean["ndvi"][0]
+
+    assert ndvi_mean() == pytest.approx(0.5)
+    tif(tmp_path / "ndvi.tif", value=50.0)  # scaled x100, same path
+    assert ndvi_mean() == pytest.approx(50.0)

@@ -188,3 +188,18 @@ def test_declared_height_and_width_must_be_the_files(tmp_path):
                                      declared={"a.tif": (24, 32), "b.png": (16, 20)})
     with pytest.raises(ChipError, match=r"b\.png: the chip is 16 x 16, but .*annotations\.json gives image 2 width 20$"):
         CocoChipDataset(annotations, {"rgb": annotations.parent / "images"}, ["rgb"])
+
+
+def test_test_chips_larger_than_the_tile_are_refused_before_training(tmp_path):
+    """A training run ends with its test: test chips the encoder cannot take are refused at the
+    start, not after the training they would waste."""
+    root = tmp_path / "coco"
+    for split, size in (("train", 64), ("val", 64), ("test", 96)):
+        (root / split / "rgb").mkdir(parents=True)
+        _write_chip(root / split / "rgb" / "a.png", size, size)
+        (root / split / "annotations.json").write_text(json.dumps(
+            {"images": [{"id": 1, "file_name": "a.png"}], "annotations": []}))
+    dm = RTSDataModule(source="coco_chips", path=root, modalities=["rgb"], tile_size=64,
+                       norm_stats={"mean": {"rgb": [0, 0, 0]}, "std": {"rgb": [1, 1, 1]}})
+    with pytest.raises(ValueError, match=r"a\.png: test chip is 96 x 96, larger than data.tile_size=64"):
+        dm.setup("fit")

@@ -104,10 +104,12 @@ class RTSDataModule(L.LightningDataModule):
             splits = [split for split in ("train", "val", "test") if self.has_split(split)]
         if self.norm_stats is None:
             self.norm_stats = self._train_stats()
+        if stage == "fit" and self.source != "geotiff" and self.has_split("test"):
+            splits = [*splits, "test"]  # a run tests after training: its chips are refused now, not then
         for split in splits:
             if split not in self.datasets:
                 self.datasets[split] = self.dataset(split)
-                if split in ("train", "val"):
+                if split in ("train", "val", "test"):
                     self._check_chip_sizes(split)
         if not self.modality_channels:
             self.modality_channels = dict(next(iter(self.datasets.values())).channels)
@@ -144,8 +146,8 @@ class RTSDataModule(L.LightningDataModule):
         return dataset
 
     def _check_chip_sizes(self, split: str) -> None:
-        """Training chips must fit the encoders, which are built for tile_size and crash
-        on larger inputs. (Prediction may tile larger chips itself, so only train/val.)"""
+        """Chips of a training run (train, val, and the test it ends with) must fit the encoders,
+        which are built for tile_size and crash on larger inputs. (`predict` tiles larger chips.)"""
         dataset = self.datasets[split]
         too_big = [(f, h, w) for f, h, w in getattr(dataset, "sizes", []) if max(h, w) > self.tile_size]
         if too_big:
@@ -161,10 +163,14 @@ class RTSDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ statistics
 
     def _source_key(self) -> str:
-        """Identifies the training data: the path and the state of its index file."""
+        """Identifies the training data: the path, the state of its index file and, for scene
+        lists, of every train raster (one rewritten in place gives new statistics)."""
         index = self.path if self.path.is_file() else chips.index_file(self.path, self.source)
-        stat = index.stat()
-        blob = json.dumps([self.source, str(self.path.resolve()), stat.st_size, stat.st_mtime_ns, self.val_fraction, self.band_map])
+        files = [index]
+        if self.source == "geotiff":
+            files += sorted({p for s in self._scenes() if s.split == "train" for p in s.rasters.values()})
+        states = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+        blob = json.dumps([self.source, str(self.path.resolve()), states, self.val_fraction, self.band_map])
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def _cache_dir(self) -> Path:
@@ -191,6 +197,9 @@ class RTSDataModule(L.LightningDataModule):
                     running.update(data, valid)
                 if running is None:
                     raise ValueError(f"{self.path}: the train split is empty; cannot compute normalisation statistics")
+                if running.count == 0:
+                    raise ValueError(f"{self.path}: the {modality} rasters of the train split have no valid pixel "
+                                     "(all nodata or NaN); cannot compute its normalisation statistics")
                 m, s = running.result()
                 entry = {"mean": m, "std": s, "pixels": running.count}
                 self._write_cache(cache, entry)

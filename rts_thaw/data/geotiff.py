@@ -215,7 +215,12 @@ class SceneReader:
         else:  # the reference footprint bounds every tile, served or not
             _, valid = self._read_source(self._ref, window, (h, w))
         for m in self.modalities:
-            images[m], covers[m] = self._read_source(self._sources[m], window, (h, w))
+            try:
+                images[m], covers[m] = self._read_source(self._sources[m], window, (h, w))
+            except RasterioIOError as err:  # a file truncated or corrupt past its header
+                raise SceneError(f"{self.spec.rasters[m]}: {m} raster of scene {self.spec.id} cannot be read at "
+                                 f"window (row {int(window.row_off)}, col {int(window.col_off)}, "
+                                 f"{int(window.height)} x {int(window.width)}): {err}") from err
         if REFERENCE in covers:
             valid &= covers[REFERENCE]
         seen = max(int(valid.sum()), 1)
