@@ -55,7 +55,7 @@ def random_model(tile_size: int, modalities: list[str], channels: dict[str, int]
 
     with initialize_config_module("rts_thaw.conf", version_base="1.3"):
         cfg = compose(None, overrides=["+model=cascade_mvit", f"model/encoder={encoder}", f"model/heads={heads}",
-                                       "+fusion=residual_cross_attention", f"+data.tile_size={tile_size}"])
+                                       "model/fusion=residual_cross_attention", f"+data.tile_size={tile_size}"])
     torch.manual_seed(0)  # the same random detector, so runs are comparable
     detector = instantiate(cfg.model)(modality_channels={m: channels[m] for m in modalities})
     # statistics of the synthetic world's bands, roughly: inputs of the right scale

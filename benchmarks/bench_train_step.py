@@ -114,12 +114,15 @@ def build(name: str, args):
         # min/max size = the tile size: no hidden resize, same pixels as ours.
         return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2,
                                      min_size=args.size, max_size=args.size)
+    from hydra.utils import instantiate
+
     from rts_thaw.models.detector import build_detector
 
     encoder = conf("model", "encoder", f"{args.encoder}.yaml")
     encoder["frozen"] = name == "staged_cascade"
-    return build_detector(CHANNELS, encoder, conf("fusion", f"{args.fusion}.yaml"),
-                          conf("model", "heads", f"{args.heads}.yaml"), img_size=args.size)
+    parts = [instantiate(c) for c in (encoder, conf("model", "fusion", f"{args.fusion}.yaml"),
+                                      conf("model", "heads", f"{args.heads}.yaml"))]
+    return build_detector(CHANNELS, *parts, img_size=args.size)
 
 
 def rss_mb() -> float:
@@ -215,7 +218,7 @@ def main() -> None:
     p.add_argument("--encoder", default="mvitv2_tiny", help="conf/model/encoder option (paper: mvitv2_tiny)")
     p.add_argument("--heads", default="cascade", help="conf/model/heads option (paper: cascade)")
     p.add_argument("--fusion", default="residual_cross_attention",
-                   help="conf/fusion option, or several separated by commas: our models run once per fusion")
+                   help="conf/model/fusion option, or several separated by commas: our models run once per fusion")
     p.add_argument("--models", default=",".join(MODELS), help=f"which of {', '.join(MODELS)} (comma-separated)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--precision", choices=("32", "bf16-mixed"), default="32")

@@ -3,6 +3,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torchvision.models.detection.image_list import ImageList
 from torchmetrics.detection import MeanAveragePrecision
 
@@ -19,7 +20,7 @@ LOSSES_MASKRCNN = {"loss_objectness", "loss_rpn_box_reg", "loss_mask", "loss_cls
 
 def model_cfg(model="cascade_mvit", fusion="none", *overrides, tile=SIZE):
     with initialize_config_module("rts_thaw.conf", version_base=None):
-        cfg = compose(overrides=[f"+model={model}", f"+fusion={fusion}", f"+data.tile_size={tile}", *overrides])
+        cfg = compose(overrides=[f"+model={model}", f"model/fusion={fusion}", f"+data.tile_size={tile}", *overrides])
     return cfg
 
 
@@ -285,3 +286,29 @@ def test_weight_decay_skips_every_norm_layer_of_the_detector(model, norm_type):
     assert norms
     decayed = {id(p) for p in param_groups(detector, 0.05)[0]["params"]}
     assert not any(id(p) in decayed for m in norms for p in m.parameters())
+
+
+def test_a_fusion_parameter_it_does_not_have_is_a_clear_error():
+    with pytest.raises(ValueError, match="bad parameter for fusion ConcatConvFusion"):
+        build("cascade_mvit", "concat_conv", ("rgb", "ndvi"), "+model.fusion.heads=2")
+
+
+def test_a_model_config_of_the_named_fusion_era_still_builds_its_detector():
+    """Checkpoints written before the parts became Hydra targets store `fusion: {name: ...}` and
+    plain encoder and heads settings; they rebuild the same detector."""
+    from rts_thaw.models.checkpoint import upgraded_model_config
+
+    today = model_cfg("cascade_mvit", "residual_cross_attention").model
+    legacy = OmegaConf.to_container(today, resolve=True)
+    for part in ("encoder", "heads"):
+        for key in ("_target_", "_partial_", "_convert_"):
+            legacy[part].pop(key)
+    legacy["fusion"] = {"name": "residual_cross_attention",
+                        **{k: v for k, v in legacy["fusion"].items() if k not in ("_target_", "_partial_", "residual")}}
+    channels = {"rgb": 3, "ndvi": 1}
+    torch.manual_seed(0)
+    old = instantiate(upgraded_model_config(OmegaConf.create(legacy)))(modality_channels=channels)
+    torch.manual_seed(0)
+    new = instantiate(today)(modality_channels=channels)
+    assert old.fusion.skips_missing and type(old.fusion) is type(new.fusion)
+    assert {k: v.shape for k, v in old.state_dict().items()} == {k: v.shape for k, v in new.state_dict().items()}

@@ -24,9 +24,11 @@ def test_experiment_composes_with_its_settings(experiment, tmp_path):
     cfg = compose_train([f"+experiment={experiment}", f"paths.cache_dir={tmp_path}"])
     assert cfg.name == experiment
     resolved = OmegaConf.to_container(cfg.model, resolve=True)
-    expected_fusion = {"staged_fusion": "gated_local_attention", "end_to_end_fusion": "gated_local_attention",
-                       "data_level_fusion": "data_level"}.get(experiment, "none")
-    assert resolved["fusion"]["name"] == expected_fusion
+    gated = "rts_thaw.models.local_fusion.GatedLocalFusion"
+    expected_fusion = {"staged_fusion": gated, "end_to_end_fusion": gated,
+                       "data_level_fusion": "rts_thaw.models.fusion.stacked_input"}.get(
+                           experiment, "rts_thaw.models.fusion.single_modality")
+    assert resolved["fusion"]["_target_"] == expected_fusion
     assert cfg.training.staged == (experiment == "staged_fusion")
     expected_encoder = "resnet50" if experiment == "maskrcnn_r50" else "mvitv2_micro"
     assert resolved["encoder"]["name"] == expected_encoder
@@ -96,4 +98,4 @@ def test_entry_point_finds_configs_outside_the_repository(tmp_path):
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
     assert cfg.name == "staged_fusion" and cfg.training.staged is True
-    assert cfg.fusion.name == "gated_local_attention"
+    assert cfg.model.fusion._target_ == "rts_thaw.models.local_fusion.GatedLocalFusion"

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from rts_thaw.models import fusion as fusion_mod
 from rts_thaw.models.fusion import CrossModalAttention, sine_position_encoding
-from rts_thaw.models.fusion_choice import build_fusion
+
+from model_parts import make_fusion
 
 RGB_CH = [16, 32, 64, 128]
 
@@ -25,7 +26,7 @@ def three_modalities():
 @pytest.mark.parametrize("aux", [["ndvi"], ["ndvi", "nir"], ["ndvi", "nir", "dem", "ndwi"]])
 def test_feature_fusions_return_rgb_strides_and_channels_for_any_number_of_aux(name, aux):
     channels = {"rgb": RGB_CH, **{m: [8, 16, 32, 64] for m in aux}}
-    fusion = build_fusion({"name": name, "num_heads": 4} if "attention" in name else {"name": name}, channels)
+    fusion = make_fusion(name, channels, **({"num_heads": 4} if "attention" in name else {}))
     inputs = {m: feats(c, seed=i) for i, (m, c) in enumerate(channels.items())}
     out = fusion(inputs)
     assert fusion.out_channels == RGB_CH
@@ -36,14 +37,14 @@ def test_feature_fusions_return_rgb_strides_and_channels_for_any_number_of_aux(n
 
 def test_passthrough_variants():
     rgb = feats(RGB_CH)
-    assert build_fusion({"name": "none"}, {"ndvi": RGB_CH})({"ndvi": rgb}) == rgb
-    assert build_fusion({"name": "data_level"}, {"stacked": RGB_CH})({"stacked": rgb}) == rgb
+    assert make_fusion("none", {"ndvi": RGB_CH})({"ndvi": rgb}) == rgb
+    assert make_fusion("data_level", {"stacked": RGB_CH})({"stacked": rgb}) == rgb
 
 
 @pytest.mark.parametrize("name", ["residual_cross_attention", "gated_local_attention"])
 def test_residual_fusion_starts_as_the_rgb_features_and_then_uses_the_aux_modalities(name):
     channels = three_modalities()
-    fusion = build_fusion({"name": name}, channels)
+    fusion = make_fusion(name, channels)
     inputs = {m: feats(c, seed=i) for i, (m, c) in enumerate(channels.items())}
     for o, r in zip(fusion(inputs), inputs["rgb"]):
         torch.testing.assert_close(o, r)  # stage 2 starts from the stage-1 RGB model
@@ -57,7 +58,7 @@ def test_residual_fusion_starts_as_the_rgb_features_and_then_uses_the_aux_modali
 
 def test_plain_cross_attention_has_no_rgb_residual():
     channels = {"rgb": [16], "ndvi": [16]}
-    fusion = build_fusion({"name": "cross_attention", "levels": [0]}, channels)
+    fusion = make_fusion("cross_attention", channels, levels=[0])
     attn = fusion.attn["0"]
     rgb, ndvi = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)
     # Hand-computed: single-head attention of projected RGB queries over projected NDVI tokens.
@@ -84,8 +85,7 @@ def test_keys_and_values_are_pooled_to_a_bounded_token_count(monkeypatch):
         return real(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(fusion_mod.F, "scaled_dot_product_attention", spy)
-    fusion = build_fusion({"name": "residual_cross_attention", "kv_pool_size": 8, "levels": [0, 2]},
-                          {"rgb": RGB_CH, "ndvi": RGB_CH})
+    fusion = make_fusion("residual_cross_attention", {"rgb": RGB_CH, "ndvi": RGB_CH}, kv_pool_size=8, levels=[0, 2])
     fusion({m: feats(RGB_CH, size=128) for m in ("rgb", "ndvi")})
     # Level 0 of a 128 px feature map: 16k query tokens attend to 8x8 pooled tokens;
     # level 2 (32x32) likewise; levels 1 and 3 are not fused.
@@ -95,7 +95,7 @@ def test_keys_and_values_are_pooled_to_a_bounded_token_count(monkeypatch):
 def test_only_configured_levels_are_fused():
     channels = {"rgb": RGB_CH, "ndvi": RGB_CH}
     for name in ("concat_conv", "cross_attention"):
-        fusion = build_fusion({"name": name, "levels": [1, 3]}, channels)
+        fusion = make_fusion(name, channels, levels=[1, 3])
         inputs = {m: feats(RGB_CH, seed=i) for i, m in enumerate(channels)}
         out = fusion(inputs)
         assert out[0] is inputs["rgb"][0] and out[2] is inputs["rgb"][2]
@@ -109,15 +109,13 @@ def test_position_encoding_is_in_image_coordinates_shared_by_full_and_pooled_map
     assert full.shape == (64, 16) and torch.unique(full, dim=0).shape[0] == 64  # every cell distinct
 
 
-@pytest.mark.parametrize("cfg,channels,message", [
-    ({"name": "residual_cross_attention"}, {"rgb": RGB_CH}, "needs at least one auxiliary modality"),
-    ({"name": "concat_conv"}, {"ndvi": RGB_CH, "nir": RGB_CH}, "uses 'rgb' as its reference"),
-    ({"name": "none"}, {"rgb": RGB_CH, "ndvi": RGB_CH}, "fusion 'none' takes one modality"),
-    ({"name": "early_fusion"}, {"rgb": RGB_CH}, "Unknown fusion 'early_fusion'"),
-    ({"name": "cross_attention", "levels": [4]}, {"rgb": RGB_CH, "ndvi": RGB_CH}, r"levels \[4\] invalid"),
-    ({"name": "cross_attention", "num_heads": 3}, {"rgb": RGB_CH, "ndvi": RGB_CH}, "num_heads=3 does not divide"),
-    ({"name": "concat_conv", "heads": 2}, {"rgb": RGB_CH, "ndvi": RGB_CH}, "bad parameter for fusion 'concat_conv'"),
+@pytest.mark.parametrize("name,params,channels,message", [
+    ("residual_cross_attention", {}, {"rgb": RGB_CH}, "needs at least one auxiliary modality"),
+    ("concat_conv", {}, {"ndvi": RGB_CH, "nir": RGB_CH}, "uses 'rgb' as its reference"),
+    ("none", {}, {"rgb": RGB_CH, "ndvi": RGB_CH}, "fusion 'none' takes one modality"),
+    ("cross_attention", {"levels": [4]}, {"rgb": RGB_CH, "ndvi": RGB_CH}, r"levels \[4\] invalid"),
+    ("cross_attention", {"num_heads": 3}, {"rgb": RGB_CH, "ndvi": RGB_CH}, "num_heads=3 does not divide"),
 ])
-def test_bad_fusion_configs_are_clear_errors(cfg, channels, message):
+def test_bad_fusion_configs_are_clear_errors(name, params, channels, message):
     with pytest.raises(ValueError, match=message):
-        build_fusion(cfg, channels)
+        make_fusion(name, channels, **params)

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from rts_thaw.models.fusion_choice import build_fusion
 from rts_thaw.models.local_fusion import GatedLocalAttention, squared_offsets, window_merge, window_partition
+
+from model_parts import make_fusion, part
 
 
 @pytest.mark.parametrize("size", [(8, 8), (13, 11), (1, 1), (5, 17)])
@@ -87,7 +88,7 @@ def test_a_missing_modality_is_left_out_per_image_not_faked():
     torch.manual_seed(0)
     channels = {"rgb": [16, 32], "ndvi": [16, 32], "nir": [16, 32]}
     for name in ("gated_local_attention", "residual_cross_attention"):
-        fusion = build_fusion({"name": name, "levels": [0, 1], "num_heads": 4}, channels)
+        fusion = make_fusion(name, channels, levels=[0, 1], num_heads=4)
         with torch.no_grad():
             for attn in fusion.attn.values():
                 for layer in attn.out_proj.values():
@@ -98,8 +99,7 @@ def test_a_missing_modality_is_left_out_per_image_not_faked():
         with torch.no_grad():
             mixed = fusion(inputs, available)
             # Image 1 without NDVI equals a fusion that never saw NDVI (NDVI's weights unused).
-            without = build_fusion({"name": name, "levels": [0, 1], "num_heads": 4},
-                                   {"rgb": [16, 32], "nir": [16, 32]})
+            without = make_fusion(name, {"rgb": [16, 32], "nir": [16, 32]}, levels=[0, 1], num_heads=4)
             without.load_state_dict(fusion.state_dict(), strict=False)
             alone = without({m: inputs[m] for m in ("rgb", "nir")})
             full = fusion(inputs)
@@ -110,14 +110,12 @@ def test_a_missing_modality_is_left_out_per_image_not_faked():
 
 
 def test_modality_dropout_withholds_auxiliary_modalities_at_its_rate():
-    from omegaconf import OmegaConf
-
     from rts_thaw.models.detector import build_detector
     from rts_thaw.training.module import DetectionModule
 
     def detector(fusion):
-        return build_detector({"rgb": 3, "ndvi": 1, "nir": 1}, {"name": "mvitv2_micro"}, {"name": fusion},
-                              OmegaConf.to_container(OmegaConf.load("conf/model/heads/cascade_light.yaml")), 64)
+        return build_detector({"rgb": 3, "ndvi": 1, "nir": 1}, part("encoder", "mvitv2_micro"),
+                              part("fusion", fusion), part("heads", "cascade_light"), 64)
 
     module = DetectionModule(detector("gated_local_attention"), modality_dropout=0.3)
     assert module.droppable == ["ndvi", "nir"]  # never the RGB query

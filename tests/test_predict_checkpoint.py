@@ -65,7 +65,7 @@ def checkpoint(world, tmp_path_factory):
                                stats_cache_dir=root / "stats")
     datamodule.setup("fit")
     with initialize_config_module("rts_thaw.conf", version_base="1.3"):
-        cfg = compose(None, overrides=["+model=cascade_mvit", "+fusion=residual_cross_attention",
+        cfg = compose(None, overrides=["+model=cascade_mvit", "model/fusion=residual_cross_attention",
                                        f"+data.tile_size={TILE}", "+name=predict_test"])
     detector = instantiate(cfg.model)(modality_channels=datamodule.modality_channels)
     run_info = {"norm_stats": datamodule.norm_stats.to_dict(), "modalities": MODALITIES,

@@ -38,10 +38,10 @@ def _write_job(sweep: Path, name: str, overrides: list[str], fusion: str, staged
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     hydra = {"hydra": {"job": {"id": job_id}, "runtime": {"choices": {
-        "fusion": fusion, "model": "cascade_mvit", "hydra/launcher": "slurm", "fusion_training": "x"}}}}
+        "model/fusion": fusion, "model": "cascade_mvit", "hydra/launcher": "slurm", "fusion_training": "x"}}}}
     (run_dir / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
     config = {"name": "table2_fusion", "data": {"modalities": ["rgb", "ndvi"]},
-              "training": {"staged": staged}, "fusion": {"name": fusion}}
+              "training": {"staged": staged}}
     if wandb:
         config["logger"] = {"wandb": {"project": "rts_thaw", "group": "${name}"}}
     (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))

@@ -186,9 +186,9 @@ def test_report_adds_rows_of_fused_models_without_a_modality(staged_run, monkeyp
     run_dir = staged_run["run_dir"]
     results = json.loads((run_dir / "results.json").read_text())
     run = Run(overrides=("+experiment=staged_fusion", "seed=0"), run_dir=run_dir, status="finished",
-              results=results, choices={"fusion": "residual_cross_attention", "model": "cascade_mvit"})
+              results=results, choices={"model/fusion": "residual_cross_attention", "model": "cascade_mvit"})
     single = Run(overrides=("+experiment=unimodal", "seed=0"), run_dir=run_dir, status="finished",
-                 results=results, choices={"fusion": "none", "model": "cascade_mvit"})
+                 results=results, choices={"model/fusion": "none", "model": "cascade_mvit"})
     extra = missing.missing_modality_runs([run, single], ["ndvi", "nir"])  # no nir in this run: no row
     assert [r.overrides[-1] for r in extra] == ["missing_at_test=ndvi"]
     assert extra[0].results["modalities"] == ["rgb"]

@@ -88,7 +88,7 @@ def test_every_job_of_the_sweep_composes_and_builds(hydra_conf, name, tmp_path):
         check_tile_size(int(cfg.data.tile_size), cfg.model.encoder, cfg.model.get("img_size"))
         OmegaConf.to_container(cfg.model, resolve=True)
         instantiate(cfg.trainer, logger=False, default_root_dir=str(tmp_path))
-        structure = (choices.model, choices.fusion, len(modalities))
+        structure = (choices.model, choices["model/fusion"], len(modalities))
         if structure not in _BUILT:
             # The model of this job, built the way the entry point builds it.
             data = SimpleNamespace(modality_channels={m: CHANNELS[m] for m in modalities})
@@ -105,7 +105,7 @@ def test_table2_grid(hydra_conf):
     seen = set()
     for job in jobs:
         cfg = composed(tuple(job))
-        seen.add((cfg.hydra.runtime.choices.fusion, bool(cfg.training.staged), tuple(cfg.data.modalities)))
+        seen.add((cfg.hydra.runtime.choices["model/fusion"], bool(cfg.training.staged), tuple(cfg.data.modalities)))
     fusions = {"concat_conv", "cross_attention", "residual_cross_attention", "gated_local_attention"}
     sets = {("rgb", "ndvi"), ("rgb", "nir"), ("rgb", "ndvi", "nir")}
     expected = {(f, s, m) for f in fusions for s in (True, False) for m in sets}
@@ -120,11 +120,11 @@ def test_fusion_table_grid(hydra_conf):
         cfg = composed(tuple(job))
         assert cfg.data.path.world == "paper_like" and cfg.data.path.scenes == 20
         modalities = tuple(cfg.data.modalities)
-        if cfg.hydra.runtime.choices.fusion == "none":  # the single rows fill the stage-1 cache
+        if cfg.hydra.runtime.choices["model/fusion"] == "none":  # the single rows fill the stage-1 cache
             assert len(modalities) == 1 and cfg.training.stage1_cache and not cfg.training.staged
         else:
             assert modalities == ("rgb", "ndvi", "nir")
-        seen.append((cfg.hydra.runtime.choices.fusion, bool(cfg.training.staged), modalities,
+        seen.append((cfg.hydra.runtime.choices["model/fusion"], bool(cfg.training.staged), modalities,
                      cfg.training.modality_dropout))
     assert seen[:3] == [("none", False, (m,), 0.0) for m in ("rgb", "ndvi", "nir")]  # first: stage 2 reuses them
     fusions = ("concat_conv", "cross_attention", "residual_cross_attention", "gated_local_attention")

@@ -15,7 +15,7 @@ CHANNELS = {"rgb": 3, "ndvi": 1}
 
 def random_detector():
     with initialize_config_module("rts_thaw.conf", version_base=None):
-        cfg = compose(overrides=["+model=cascade_mvit", "+fusion=residual_cross_attention", f"+data.tile_size={SIZE}"])
+        cfg = compose(overrides=["+model=cascade_mvit", "model/fusion=residual_cross_attention", f"+data.tile_size={SIZE}"])
     torch.manual_seed(0)
     detector = instantiate(cfg.model)(modality_channels=CHANNELS).eval()
     detector.roi_heads.score_thresh = 0.0  # random weights: keep every detection, so there is work

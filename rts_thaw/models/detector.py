@@ -1,14 +1,15 @@
 """The multimodal detector: encoders -> fusion -> FPN -> RPN -> (cascade) RoI heads.
 
-`build_detector` is the Hydra target of the `model` config group; the parts are
-built here and passed into `MultiModalDetector`, which only wires them together.
+`build_detector` is the Hydra target of the `model` config group; its parts (encoder,
+fusion, heads) are Hydra targets too, completed here and passed into `MultiModalDetector`,
+which only wires them together.
 """
 from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -22,9 +23,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from rts_thaw.core.checkpoints import read_checkpoint
 from rts_thaw.models.cascade import CascadeRoIHeads
-from rts_thaw.models.encoders import build_encoder, check_tile_size
-from rts_thaw.models.fusion import STACKED
-from rts_thaw.models.fusion_choice import build_fusion, uses_stacked_input
+from rts_thaw.models.encoders import check_tile_size
+from rts_thaw.models.fusion import STACKED, single_modality, stacked_input
 from rts_thaw.models.heads import BoxHead, BoxPredictor, Float32RPNHead, MaskHead
 from rts_thaw.models.summary import parameter_summary
 
@@ -132,23 +132,23 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-def build_encoders(modality_channels: Mapping[str, int], encoder: Mapping[str, Any], stacked: bool,
+def build_encoders(modality_channels: Mapping[str, int], encoder: Callable[..., nn.Module], stacked: bool,
                    img_size: int) -> nn.ModuleDict:
-    weights = dict(encoder.get("weights") or {})
+    """One encoder per modality (one for the stacked input of data-level fusion), each from the
+    `model/encoder` partial completed with its channels; `weights` maps modalities to files."""
+    options = dict(getattr(encoder, "keywords", {}))
+    weights = dict(options.get("weights") or {})
     keys = [STACKED] if stacked else list(modality_channels)
     unknown = [m for m in weights if m not in keys]
     if unknown:
         raise ValueError(f"encoder weights given for unknown modality {unknown}; this model's encoders are {keys}")
-    if encoder.get("frozen") and not weights and not encoder.get("pretrained"):
+    if options.get("frozen") and not weights and not options.get("pretrained"):
         warnings.warn("frozen encoders with random weights: give encoder.weights (stage-1 checkpoints) "
                       "or pretrained: true", stacklevel=3)
     channels = {STACKED: sum(modality_channels.values())} if stacked else dict(modality_channels)
-    return nn.ModuleDict({
-        key: build_encoder(encoder["name"], channels[key], img_size, key, pretrained=bool(encoder.get("pretrained")),
-                           weights=weights.get(key), frozen=bool(encoder.get("frozen")),
-                           grad_checkpointing=bool(encoder.get("grad_checkpointing")))
-        for key in keys
-    })
+    return nn.ModuleDict({key: encoder(in_chans=channels[key], img_size=img_size, modality=key,
+                                       weights=weights.get(key))
+                          for key in keys})
 
 
 class ProposalNetwork(RegionProposalNetwork):
@@ -217,25 +217,39 @@ def load_heads_from_checkpoint(detector: MultiModalDetector, path: str | Path) -
                              f"(different heads config or encoder?): {err}") from err
 
 
-def build_detector(modality_channels: Mapping[str, int], encoder: Mapping[str, Any],
-                   fusion: Mapping[str, Any] | None, heads: Mapping[str, Any], img_size: int,
+def build_heads(in_channels: Sequence[int], neck_channels: int, anchor_sizes: Sequence[int],
+                aspect_ratios: Sequence[float], rpn: Mapping[str, Any], roi: Mapping[str, Any],
+                box_head: Mapping[str, Any], mask_head: Mapping[str, Any]) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """FPN, RPN and (cascade) RoI heads over fused features of `in_channels` per level: the
+    `model/heads` partial, completed by the detector."""
+    heads = {"neck_channels": neck_channels, "anchor_sizes": anchor_sizes, "aspect_ratios": aspect_ratios,
+             "rpn": rpn, "roi": roi, "box_head": box_head, "mask_head": mask_head}
+    neck = FeaturePyramidNetwork(list(in_channels), neck_channels, extra_blocks=LastLevelMaxPool())
+    return neck, build_rpn(neck_channels, heads), build_roi_heads(neck_channels, heads)
+
+
+def build_detector(modality_channels: Mapping[str, int], encoder: Callable[..., nn.Module],
+                   fusion: Callable[..., nn.Module] | None, heads: Callable[..., tuple], img_size: int,
                    init_from: str | None = None) -> MultiModalDetector:
-    """Build the detector for the given modalities ({name: channels}) from the model config."""
-    modality_channels, encoder, fusion, heads = (_plain(x) for x in (modality_channels, encoder, fusion, heads))
+    """Build the detector for the given modalities ({name: channels}). Hydra's `instantiate` of
+    the `model` config makes the parts' partials (`model/encoder`, `model/fusion`,
+    `model/heads`, each a `_target_`), which are completed here in the data's order."""
+    modality_channels = _plain(modality_channels)
     if not modality_channels:
         raise ValueError("build_detector needs at least one modality in modality_channels")
     bad = {m: c for m, c in modality_channels.items() if not isinstance(m, str) or int(c) < 1}
     if bad:
         raise ValueError(f"modality_channels must map names to positive channel counts, got {bad}")
-    fusion = fusion or {"name": "none"}
-    check_tile_size(img_size, encoder, img_size)  # a known encoder name and a usable size
-    stacked = uses_stacked_input(fusion)
+    fusion = fusion or single_modality
+    check_tile_size(img_size, dict(getattr(encoder, "keywords", {})), img_size)  # a known encoder, a usable size
+    stacked = getattr(fusion, "func", fusion) is stacked_input
     encoders = build_encoders(modality_channels, encoder, stacked, img_size)
-    fusion_module = build_fusion(fusion, {k: e.out_channels for k, e in encoders.items()})
-    channels = heads["neck_channels"]
-    neck = FeaturePyramidNetwork(fusion_module.out_channels, channels, extra_blocks=LastLevelMaxPool())
-    detector = MultiModalDetector(encoders, fusion_module, neck, build_rpn(channels, heads),
-                                  build_roi_heads(channels, heads), modality_channels)
+    try:
+        fusion_module = fusion(feature_channels={k: e.out_channels for k, e in encoders.items()})
+    except TypeError as err:  # a parameter the fusion does not have
+        raise ValueError(f"bad parameter for fusion {getattr(fusion, 'func', fusion).__name__}: {err}") from err
+    neck, rpn, roi_heads = heads(in_channels=fusion_module.out_channels)
+    detector = MultiModalDetector(encoders, fusion_module, neck, rpn, roi_heads, modality_channels)
     if init_from:
         load_heads_from_checkpoint(detector, init_from)
     return detector

@@ -3,7 +3,8 @@
 One interface for every variant: `forward(features: dict[modality, list[Tensor]])`
 returns a list of feature maps with the strides and channels of the reference
 (RGB) encoder, so the FPN never knows which fusion ran. Variants are picked by the
-`name` of the `fusion` config group (`fusion_choice.py`):
+`model/fusion` config group, each option a `_target_` that the detector completes with
+its encoders' `feature_channels`:
 
 - `none`: one modality, passed through;
 - `data_level`: modalities are stacked as input channels of one encoder (keyed
@@ -30,6 +31,36 @@ from torch import nn
 STACKED = "stacked"
 
 
+def check_fusion_inputs(kind: str, reference: str, feature_channels: Mapping[str, Sequence[int]],
+                        levels: Sequence[int]) -> None:
+    """What every feature-level fusion needs: its reference among the modalities, at least one
+    other modality, and levels the encoders have."""
+    modalities = list(feature_channels)
+    if reference not in feature_channels:
+        raise ValueError(f"fusion {kind} uses '{reference}' as its reference (query) modality, "
+                         f"but the modalities are {modalities}")
+    if len(modalities) < 2:
+        raise ValueError(f"fusion {kind} needs at least one auxiliary modality besides '{reference}', "
+                         f"got only {modalities}; use model/fusion=none for a single modality")
+    num_levels = len(feature_channels[reference])
+    if not levels or any(not 0 <= lvl < num_levels for lvl in levels):
+        raise ValueError(f"fusion levels {list(levels)} invalid: give indices in 0..{num_levels - 1} (stride 4..32)")
+
+
+def single_modality(feature_channels: Mapping[str, Sequence[int]]) -> "PassThrough":
+    """`none`: one modality's features go straight to the FPN."""
+    modalities = list(feature_channels)
+    if len(modalities) != 1:
+        raise ValueError(f"fusion 'none' takes one modality, got {modalities}; choose a fusion "
+                         "(e.g. model/fusion=gated_local_attention) or a single modality")
+    return PassThrough(modalities[0], feature_channels[modalities[0]])
+
+
+def stacked_input(feature_channels: Mapping[str, Sequence[int]]) -> "PassThrough":
+    """`data_level`: the modalities were stacked as the input channels of one encoder."""
+    return PassThrough(STACKED, feature_channels[STACKED])
+
+
 class PassThrough(nn.Module):
     """`none` and `data_level`: a single feature set goes through unchanged."""
 
@@ -52,6 +83,7 @@ class ConcatConvFusion(nn.Module):
     def __init__(self, reference: str, feature_channels: Mapping[str, Sequence[int]], levels: Sequence[int],
                  kernel_size: int = 1):
         super().__init__()
+        check_fusion_inputs("concat_conv", reference, feature_channels, levels)
         self.reference = reference
         self.modalities = [reference] + [m for m in feature_channels if m != reference]
         self.out_channels = list(feature_channels[reference])
@@ -178,6 +210,7 @@ class LevelwiseAttentionFusion(nn.Module):
     def __init__(self, reference: str, feature_channels: Mapping[str, Sequence[int]], levels: Sequence[int],
                  attend: Callable[[int, dict[str, int]], nn.Module]):
         super().__init__()
+        check_fusion_inputs(type(self).__name__, reference, feature_channels, levels)
         self.reference = reference
         self.aux = [m for m in feature_channels if m != reference]
         self.out_channels = list(feature_channels[reference])

@@ -42,7 +42,7 @@ def missing_modality_runs(runs: list[Run], modalities: list[str]) -> list[Run]:
     without it: its overrides gain `missing_at_test=<modality>`, its modalities lose it."""
     extra = []
     for run in runs:
-        if run.status != "finished" or run.choices.get("fusion") not in SKIPPING_FUSIONS:
+        if run.status != "finished" or run.choices.get("model/fusion") not in SKIPPING_FUSIONS:
             continue
         for modality in modalities:
             used = list(run.results.get("modalities") or [])

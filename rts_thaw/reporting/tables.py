@@ -22,7 +22,7 @@ def describe(run: Run) -> dict[str, str]:
     config = run.config
     modalities = run.results.get("modalities") or _select(config, "data.modalities")
     staged = _select(config, "training.staged")
-    fusion = run.choices.get("fusion") or _select(config, "fusion.name") or "?"
+    fusion = run.choices.get("model/fusion") or "?"
     return {
         "model": run.choices.get("model") or "?",
         "fusion": fusion,

@@ -49,7 +49,7 @@ def stage1_config(cfg: DictConfig, modality: str) -> DictConfig:
     stage1 = copy.deepcopy(cfg)
     with open_dict(stage1):
         stage1.data.modalities = [modality]
-        stage1.fusion = _fusion_none()
+        stage1.model.fusion = _fusion_none()
         stage1.model.init_from = None
         stage1.model.encoder.weights = None
         stage1.model.encoder.frozen = False
@@ -60,10 +60,10 @@ def stage1_config(cfg: DictConfig, modality: str) -> DictConfig:
 
 
 def _fusion_none() -> DictConfig:
-    """The `fusion=none` option, read from the config package so that it stays the one place."""
+    """The `model/fusion=none` option, read from the config package so that it stays the one place."""
     from importlib.resources import files
 
-    return OmegaConf.load(str(files("rts_thaw.conf") / "fusion" / "none.yaml"))
+    return OmegaConf.load(str(files("rts_thaw.conf") / "model" / "fusion" / "none.yaml"))
 
 
 def _data_identity(data_cfg: DictConfig) -> Any:
