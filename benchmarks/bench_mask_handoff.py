@@ -19,7 +19,7 @@ import time
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from rts_thaw.mapping.instances import tile_instances
+from rts_thaw.mapping.instances import instances_from_tile, tile_instances
 from rts_thaw.mapping.engine import TilingConfig, batch_detections, inference_autocast
 
 
@@ -77,9 +77,13 @@ def main() -> None:
              "valid": torch.ones(args.tiles, args.tile_size, args.tile_size, dtype=torch.bool)}
     autocast = inference_autocast(device)
 
-    def pasted_by_model():  # the model pastes; instances are made on the feeding loop
-        for tile in batch_detections(pasting_model, batch, device, autocast, tiling):
-            tile_instances(tile, tiling.mask_threshold, tiling.min_pixels)
+    def pasted_by_model():  # the model pastes; masks are thresholded and copied, instances made on the loop
+        with autocast:
+            outputs = pasting_model(batch["image"], batch["image_sizes"])
+        for out, window, valid, tile in zip(outputs, batch["window"], batch["valid"], batch["index"]):
+            masks = (out["masks"] >= tiling.mask_threshold).cpu().numpy()
+            instances_from_tile({"masks": masks, "scores": out["scores"].cpu().numpy()}, window, valid.numpy(), tile,
+                                tiling.min_pixels)
 
     handed_over = []
 

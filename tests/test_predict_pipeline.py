@@ -45,7 +45,9 @@ class BlobOracle(torch.nn.Module):
         self.autocast = []  # bfloat16 autocast on or off, per call
 
     def forward(self, images, image_sizes, paste_masks=True, available=None):
-        # an oracle's masks are exact tile masks, already pasted, whatever the caller asks
+        # each mask at the tile's size over the box of the whole tile, whose pixel centres it holds
+        # (hence the half pixel): torchvision's pasting gives the exact tile mask back
+        assert not paste_masks  # the engine pastes in its sinks
         self.calls += 1
         self.autocast.append(torch.is_autocast_enabled("cpu"))
         assert set(images) == set(self.modalities)
@@ -54,10 +56,9 @@ class BlobOracle(torch.nn.Module):
             self.tiles += 1
             labels, n = ndimage.label(images["rgb"][b, 0, :h, :w].numpy() > 128)
             masks = torch.from_numpy(np.stack([labels == k for k in range(1, n + 1)]) if n else np.zeros((0, h, w), bool))
-            boxes = torch.tensor([[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndimage.find_objects(labels)],
-                                 dtype=torch.float32).reshape(-1, 4)
+            boxes = torch.tensor([[-0.5, -0.5, w - 0.5, h - 0.5]] * n, dtype=torch.float32).reshape(-1, 4)
             outputs.append({"boxes": boxes, "scores": torch.full((n,), 0.9), "labels": torch.ones(n, dtype=torch.int64),
-                            "masks": masks.float()})
+                            "box_masks": masks.float()})
         return outputs
 
 

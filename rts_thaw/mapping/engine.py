@@ -149,8 +149,7 @@ def batch_detections(detector: torch.nn.Module, batch: dict, device: torch.devic
                      score_threshold: float | None = None) -> list[TileDetections]:
     """The model on one batch of `collate_tiles`: each tile's detections on the host, those scoring
     below `score_threshold` dropped (None keeps what the heads keep). The detector is called with
-    `paste_masks=False`; one that pastes its masks anyway (returns `masks`, not `box_masks`) has
-    them thresholded at `config.mask_threshold` here."""
+    `paste_masks=False` and returns each mask over its box (`box_masks`), pasted by the sink."""
     images = {m: x.to(device, non_blocking=True) for m, x in batch["image"].items()}
     available = {m: has.to(device) for m, has in batch.get("available", {}).items()}
     with autocast:
@@ -159,20 +158,15 @@ def batch_detections(detector: torch.nn.Module, batch: dict, device: torch.devic
     counts = [len(o["scores"]) for o in outputs]
     scores = torch.cat([o["scores"] for o in outputs]).float().cpu().numpy()
     boxes = torch.cat([o["boxes"].reshape(-1, 4) for o in outputs]).float().cpu().numpy()
-    pasted = not all("box_masks" in o for o in outputs)
-    if pasted:  # tile-sized masks differ in size between tiles; bool is 4x less to move than float
-        masks = [(o["masks"] >= config.mask_threshold).cpu().numpy() for o in outputs]
-    else:
-        masks = torch.cat([o["box_masks"] for o in outputs]).float().cpu().numpy()
+    masks = torch.cat([o["box_masks"] for o in outputs]).float().cpu().numpy()
     starts = np.cumsum([0] + counts)
     per_tile = []
     for t, (window, valid, tile) in enumerate(zip(batch["window"], batch["valid"], batch["index"])):
         part = slice(starts[t], starts[t + 1])
-        tile_masks = masks[t] if pasted else masks[part]
         keep = slice(None) if score_threshold is None else scores[part] >= score_threshold
         valid = valid[:window[2], :window[3]].numpy()
         used = tuple(m for m in detector.modalities
                      if m in images and (m not in available or bool(batch["available"][m][t])))
-        per_tile.append(TileDetections(window, tile, scores[part][keep], boxes[part][keep], tile_masks[keep],
-                                       pasted, None if valid.all() else valid.copy(), used))
+        per_tile.append(TileDetections(window, tile, scores[part][keep], boxes[part][keep], masks[part][keep],
+                                       None if valid.all() else valid.copy(), used))
     return per_tile

@@ -83,8 +83,7 @@ class TileDetections:
     """One tile's detections on the host, masks not yet pasted into the tile.
 
     `masks` is [N, M, M] mask probabilities over each box (a detector called with
-    `paste_masks=False`), or, when `pasted`, [N, H, W] tile masks already thresholded;
-    `valid` is None when every pixel of the tile was valid.
+    `paste_masks=False`); `valid` is None when every pixel of the tile was valid.
     """
 
     window: tuple[int, int, int, int]
@@ -92,7 +91,6 @@ class TileDetections:
     scores: np.ndarray
     boxes: np.ndarray
     masks: np.ndarray
-    pasted: bool
     valid: np.ndarray | None = None
     modalities: tuple[str, ...] = ()  # the inputs the model had on this tile
 
@@ -105,14 +103,12 @@ class TileDetections:
 
 
 def tile_instances(detections: TileDetections, mask_threshold: float, min_pixels: int = 4) -> list[SceneInstance]:
-    """Paste (if needed), threshold and cut one tile's masks: its instances on the scene grid."""
+    """Paste, threshold and cut one tile's masks: its instances on the scene grid."""
     height, width = detections.window[2:]
-    masks = detections.masks
-    if not detections.pasted:
-        # torchvision's own paste, as the detector's `paste_masks=True` does
-        pasted = paste_masks_in_image(torch.from_numpy(masks)[:, None], torch.from_numpy(detections.boxes),
-                                      (height, width))[:, 0]
-        masks = (pasted >= mask_threshold).numpy()
+    # torchvision's own paste, as the detector's `paste_masks=True` does
+    pasted = paste_masks_in_image(torch.from_numpy(detections.masks)[:, None], torch.from_numpy(detections.boxes),
+                                  (height, width))[:, 0]
+    masks = (pasted >= mask_threshold).numpy()
     return instances_from_tile({"masks": masks, "scores": detections.scores}, detections.window,
                                detections.valid_pixels(), detections.tile, min_pixels=min_pixels,
                                modalities=detections.modalities)
