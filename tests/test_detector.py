@@ -1,6 +1,7 @@
 """The whole detector from Hydra configs: output contract, frozen encoders, staged init, learning, config errors."""
 import pytest
 import torch
+from torch import nn
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -312,3 +313,37 @@ def test_a_model_config_of_the_named_fusion_era_still_builds_its_detector():
     new = instantiate(today)(modality_channels=channels)
     assert old.fusion.skips_missing and type(old.fusion) is type(new.fusion)
     assert {k: v.shape for k, v in old.state_dict().items()} == {k: v.shape for k, v in new.state_dict().items()}
+
+
+class _StridedConvs(nn.Module):
+    """An encoder of one's own: four feature maps at strides 4 to 32, its channels told."""
+
+    def __init__(self, in_chans):
+        super().__init__()
+        self.out_channels = [8, 16, 32, 64]
+        widths = [in_chans, *self.out_channels]
+        self.stages = nn.ModuleList(nn.Conv2d(a, b, 3, stride=4 if k == 0 else 2, padding=1)
+                                    for k, (a, b) in enumerate(zip(widths, widths[1:])))
+
+    def forward(self, x):
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+def strided_convs(in_chans, img_size, modality, weights=None):
+    return _StridedConvs(in_chans)
+
+
+def test_an_encoder_of_ones_own_is_one_target():
+    """architecture.md: a new encoder is a builder named as the `_target_` of model/encoder."""
+    from model_parts import part
+
+    from rts_thaw.models.detector import build_detector
+
+    encoder = instantiate({"_target_": f"{__name__}.strided_convs", "_partial_": True})
+    detector = build_detector({"rgb": 3}, encoder, part("fusion", "none"), part("heads", "cascade_light"), SIZE)
+    out = detector.eval()({"rgb": torch.randn(1, 3, SIZE, SIZE)}, [(SIZE, SIZE)])
+    assert isinstance(detector.encoders["rgb"], _StridedConvs) and set(out[0]) >= {"boxes", "scores", "masks"}

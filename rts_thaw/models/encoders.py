@@ -49,11 +49,14 @@ def check_tile_size(tile_size: int, encoder_cfg: Mapping[str, Any], img_size: in
     """Fail early (right after config composition) when a tile cannot pass the encoder.
 
     MViTv2 fixes its relative-position tables at `img_size`; larger inputs crash deep
-    inside attention, so a tile larger than the encoder size is refused here.
+    inside attention, so a tile larger than the encoder size is refused here. An encoder
+    of your own (another `_target_`, no `name`) checks its inputs itself.
     """
-    spec = _spec(encoder_cfg["name"])
     if tile_size is None or int(tile_size) <= 0:
         raise ValueError(f"tile size must be a positive integer, got {tile_size!r}")
+    if "name" not in encoder_cfg:
+        return
+    spec = _spec(encoder_cfg["name"])
     if spec.family == "mvitv2":
         size = int(img_size if img_size is not None else encoder_cfg.get("img_size") or tile_size)
         if int(tile_size) > size:
