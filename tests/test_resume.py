@@ -1,6 +1,7 @@
 """Interrupted training resumes: SIGKILL mid-run and Ctrl-C both leave a last checkpoint
 from which the same command finishes with the same number of steps."""
 
+import csv
 import json
 import os
 import signal
@@ -55,6 +56,12 @@ def test_killed_run_resumes_with_the_same_step_count(tiny_world_config, tmp_path
     results = json.loads((run_dir / "results.json").read_text())
     assert results["global_step"] == 3 * 2
     assert readable_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 6
+    # the metric history is whole: the epochs validated before the kill are kept, none twice
+    with open(run_dir / "csv" / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(float(r["epoch"])) for r in rows if r.get("val/segm_AP50")] == [0, 1, 2]
+    train_steps = [r["step"] for r in rows if r.get("train/loss")]
+    assert len(train_steps) == len(set(train_steps))
 
 
 def test_keyboard_interrupt_leaves_a_usable_last_checkpoint(tiny_world_config, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ Used by `rts_thaw.train` for a plain run and by the staged pipeline for each sta
 from __future__ import annotations
 
 import copy
+import csv
 import logging
 import os
 import time
@@ -17,10 +18,10 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rts_thaw.core.checkpoints import checkpoint_run_info
+from rts_thaw.core.checkpoints import read_checkpoint
 from rts_thaw.core.json_files import write_json_atomic
 from rts_thaw.training.callbacks import RunIdentityCheck, RunStats
 from rts_thaw.training.module import DetectionModule
@@ -93,12 +94,38 @@ def _wandb_api_key_available() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def check_last_checkpoint_readable(path: Path) -> None:
-    """A resume from an unreadable `last.ckpt` (a disk full mid-write) names the file and the way out."""
+def resumed_step(path: Path) -> int:
+    """The step a run resumes from; an unreadable `last.ckpt` (a disk full mid-write) is named,
+    with the way out."""
     try:
-        checkpoint_run_info(path)
+        return int(read_checkpoint(path, metadata_only=True).get("global_step", 0))
     except ValueError as error:
         raise RuntimeError(f"cannot resume: {error}; delete it or pass training.resume=false") from error
+
+
+def csv_history(loggers: list, up_to_step: int) -> dict[int, list[dict]]:
+    """The rows a resumed run's CSV loggers wrote up to its checkpoint. Lightning's CSV logger
+    starts its file afresh, so they are read before it does and logged again (`restore_history`);
+    rows after the checkpoint are left out: the resumed run logs those steps anew."""
+    history = {}
+    for k, logger in enumerate(loggers):
+        path = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
+        if path is not None and path.is_file():
+            with open(path, newline="") as handle:
+                rows = [{key: _number(value) for key, value in row.items() if value != ""}
+                        for row in csv.DictReader(handle)]
+            history[k] = [row for row in rows if row.get("step", 0) <= up_to_step]
+    return history
+
+
+def _number(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+def restore_history(loggers: list, history: dict[int, list[dict]]) -> None:
+    for k, rows in history.items():
+        loggers[k].experiment.metrics.extend(rows)  # written with the next rows, before them
 
 
 def fit_and_test(
@@ -149,20 +176,22 @@ def fit_and_test(
     ckpt_dir = run_dir / "checkpoints"
     callbacks = build_callbacks(cfg)
     checkpointing, stats = callbacks["best_checkpoint"], callbacks["run_stats"]
+    resume = bool(cfg.training.get("resume", True)) and (ckpt_dir / "last.ckpt").is_file()
+    start_step = resumed_step(ckpt_dir / "last.ckpt") if resume else 0
     loggers = build_loggers(cfg, run_dir)
+    history = csv_history(loggers, start_step) if resume else {}
     for logger in loggers:
         logger.log_hyperparams(run_info["config"])
+    restore_history(loggers, history)
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=[*callbacks.values(), RunIdentityCheck(key)], logger=loggers or False,
         default_root_dir=str(run_dir)
     )
 
-    resume = bool(cfg.training.get("resume", True))
-    if resume and (ckpt_dir / "last.ckpt").is_file():
-        check_last_checkpoint_readable(ckpt_dir / "last.ckpt")
     with warnings.catch_warnings():  # a first run has no last checkpoint yet: nothing to warn about
         warnings.filterwarnings("ignore", message=r".*ckpt_path=\"last\"\) is set, but there is no last checkpoint")
-        trainer.fit(module, datamodule=datamodule, ckpt_path="last" if resume else None)
+        trainer.fit(module, datamodule=datamodule,
+                    ckpt_path="last" if cfg.training.get("resume", True) else None)
     if not (ckpt_dir / "last.ckpt").is_file():  # fast_dev_run saves nothing by itself
         trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
 
