@@ -63,6 +63,18 @@ def test_killed_run_resumes_with_the_same_step_count(tiny_world_config, tmp_path
     train_steps = [r["step"] for r in rows if r.get("train/loss")]
     assert len(train_steps) == len(set(train_steps))
 
+    # and it is the same run: an uninterrupted one ends with the same weights and test metrics
+    # (the random state and the shuffle order are restored with the checkpoint)
+    env_whole = {**env, "RTS_THAW_LOG_DIR": str(tmp_path / "whole")}
+    whole = subprocess.run(command, cwd=tmp_path, env=env_whole, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    (whole_dir,) = (tmp_path / "whole" / "unimodal").iterdir()
+    resumed_state = readable_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    whole_state = readable_checkpoint(whole_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    assert resumed_state.keys() == whole_state.keys()
+    assert all(torch.equal(resumed_state[k], whole_state[k]) for k in whole_state)
+    assert json.loads((whole_dir / "results.json").read_text())["test"] == results["test"]
+
 
 def test_keyboard_interrupt_leaves_a_usable_last_checkpoint(tiny_world_config, tmp_path, monkeypatch):
     import lightning.pytorch as pl

@@ -81,6 +81,7 @@ class RTSDataModule(L.LightningDataModule):
         augment = _plain(augment)
         self.augment = Augment(**augment) if augment else None
         self.seed, self.val_fraction = seed, val_fraction
+        self._resumed_shuffle_state = None  # set by a checkpoint's load_state_dict
         self.band_map = _plain(band_map)
         self.stats_cache_dir = Path(stats_cache_dir).expanduser() if stats_cache_dir else None
         self.modality_channels: dict[str, int] = {}
@@ -231,13 +232,28 @@ class RTSDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate"}.get(split, split))
-        # Its own generator: the shuffle order follows `seed`, whatever else draws numbers.
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        # Its own generator: the shuffle order follows `seed`, whatever else draws numbers. A
+        # resumed run continues its sequence (`load_state_dict`), so each epoch's order is the
+        # one an uninterrupted run would draw.
+        generator = None
+        if shuffle:
+            generator = torch.Generator().manual_seed(self.seed)
+            if self._resumed_shuffle_state is not None:
+                generator.set_state(self._resumed_shuffle_state)
+            self._shuffle_generator = generator
         return DataLoader(
             self.datasets[split], batch_size=batch_size, shuffle=shuffle, generator=generator,
             num_workers=self.num_workers, collate_fn=collate_samples,
             persistent_workers=self.num_workers > 0, drop_last=False,
         )
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the data: where the shuffle order is."""
+        generator = getattr(self, "_shuffle_generator", None)
+        return {"shuffle_state": generator.get_state()} if generator is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resumed_shuffle_state = state.get("shuffle_state")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True, self.batch_size)

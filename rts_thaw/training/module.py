@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import nn
 
@@ -141,7 +143,19 @@ class DetectionModule(pl.LightningModule):
     # ---- checkpoints ----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rts_thaw"] = self.run_info
+        # The random state of this moment (proposal sampling, augmentation, dropout draw from
+        # it), so that a resumed run draws what an uninterrupted one would.
+        # Tensors and plain values only: Lightning restores checkpoints with weights_only loading.
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                    "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.run_info = checkpoint.get("rts_thaw", self.run_info)
+        states = checkpoint.get("rng_states")
+        if states is not None and self.trainer.state.fn == "fit":  # resuming, not testing
+            torch.set_rng_state(states["torch"])
+            name, keys, pos, has_gauss, gauss = states["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(states["python"])
 
