@@ -19,8 +19,8 @@ import time
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from rts_thaw.mapping.instances import instances_from_tile, tile_instances
 from rts_thaw.mapping.engine import TilingConfig, batch_detections, inference_autocast
+from rts_thaw.mapping.instances import instances_from_tile, tile_instances
 
 
 class FixedOutputs(torch.nn.Module):

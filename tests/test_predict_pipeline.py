@@ -21,11 +21,11 @@ from rasterio.features import shapes
 from scipy import ndimage
 from shapely.geometry import shape
 
+from rts_thaw.core.vectors import VectorLayer, read_layer
 from rts_thaw.data.normalization import NormStats
 from rts_thaw.eval.polygons import evaluate_polygons
-from rts_thaw.mapping.map_scenes import LoadedModel, map_scenes
 from rts_thaw.mapping.engine import TilingConfig
-from rts_thaw.core.vectors import VectorLayer, read_layer
+from rts_thaw.mapping.map_scenes import LoadedModel, map_scenes
 
 SIZE = 200
 TRANSFORM = Affine(4.0, 0, 600000.0, 0, -4.0, 7750000.0)

@@ -19,10 +19,10 @@ from affine import Affine
 from rts_thaw.core.checkpoints import load_checkpoint
 from rts_thaw.data.geotiff import SceneReader, SceneSpec, load_scene_list
 from rts_thaw.data.normalization import NormStats
+from rts_thaw.mapping.engine import TilingConfig, check_precision, predict_tiles
 from rts_thaw.mapping.map_identity import claim_output_dir, map_identity
 from rts_thaw.mapping.scene_finish import SceneJob, finish_scene
 from rts_thaw.mapping.scene_outputs import EXTRA_OUTPUTS, SceneOutputs, checkpoint_identity
-from rts_thaw.mapping.engine import TilingConfig, check_precision, predict_tiles
 from rts_thaw.mapping.shards import shard_scenes
 from rts_thaw.mapping.tile_sources import SceneTiles
 from rts_thaw.mapping.writer_pool import writer_pool

@@ -29,9 +29,9 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rts_thaw.eval.results_table import results_row, write_csv
 from rts_thaw.core.checkpoints import checkpoint_run_info
 from rts_thaw.core.json_files import nan_for_null, write_json_atomic
+from rts_thaw.eval.results_table import results_row, write_csv
 from rts_thaw.training.ranks import is_global_zero
 from rts_thaw.training.run_identity import config_key, resolved_without_invariants
 from rts_thaw.training.single_run import fit_and_test
