@@ -4,7 +4,7 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: demo test test-fast venv
+.PHONY: demo test test-fast test-faults venv
 
 venv: $(VENV)/.installed
 
@@ -24,3 +24,7 @@ test: venv
 # Under 3 minutes on 2 cores: every package, without the long end-to-end runs and SLURM.
 test-fast: venv
 	$(PYTHON) -m pytest -q -m "not slow and not slurm"
+
+# The fault-injection suite alone: bad inputs, interrupted training and mapping, resumes.
+test-faults: venv
+	$(PYTHON) -m pytest -q -m faults

@@ -44,6 +44,7 @@ from rts_thaw.data.synthetic import WorldParams, generate_world
 from rts_thaw.mapping.map_scenes import LoadedModel, load_model, map_scenes, resolve_device, set_detection_limits
 from rts_thaw.mapping.engine import PRECISIONS, TilingConfig, inference_autocast
 from rts_thaw.mapping.tile_sources import SceneTiles, collate_tiles
+from rts_thaw.models.speed import apply_speed
 
 MODALITIES = ["rgb", "ndvi", "nir"]
 
@@ -131,6 +132,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=PRECISIONS, default="32", help="both rows use it")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--channels-last", action="store_true", help="both rows: predict's speed.channels_last")
+    parser.add_argument("--compile", default="", help="both rows: predict's speed.compile, comma-separated parts "
+                        "(rts_thaw.models.speed.COMPILABLE_PARTS); the warm-up pass compiles them")
+    parser.add_argument("--compile-mode", help="torch.compile's mode (default: its own)")
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error(f"--repeat {args.repeat}: list every scene at least once")
@@ -157,6 +162,8 @@ def main() -> None:
                 channels = dict(reader.channels)
             model = random_model(args.tile_size, MODALITIES, channels, args.encoder, args.heads)
             model.detector.to(device).eval()
+        apply_speed(model.detector, args.channels_last, [p for p in args.compile.split(",") if p],
+                    {"mode": args.compile_mode} if args.compile_mode else {})
         score_threshold = 0.0 if not args.ckpt else 0.3
         tiling = TilingConfig(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
                               num_workers=args.workers, write_workers=args.write_workers,
@@ -167,7 +174,9 @@ def main() -> None:
         batches = in_memory_batches(scenes, model, tiling)
         log(f"read {len(batches)} batches into memory")
         n_tiles = args.rounds * args.repeat * sum(len(b["group"]) for b in batches)  # over all rounds
-        forward_only(model, batches[:2], device, args.precision)  # warm-up (allocator, cuDNN autotune)
+        start = time.perf_counter()
+        forward_only(model, batches[:2], device, args.precision)  # warm-up (allocator, cuDNN autotune, compiling)
+        log(f"warm-up {time.perf_counter() - start:.1f} s")
         mapped = repeated_scene_list(scene_list, args.repeat, work) if args.repeat > 1 else scene_list
         rounds, stages = [], {}
         for r in range(args.rounds):
@@ -191,7 +200,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"device: {name}; torch {torch.__version__}; precision {args.precision}")
+    print(f"device: {name}; torch {torch.__version__}; precision {args.precision}; channels_last {args.channels_last}; "
+          f"compile [{args.compile}]{' mode ' + args.compile_mode if args.compile_mode else ''}")
     listed = f" (each listed {args.repeat} times)" if args.repeat > 1 else ""
     rounds_note = f"; {args.rounds} rounds, totals" if args.rounds > 1 else ""
     print(f"{args.scenes} scenes{listed} of {args.size} px (4 m){rounds_note} = {km2:.2f} km2; {n_tiles} tiles of {args.tile_size} px, "
@@ -206,7 +216,7 @@ def main() -> None:
     if args.rounds > 1:
         print("by round (forward s, pipeline s, ratio): " + "; ".join(
             f"{f:.2f}, {p:.2f}, {100 * f / p:.1f}%" for f, p in rounds))
-    print(f"device-hours per million km2 at this tile size: {1e6 / (km2 / t_pipeline * 3600):.0f}")
+    print(f"device-hours per million km2 at this tile size: {1e6 / (km2 / t_pipeline * 3600):.1f}")
     print("pipeline stages (s; merge and write overlap the next scene's inference): "
           + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     n_batches = args.rounds * args.repeat * len(batches)

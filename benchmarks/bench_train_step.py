@@ -6,17 +6,25 @@ torchvision's maskrcnn_resnet50_fpn on RGB, side by side in one run.
     python benchmarks/bench_train_step.py --device cuda --size 512 --precision bf16-mixed
     python benchmarks/bench_train_step.py --size 512 --batch 2 --models staged_cascade,end_to_end_cascade \
         --fusion residual_cross_attention,gated_local_attention    # fusions side by side
+    python benchmarks/bench_train_step.py --device cuda --size 512 --heads cascade_2fc --flops \
+        --models staged_cascade,torchvision_maskrcnn_r50 --peer-settings fp32,bf16 \
+        --settings fp32,bf16,bf16+fused,bf16+fused+channels_last,bf16+fused+channels_last+compile
 
 Each model runs in its own fresh process so that its peak memory is its own:
 on CUDA `torch.cuda.max_memory_allocated`; on CPU the process's peak resident set
 size (ru_maxrss), reported as the growth over the RSS just before the first step
 (model and inputs already built), and as the absolute peak.
-`--precision` is Lightning's name for what the trainer would use: `32` (float32; on CUDA
-with TF32 matrix products, as `torch.set_float32_matmul_precision("high")` sets) or
-`bf16-mixed` (autocast to bfloat16); every model of a run gets the same one.
+`--settings` lists the speed settings our models run with, each a row: `fp32` (float32; on
+CUDA with TF32 matrix products, as `torch.set_float32_matmul_precision("high")` sets) or `bf16`
+(autocast to bfloat16, Lightning's `bf16-mixed`), plus any of `fused` (fused AdamW),
+`channels_last` and `compile` (torch.compile of `--compile-parts`), joined by `+`: the switches
+of `training.speed` (rts_thaw/models/speed.py). `--peer-settings` does the same for torchvision's
+model (no `compile`). `--precision` is the older way to give one precision to every model.
 `--flops` also counts, after the timed steps and untimed, the FLOPs of one more training step's
 forward and backward (torch.utils.flop_counter.FlopCounterMode: matrix products, convolutions
-and attention, 2 FLOPs per multiply-add; no optimiser step), per image, split by part (FlopParts).
+and attention, 2 FLOPs per multiply-add; no optimiser step), per image, split by part (FlopParts),
+and each row's sustained rate, TFLOPS = images/s x FLOPs per image (the arithmetic of a step does
+not depend on its speed settings, so each model is counted once, in its first uncompiled row).
 """
 from __future__ import annotations
 
@@ -34,6 +42,21 @@ from omegaconf import OmegaConf
 from flop_parts import FlopParts  # benchmarks/flop_parts.py, beside this script
 
 MODELS = ("staged_cascade", "end_to_end_cascade", "torchvision_maskrcnn_r50")
+PEER = "torchvision_maskrcnn_r50"
+SWITCHES = ("fused", "channels_last", "compile")
+
+
+def parse_setting(text: str, peer: bool = False) -> dict:
+    """`bf16+fused+compile` -> {"precision": "bf16-mixed", "fused": True, ...}; raises on unknown words."""
+    words = text.split("+")
+    precisions = {"fp32": "32", "32": "32", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed"}
+    if words[0] not in precisions:
+        raise ValueError(f"setting {text!r} must start with a precision: {sorted(precisions)}")
+    allowed = [w for w in SWITCHES if not (peer and w == "compile")]
+    unknown = [w for w in words[1:] if w not in allowed]
+    if unknown:
+        raise ValueError(f"setting {text!r}: unknown {unknown}; switches are {allowed}")
+    return {"precision": precisions[words[0]], **{w: w in words[1:] for w in SWITCHES}}
 CHANNELS = {"rgb": 3, "ndvi": 1, "nir": 1}
 # the top-level parts of each model whose forward time --breakdown reports
 PARTS = {"torchvision_maskrcnn_r50": ("backbone", "rpn", "roi_heads")}
@@ -131,17 +154,27 @@ def rss_mb() -> float:
 
 
 def run_one(name: str, args) -> dict:
+    from rts_thaw.models.speed import apply_speed
+
     torch.manual_seed(0)
     device = args.device
+    setting = parse_setting(args.setting, peer=name == PEER)
     model = build(name, args).to(device).train()
+    if name == PEER:
+        if setting["channels_last"]:
+            model.to(memory_format=torch.channels_last)
+    else:  # the training runs' own switches
+        options = {"mode": args.compile_mode} if args.compile_mode else {}
+        apply_speed(model, setting["channels_last"], args.compile_parts.split(",") if setting["compile"] else (),
+                    options)
     images, targets = synthetic_batch(args.batch, args.size, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True if setting["fused"] else None)
     sizes = [(args.size, args.size)] * args.batch
 
     timer = PartTimer(model, PARTS.get(name, OUR_PARTS), device.startswith("cuda")) if args.breakdown else None
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
-                              enabled=args.precision == "bf16-mixed")
+                              enabled=setting["precision"] == "bf16-mixed")
 
     def step():
         with autocast:
@@ -167,9 +200,11 @@ def run_one(name: str, args) -> dict:
     rss_before = rss_mb()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    warmup_start = time.perf_counter()  # includes compiling, for a compiled row
     for _ in range(args.warmup):
         step()
     sync()
+    warmup_seconds = time.perf_counter() - warmup_start
     if timer:
         timer.enabled = True
     start = time.perf_counter()
@@ -185,7 +220,7 @@ def run_one(name: str, args) -> dict:
         peak_abs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         peak = peak_abs - rss_before
     flops = {}
-    if args.flops:  # one more step, untimed and after the memory readout: forward + backward only
+    if args.flops and not args.skip_flops and not setting["compile"]:  # one more step, untimed and after the memory readout: forward + backward only
         counter = FlopParts(model, TV_FLOP_PARTS if name == "torchvision_maskrcnn_r50" else FLOP_PARTS)
         if timer:
             timer.enabled = False
@@ -205,7 +240,7 @@ def run_one(name: str, args) -> dict:
             "peak_abs_mb": peak_abs, "trainable_M": sum(p.numel() for p in params) / 1e6,
             "total_M": sum(p.numel() for p in model.parameters()) / 1e6, "parts_ms": parts,
             "gflop_per_image": sum(sum(fb) for fb in flops.values()) if flops else float("nan"),
-            "parts_gflop": flops}
+            "parts_gflop": flops, "warmup_s": warmup_seconds}
 
 
 def main() -> None:
@@ -221,12 +256,20 @@ def main() -> None:
                    help="conf/model/fusion option, or several separated by commas: our models run once per fusion")
     p.add_argument("--models", default=",".join(MODELS), help=f"which of {', '.join(MODELS)} (comma-separated)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--precision", choices=("32", "bf16-mixed"), default="32")
+    p.add_argument("--precision", choices=("32", "bf16-mixed"), default="32",
+                   help="one precision for every model (when --settings / --peer-settings are not given)")
+    p.add_argument("--settings", help="our models' rows, comma-separated, e.g. fp32,bf16+fused+compile (see above)")
+    p.add_argument("--peer-settings", help="torchvision's rows, e.g. fp32,bf16 (default: the first of --settings)")
+    p.add_argument("--compile-parts", default="encoders,fusion,neck,rpn_head,box_heads,mask_head",
+                   help="what `compile` compiles (rts_thaw.models.speed.COMPILABLE_PARTS)")
+    p.add_argument("--compile-mode", help="torch.compile's mode (default: its own)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time each part's forward, the backward and the optimiser step (ms per step)")
     p.add_argument("--flops", action="store_true",
                    help="also count one step's forward+backward FLOPs per image (untimed), in total and by part")
     p.add_argument("--only", choices=MODELS, help=argparse.SUPPRESS)  # child-process mode
+    p.add_argument("--setting", help=argparse.SUPPRESS)  # child-process mode
+    p.add_argument("--skip-flops", action="store_true", help=argparse.SUPPRESS)  # child: another row counts
     args = p.parse_args()
     if args.steps is None:
         args.steps = 10 if args.device.startswith("cuda") else 2
@@ -237,73 +280,108 @@ def main() -> None:
         print(json.dumps(run_one(args.only, args)))
         return
 
-    rows = []
     fusions = args.fusion.split(",")
-    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in MODELS]
     if unknown:
         p.error(f"unknown --models {unknown}; choose from {list(MODELS)}")
-    jobs = [(name, fusion) for name in args.models.split(",")
-            for fusion in (fusions if name != "torchvision_maskrcnn_r50" else fusions[:1])]
-    for name, fusion in jobs:
-        # the child's --only and --fusion come last, so they win over the parent's
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--only", name, "--fusion", fusion]
+    settings = (args.settings or {"32": "fp32", "bf16-mixed": "bf16"}[args.precision]).split(",")
+    peer_settings = (args.peer_settings or settings[0]).split(",")
+    try:
+        for text in settings:
+            parse_setting(text)
+        for text in peer_settings:
+            parse_setting(text, peer=True)
+    except ValueError as err:
+        p.error(str(err))
+    jobs = []  # (model, fusion, setting, row name)
+    for name in models:
+        for fusion in fusions if name != PEER else fusions[:1]:
+            for setting in settings if name != PEER else peer_settings:
+                label = name + (f" [{fusion}]" if name != PEER and len(fusions) > 1 else "")
+                label += f" {setting}" if len(settings) > 1 or len(peer_settings) > 1 else ""
+                jobs.append((name, fusion, setting, label))
+    rows, counted = [], set()
+    for name, fusion, setting, label in jobs:
+        # the child's --only, --fusion and --setting come last, so they win over the parent's
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--only", name, "--fusion", fusion, "--setting", setting]
+        if (name, fusion) in counted:  # one FLOP count per model (see above)
+            cmd.append("--skip-flops")
+        elif args.flops and "compile" not in setting.split("+"):
+            counted.add((name, fusion))
         out = subprocess.run(cmd, capture_output=True, text=True)
-        if name != "torchvision_maskrcnn_r50" and len(fusions) > 1:
-            name = f"{name} [{fusion}]"
-        if out.returncode:  # say why, and go on with the other models
-            print(f"{name} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
+        if out.returncode:  # say why, and go on with the other rows
+            print(f"{label} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
             failed = float("nan")
-            rows.append({"model": name + " (FAILED)", "images_per_s": failed, "s_per_step": failed, "peak_mb": failed,
-                         "peak_abs_mb": failed, "trainable_M": failed, "total_M": failed,
-                         "gflop_per_image": failed})
+            rows.append({"model": label + " (FAILED)", "name": name, "images_per_s": failed, "s_per_step": failed,
+                         "peak_mb": failed, "peak_abs_mb": failed, "trainable_M": failed, "total_M": failed,
+                         "gflop_per_image": failed, "warmup_s": failed, "setting": setting, "fusion": fusion})
             continue
-        rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "model": name})
-        print(f"  done {name}: {rows[-1]['s_per_step']:.2f} s/step", file=sys.stderr, flush=True)
+        rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "model": label, "name": name,
+                     "setting": setting, "fusion": fusion})
+        print(f"  done {label}: {rows[-1]['s_per_step']:.2f} s/step", file=sys.stderr, flush=True)
+    if args.flops:  # a model's arithmetic is its first counted row's, whatever the setting
+        for r in rows:
+            counted = [c for c in rows if (c["name"], c["fusion"]) == (r["name"], r["fusion"])
+                       and c["gflop_per_image"] == c["gflop_per_image"]]  # not NaN
+            r["gflop_per_image"] = counted[0]["gflop_per_image"] if counted else float("nan")
+            r["tflops"] = r["images_per_s"] * r["gflop_per_image"] / 1000
 
     mem = "peak CUDA memory allocated" if args.device.startswith("cuda") else "peak RSS growth during the steps"
     print(f"device={args.device} size={args.size} batch={args.batch} steps={args.steps} warmup={args.warmup} "
-          f"encoder={args.encoder} heads={args.heads} fusion={args.fusion} precision={args.precision} "
+          f"encoder={args.encoder} heads={args.heads} fusion={args.fusion} settings={','.join(settings)} "
+          f"peer settings={','.join(peer_settings)} compile parts={args.compile_parts} "
           f"threads={torch.get_num_threads()}")
     if args.device.startswith("cuda"):
         print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}")
-    gflop = f" {'GFLOP/img':>10}" if args.flops else ""
+    extra = f" {'GFLOP/img':>10} {'TFLOPS':>7}" if args.flops else ""
     width = max(26, *(len(r["model"]) for r in rows))
-    print(f"{'model':<{width}} {'img/s':>8} {'s/step':>8} {'mem MB':>9} {'abs MB':>8} {'train M':>8} {'total M':>8}{gflop}")
+    print(f"{'model':<{width}} {'img/s':>8} {'s/step':>8} {'mem MB':>9} {'abs MB':>8} {'train M':>8} {'total M':>8} "
+          f"{'warm-up s':>9}{extra}")
     for r in rows:
-        gflop = f" {r['gflop_per_image']:>10.1f}" if args.flops else ""
+        extra = f" {r['gflop_per_image']:>10.1f} {r['tflops']:>7.2f}" if args.flops else ""
         print(f"{r['model']:<{width}} {r['images_per_s']:>8.2f} {r['s_per_step']:>8.2f} {r['peak_mb']:>9.0f} "
-              f"{r['peak_abs_mb']:>8.0f} {r['trainable_M']:>8.1f} {r['total_M']:>8.1f}{gflop}")
+              f"{r['peak_abs_mb']:>8.0f} {r['trainable_M']:>8.1f} {r['total_M']:>8.1f} {r['warmup_s']:>9.1f}{extra}")
     for r in rows:
         if r.get("parts_ms"):
             print(f"  {r['model']} ms/step: " + ", ".join(f"{k} {v:.1f}" for k, v in r["parts_ms"].items()))
     if args.flops:
         names = next((list(r["parts_gflop"]) for r in rows if r.get("parts_gflop")), [])
         print("GFLOP per image by part, forward / backward (torchvision: encoders = ResNet-50, neck = its FPN):")
-        print(f"{'model':<26}" + "".join(f" {n:>13}" for n in names))
+        print(f"{'model':<{width}}" + "".join(f" {n:>13}" for n in names))
         for r in rows:
             if r.get("parts_gflop"):
-                print(f"{r['model']:<26}" + "".join(f" {f'{f:.1f}/{b:.1f}':>13}" for f, b in r["parts_gflop"].values()))
-    if len(fusions) > 1:  # each fusion against the first, model by model
-        for name in args.models.split(","):
-            if name == "torchvision_maskrcnn_r50":
-                continue
-            base = next(r for r in rows if r["model"] == f"{name} [{fusions[0]}]")
-            for r in rows:
-                if r["model"].startswith(f"{name} [") and r is not base:
-                    print(f"{r['model']} / {base['model']}: time per step {r['s_per_step'] / base['s_per_step']:.2f}, "
-                          f"memory ({mem}) {r['peak_mb'] / base['peak_mb']:.2f}")
-        return
-    if len(rows) != len(MODELS):
-        return
-    staged, e2e, tv = rows
-    print(f"memory ({mem}): staged / end-to-end = {staged['peak_mb'] / e2e['peak_mb']:.2f} "
-          f"(target <= 0.40 on GPU; paper 0.52)")
-    print(f"speed: staged / end-to-end = {staged['images_per_s'] / e2e['images_per_s']:.2f}; "
-          f"staged / torchvision = {staged['images_per_s'] / tv['images_per_s']:.2f} (target >= 1 on GPU)")
-    if args.flops:
-        print(f"arithmetic (GFLOP per image, forward + backward): staged / torchvision = "
-              f"{staged['gflop_per_image'] / tv['gflop_per_image']:.2f}; "
-              f"end-to-end / torchvision = {e2e['gflop_per_image'] / tv['gflop_per_image']:.2f}")
+                print(f"{r['model']:<{width}}" + "".join(f" {f'{f:.1f}/{b:.1f}':>13}" for f, b in r["parts_gflop"].values()))
+    ours = [r for r in rows if r["name"] != PEER]
+    peers = [r for r in rows if r["name"] == PEER]
+    if len(fusions) > 1:  # each fusion against the first, model by model and setting by setting
+        for r in ours:
+            base = next(b for b in ours if (b["name"], b["setting"], b["fusion"]) == (r["name"], r["setting"], fusions[0]))
+            if r is not base:
+                print(f"{r['model']} / {base['model']}: time per step {r['s_per_step'] / base['s_per_step']:.2f}, "
+                      f"memory ({mem}) {r['peak_mb'] / base['peak_mb']:.2f}")
+    if len(settings) > 1:  # each setting against the first, model by model
+        for r in ours:
+            base = next(b for b in ours if (b["name"], b["fusion"], b["setting"]) == (r["name"], r["fusion"], settings[0]))
+            if r is not base:
+                print(f"{r['model']} / {settings[0]}: speed {r['images_per_s'] / base['images_per_s']:.2f}x, "
+                      f"memory {r['peak_mb'] / base['peak_mb']:.2f}x")
+    for r in ours:  # against the peer, each of its rows (the issue's target: >= 1 against its float32)
+        if peers:
+            print(f"speed: {r['model']} / torchvision = "
+                  + "; ".join(f"{r['images_per_s'] / t['images_per_s']:.2f} ({t['setting']})" for t in peers))
+    staged = [r for r in ours if r["name"] == "staged_cascade"]
+    e2e = [r for r in ours if r["name"] == "end_to_end_cascade"]
+    if staged and e2e:  # the first setting of each, as before settings existed
+        print(f"memory ({mem}): staged / end-to-end = {staged[0]['peak_mb'] / e2e[0]['peak_mb']:.2f} "
+              f"(target <= 0.40 on GPU; paper 0.52); "
+              f"speed: staged / end-to-end = {staged[0]['images_per_s'] / e2e[0]['images_per_s']:.2f}")
+    if args.flops and peers:
+        for r in ours:
+            if r["setting"] == settings[0]:
+                print(f"arithmetic (GFLOP per image, forward + backward): {r['model']} / torchvision = "
+                      f"{r['gflop_per_image'] / peers[0]['gflop_per_image']:.2f}")
+
 
 if __name__ == "__main__":
     main()

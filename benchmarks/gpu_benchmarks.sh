@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU measurement of docs/benchmarks.md in one go (issues 3, 4 and 6), most important
-# first, each under its own time limit so that one failure does not cost the others.
+# The GPU speed measurements of docs/benchmarks.md in one call of under 8 minutes: the training
+# step and whole-scene prediction at paper scale, each with the speed switches (bf16 autocast,
+# fused AdamW, channels-last, torch.compile) beside torchvision's Mask R-CNN in float32 and
+# bf16, most important first, each under its own time limit so that one failure does not
+# cost the others. The accuracy of the switches: benchmarks/gpu_accuracy.sh.
 # Run from the repository root on a CUDA machine with rts_thaw installed:
-#     bash benchmarks/gpu_benchmarks.sh [LOG_DIR]
+#     bash benchmarks/gpu_benchmarks.sh [LOG_DIR] [PARTS]     # PARTS: "train predict" (the default), or one
+# The commands of earlier sessions' tables are given beside them in docs/benchmarks.md.
 set -u
 logs=${1:-gpu_logs}
+parts=${2:-train predict}
 mkdir -p "$logs"
 export PYTHONUNBUFFERED=1
 world=${RTS_BENCH_WORLD:-/tmp/rts_thaw_bench_world}  # generated once, shared by the prediction runs
@@ -19,45 +24,39 @@ run() {  # run NAME SECONDS COMMAND...: log to $logs/NAME.log
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/gpu.txt"
 python -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)" | tee -a "$logs/gpu.txt"
 
-# Issue 6: whole-scene prediction vs forward only; paper-scale model at 256 px tiles, every scene
-# listed 4 times (--repeat). 2 detections per tile first (still heavier than a trained model's
-# load), then the 20-per-tile stress load.
+if [[ $parts == *predict* ]]; then
+# The prediction runs' world (16 scenes of 1024 px), drawn on 6 of the CPU cores while the
+# training step is timed (that step keeps one core busy).
+python - "$world" >"$logs/world.log" 2>&1 <<'EOF' &
+import sys
+from pathlib import Path
+from rts_thaw.data.synthetic import WorldParams, generate_world
+params = WorldParams(scenes=16, size=1024, seed=11)  # bench_predict's world for --scenes 16 --size 1024
+target = Path(sys.argv[1]) / f"synthetic_{params.key()}"
+if not (target / "scenes.yaml").exists():
+    generate_world(target, params, workers=6)
+EOF
+world_job=$!
+fi
+
+# Issue 19: the staged 3-modality cascade (detectron2's R50-FPN cascade heads) at 512 px, batch 8:
+# each switch added to the last, beside torchvision in float32 and bf16; --flops adds GFLOP per
+# image and each row's sustained TFLOPS.
+[[ $parts == *train* ]] && run train_512_switches 270 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 3 \
+    --heads cascade_2fc --flops --models staged_cascade,torchvision_maskrcnn_r50 --peer-settings fp32,bf16 \
+    --settings fp32,bf16,bf16+fused,bf16+fused+channels_last,bf16+fused+channels_last+compile
+
+if [[ $parts == *predict* ]]; then
+wait "$world_job"
+# Issue 19: whole-scene prediction, paper-scale model (mvitv2_tiny + cascade) on 256 px tiles,
+# every scene listed twice, 2 detections per tile: float32, then bf16 with the switches.
 P="python benchmarks/bench_predict.py --device cuda --world $world --scenes 16 --size 1024 --encoder mvitv2_tiny \
-    --heads cascade --tile-size 256 --batch-size 16 --workers 8 --repeat 4"
-# 3 rounds alternate the forward-only pass and the pipeline: the forward rate alone varied from
-# 72.6 to 85.4 tiles/s between runs of one command on the H200, so one pass of each can put the
-# device's drift into the ratio.
-run predict_tiny_md2 220 $P --write-workers 4 --max-detections 2 --rounds 3
-# Fewer torch threads in the mapping process (its pin-memory copies use torch's thread pool, a
-# thread per core by default, beside 8 reading and 4 writing processes): single runs on the
-# H200 gave +3.4..+11.5 ms per batch of inference with 2 threads against +15..+24 with the default.
-run predict_tiny_md2_threads2 220 $P --write-workers 4 --max-detections 2 --rounds 3 --threads 2
-run predict_tiny_md2_threads1 220 $P --write-workers 4 --max-detections 2 --rounds 3 --threads 1
-# The same load over a 4x longer run: the run's fixed costs (start-up, the last scene's
-# writing) weigh as little as in a mapping run that lasts hours (98.7% in one run on the H200).
-run predict_tiny_md2_r16 260 ${P/--repeat 4/--repeat 16} --write-workers 4 --max-detections 2
-run predict_tiny_md20 130 $P --write-workers 8
-# Issue 6: the feeding loop's work per batch after the forward pass, pasted in the model vs handed over.
-run mask_handoff 60 python benchmarks/bench_mask_handoff.py --device cuda --repeats 10
-# Issue 6: the writers' cold start: the caller held up, writers ready (CPU-side; 16 cores here).
-run writer_start 150 python benchmarks/bench_writer_start.py --writers 4 --rounds 3
-# Issue 3: a training step at 512 px, batch 8, with detectron2's R50-FPN cascade heads (cascade_2fc)
-# and with the paper's (cascade), beside torchvision; --flops adds GFLOP per image (untimed),
-# --breakdown the milliseconds of each part.
-run train_512_2fc 150 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2 --heads cascade_2fc --flops
-run train_512_2fc_breakdown 120 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2 --steps 5 \
-    --heads cascade_2fc --breakdown
-run train_512_fp32 150 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2
-run train_512_breakdown 150 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2 --steps 5 --breakdown
-# Issue 4: the same step at 256 px.
-run train_256_fp32 120 python benchmarks/bench_train_step.py --device cuda --size 256 --warmup 2
-# Issue 6, the light CPU-default model: the harder case for the pipeline (the model is fast).
-run predict_micro 150 python benchmarks/bench_predict.py --device cuda --world "$world" --scenes 16 --size 1024 \
-    --tile-size 128 --batch-size 32 --workers 8 --write-workers 8 --repeat 4
-# Issue 6 in bf16 autocast (prediction's precision=bf16-mixed).
-run predict_tiny_bf16 150 $P --write-workers 4 --max-detections 2 --precision bf16-mixed
-# Issue 3 in bf16 autocast.
-run train_512_bf16 150 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 2 --precision bf16-mixed
+    --heads cascade --tile-size 256 --batch-size 16 --workers 8 --write-workers 4 --repeat 2 --max-detections 2"
+run predict_tiny_fp32 90 $P
+run predict_tiny_bf16_switches 150 $P --precision bf16-mixed --channels-last \
+    --compile encoders,fusion,neck,rpn_head,box_heads,mask_head
+fi
 
 echo "== summary"
-grep -h -A14 "^device=\|^device:\|^device " "$logs"/*.log
+grep -h -A30 "^device=" "$logs"/train_*.log 2>/dev/null
+grep -h -B1 -A8 "^device:" "$logs"/predict_*.log 2>/dev/null

@@ -27,6 +27,16 @@ def _tiling(cfg: DictConfig, model_tile_size: int):
     return TilingConfig(tile_size=tile_size, **tiling)
 
 
+def _load_model(cfg: DictConfig, device):
+    """The checkpoint's model on `device`, with the run's speed switches (`speed`)."""
+    from rts_thaw.mapping.map_scenes import load_model
+    from rts_thaw.models.speed import apply_speed
+
+    model = load_model(cfg.ckpt_path, device)
+    apply_speed(model.detector, cfg.speed.channels_last, cfg.speed.compile, cfg.speed.compile_options)
+    return model
+
+
 def merge_mode(cfg: DictConfig) -> Path:
     from rts_thaw.mapping.shards import merge_scene_layers
 
@@ -39,11 +49,11 @@ def merge_mode(cfg: DictConfig) -> Path:
 
 
 def scenes_mode(cfg: DictConfig) -> list[dict]:
-    from rts_thaw.mapping.map_scenes import load_model, map_scenes, resolve_device
+    from rts_thaw.mapping.map_scenes import map_scenes, resolve_device
     from rts_thaw.mapping.scene_outputs import EXTRA_OUTPUTS
 
     device = resolve_device(cfg.device)
-    model = load_model(cfg.ckpt_path, device)
+    model = _load_model(cfg, device)
     outputs = [name for name in EXTRA_OUTPUTS if cfg.get(name)]  # each format has its switch
     summaries = map_scenes(model, cfg.scenes, cfg.output_dir, _tiling(cfg, model.tile_size), device,
                            shard=cfg.shard, num_shards=cfg.num_shards, outputs=outputs, progress=cfg.progress,
@@ -57,12 +67,12 @@ def scenes_mode(cfg: DictConfig) -> list[dict]:
 
 def challenge_mode(cfg: DictConfig) -> Path:
     from rts_thaw.mapping.challenge import predict_challenge
-    from rts_thaw.mapping.map_scenes import load_model, resolve_device
+    from rts_thaw.mapping.map_scenes import resolve_device
 
     if not cfg.output:
         raise ValueError("challenge mode needs output=<submission.json>")
     device = resolve_device(cfg.device)
-    model = load_model(cfg.ckpt_path, device)
+    model = _load_model(cfg, device)
     tiling = _tiling(cfg, model.tile_size)
     path, problems = predict_challenge(model, cfg.data, cfg.split, cfg.output, device, tiling,
                                        score_threshold=cfg.get("submission_score_threshold"), progress=cfg.progress,
@@ -79,6 +89,9 @@ def main(cfg: DictConfig):
         return merge_mode(cfg)
     if not cfg.ckpt_path:
         raise ValueError("predict needs ckpt_path=<checkpoint> (or merge=true output_dir=<dir>)")
+    from rts_thaw.models.speed import check_compile_parts
+
+    check_compile_parts(cfg.speed.compile, "speed.compile")  # before any scene is opened
     if cfg.get("data") is not None:
         return challenge_mode(cfg)
     if cfg.scenes:

@@ -31,12 +31,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run what `cfg` describes in `run_dir`; returns its results."""
     from rts_thaw.core.json_files import write_json_atomic
     from rts_thaw.models.encoders import check_tile_size
+    from rts_thaw.models.speed import check_compile_parts
     from rts_thaw.training import staged
     from rts_thaw.training.ranks import is_global_zero
     from rts_thaw.training.single_run import fit_and_test
 
     # Fail before any data is generated or read when the tiles cannot pass the encoder.
     check_tile_size(int(cfg.data.tile_size), cfg.model.encoder, cfg.model.get("img_size"))
+    check_compile_parts(cfg.training.speed.compile, "training.speed.compile")
     run_dir = Path(run_dir)
     if cfg.training.staged:
         return staged.run_staged(cfg, run_dir)

@@ -21,6 +21,8 @@ from rts_thaw.data.datamodule import RTSDataModule
 from rts_thaw.data.geotiff import GeoTiffTileDataset, SceneError, SceneReader, SceneSpec, load_scene_list
 from rts_thaw.data.synthetic import write_labels
 
+pytestmark = pytest.mark.faults  # the fault-injection suite: make test-faults
+
 UTM = "EPSG:32606"
 X0, Y0 = 500000.0, 7700000.0
 REF = Affine(4.0, 0, X0, 0, -4.0, Y0)
@@ -126,21 +128,57 @@ def test_unreadable_label_file(tmp_path, rgb):
 
 
 def test_nan_and_nodata_only_tiles(tmp_path, rgb):
-    """All-NaN NDVI: tiles are invalid (zeros, valid False, never NaN); with the
-    usual threshold they are skipped, and a split with no usable tile is an error."""
+    """All-NaN NDVI: tiles are invalid (zeros, valid False, never NaN); a scene with no usable
+    tile is an error naming it (skipped with on_error=skip), and so is a split with none."""
     nan_ndvi = tif(tmp_path / "ndvi.tif", value=np.nan, nodata=np.nan)
     spec = SceneSpec("s", "train", {"rgb": rgb, "ndvi": nan_ndvi})
     with SceneReader(spec, ["ndvi"]) as reader:
         images, valid = reader.read(Window(0, 0, 32, 32))
     assert not valid.any() and (images["ndvi"] == 0).all()
-    assert len(GeoTiffTileDataset([spec], ["ndvi"], tile_size=16, min_valid_fraction=0.5)) == 0
+    with pytest.raises(SceneError, match=r"scene s \(.*rgb\.tif\): no tile has 50% valid pixels in \['ndvi'\]"):
+        GeoTiffTileDataset([spec], ["ndvi"], tile_size=16, min_valid_fraction=0.5)
+    assert len(GeoTiffTileDataset([spec], ["ndvi"], tile_size=16, min_valid_fraction=0.5, on_error="skip")) == 0
     scene_list = tmp_path / "scenes.yaml"
     write_labels(tmp_path / "none.gpkg", [], "EPSG:32606")  # a scene with no slumps
     scene_list.write_text(yaml.safe_dump({"scenes": [{"id": "s", "split": "train", "labels": "none.gpkg",
                                                       "rasters": {"rgb": "rgb.tif", "ndvi": "ndvi.tif"}}]}))
-    dm = RTSDataModule(path=scene_list, modalities=["ndvi"], tile_size=16, norm_stats={"mean": {"ndvi": [0]}, "std": {"ndvi": [1]}})
+    dm = RTSDataModule(path=scene_list, modalities=["ndvi"], tile_size=16, on_error="skip",
+                       norm_stats={"mean": {"ndvi": [0]}, "std": {"ndvi": [1]}})
     with pytest.raises(ValueError, match=r"scenes\.yaml: no tile of split 'train' has 50% valid pixels"):
         dm.setup("fit")
+
+
+def test_every_bad_scene_is_listed_before_training_or_skipped_when_asked(tmp_path, rgb, caplog):
+    """Labels that would vanish in one scene, an all-NaN NDVI in another: one error names both
+    files before any tile is read for training; data.on_error=skip trains on the good scene and
+    logs each one it left out."""
+    tif(tmp_path / "ndvi.tif", value=0.5)
+    tif(tmp_path / "nan_ndvi.tif", value=np.nan, nodata=np.nan)
+    square = shapely.box(X0 + 40, Y0 - 80, X0 + 80, Y0 - 40)
+    (tmp_path / "utm.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": shapely.geometry.mapping(square)}]}))
+    write_labels(tmp_path / "good.gpkg", [square], UTM)
+    scenes = [{"id": "no_crs", "split": "train", "labels": "utm.geojson", "rasters": {"rgb": "rgb.tif", "ndvi": "ndvi.tif"}},
+              {"id": "nan", "split": "train", "labels": "good.gpkg", "rasters": {"rgb": "rgb.tif", "ndvi": "nan_ndvi.tif"}},
+              {"id": "good", "split": "train", "labels": "good.gpkg", "rasters": {"rgb": "rgb.tif", "ndvi": "ndvi.tif"}},
+              {"id": "val", "split": "val", "labels": "good.gpkg", "rasters": {"rgb": "rgb.tif", "ndvi": "ndvi.tif"}}]
+    scene_list = tmp_path / "scenes.yaml"
+    scene_list.write_text(yaml.safe_dump({"scenes": scenes}))
+    stats = {"mean": {"rgb": [0, 0, 0], "ndvi": [0]}, "std": {"rgb": [1, 1, 1], "ndvi": [1]}}
+    with pytest.raises(SceneError) as error:
+        RTSDataModule(path=scene_list, modalities=["rgb", "ndvi"], tile_size=16, norm_stats=stats).setup("fit")
+    message = str(error.value)
+    assert message.startswith("2 problems: ") and "data.on_error=skip" in message
+    assert "utm.geojson: label file of scene no_crs" in message and "scene nan (" in message
+    with caplog.at_level("WARNING", logger="rts_thaw.data.geotiff"):
+        dm = RTSDataModule(path=scene_list, modalities=["rgb", "ndvi"], tile_size=16, norm_stats=stats,
+                           on_error="skip")
+        dm.setup("fit")
+    assert [s.id for s in dm.datasets["train"].scenes] == ["good"]
+    skipped = [r.getMessage() for r in caplog.records if "data.on_error=skip" in r.getMessage()]
+    assert len(skipped) == 2 and any("utm.geojson" in m for m in skipped)
+    with pytest.raises(ValueError, match=r"data.on_error='ignore': use one of \['raise', 'skip'\]"):
+        RTSDataModule(path=scene_list, on_error="ignore")
 
 
 def test_scene_list_errors_name_the_file(tmp_path):
@@ -195,7 +233,7 @@ def test_coco_json_that_references_missing_images(tmp_path):
         CocoChipDataset(tmp_path / "annotations.json", {"rgb": tmp_path / "rgb"}, ["rgb"])
 
 
-def test_coco_ids_that_would_mix_or_drop_labels_are_errors(tmp_path):
+def test_coco_ids_that_would_mix_or_drop_labels_are_errors(tmp_path, caplog):
     """Two images sharing an id (they got each other's masks), an annotation of an unknown image
     (dropped), a box without a mask (crashed mid-epoch): one error, every problem, before training."""
     (tmp_path / "rgb").mkdir()
@@ -215,6 +253,17 @@ def test_coco_ids_that_would_mix_or_drop_labels_are_errors(tmp_path):
                     "annotation 11 refers to image_id 7, which is not among the images",
                     "annotation 12 has no segmentation"):
         assert problem in message, (problem, message)
+
+    # data.on_error=skip: the sound image and its annotation stay, each problem is logged
+    tif(tmp_path / "rgb" / "c.tif", bands=3, dtype="uint8", value=5)
+    coco["images"].append({"id": 3, "file_name": "c.tif"})
+    coco["annotations"].append({"id": 13, "image_id": 3, "segmentation": square, "bbox": [2, 2, 10, 10]})
+    (tmp_path / "annotations.json").write_text(json.dumps(coco))
+    with caplog.at_level("WARNING", logger="rts_thaw.data.chips"):
+        dataset = CocoChipDataset(tmp_path / "annotations.json", {"rgb": tmp_path / "rgb"}, ["rgb"], on_error="skip")
+    assert [im["file_name"] for im in dataset.images] == ["c.tif"]
+    assert len(dataset[0]["target"]["boxes"]) == 1
+    assert len([r for r in caplog.records if "data.on_error=skip" in r.getMessage()]) == 3
 
 
 def test_evaluation_refuses_results_that_would_score_wrongly(tmp_path):
@@ -303,3 +352,43 @@ def test_statistics_follow_a_raster_rewritten_in_place(tmp_path, rgb):
     assert ndvi_mean() == pytest.approx(0.5)
     tif(tmp_path / "ndvi.tif", value=50.0)  # scaled x100, same path
     assert ndvi_mean() == pytest.approx(50.0)
+
+
+def test_polygon_scoring_refuses_files_that_would_score_wrongly(tmp_path):
+    """evaluate gt=<truth.gpkg> predictions=<mapped.gpkg>: a truth GeoJSON without a CRS (UTM read
+    as WGS84), scores outside [0, 1] and layers that do not overlap were scored as F1 0 silently."""
+    from rts_thaw.core.vectors import VectorLayer, write_layer
+    from rts_thaw.eval.polygons import evaluate_polygon_files
+
+    square = shapely.box(X0 + 40, Y0 - 80, X0 + 80, Y0 - 40)
+    truth = write_layer(VectorLayer([square], UTM), tmp_path / "truth.gpkg")
+    mapped = write_layer(VectorLayer([square], UTM, {"score": np.array([0.9])}), tmp_path / "mapped.gpkg")
+    assert evaluate_polygon_files(mapped, truth)["f1"] == 1.0  # sound files score
+
+    (tmp_path / "truth.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": shapely.geometry.mapping(square)}]}))
+    bad_scores = write_layer(VectorLayer([square], UTM, {"score": np.array([7.0])}), tmp_path / "scores.gpkg")
+    with pytest.raises(ValueError) as error:
+        evaluate_polygon_files(bad_scores, tmp_path / "truth.geojson")
+    message = str(error.value)
+    assert message.startswith("cannot score these polygons: 2 problems: ")
+    assert "truth.geojson: the true polygons' file has coordinates up to" in message
+    assert "scores.gpkg: 1 predicted score(s) outside [0, 1]" in message
+
+    far = write_layer(VectorLayer([shapely.box(X0 + 9000, Y0, X0 + 9040, Y0 + 40)], UTM, {"score": np.array([0.5])}),
+                      tmp_path / "far.gpkg")
+    with pytest.raises(ValueError, match=r"far\.gpkg: no predicted polygon lies within the extent of the true ones"):
+        evaluate_polygon_files(far, truth)
+
+
+def test_the_world_generator_refuses_sizes_and_folders_it_cannot_use(tmp_path, capsys):
+    """`python -m rts_thaw.data.synthetic --size 16` and `--out <an existing world>` ended in tracebacks."""
+    from rts_thaw.data.synthetic import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "tiny"), "--size", "16"])
+    assert "a synthetic scene needs at least 96 px per side, got size=16" in capsys.readouterr().err
+    main(["--out", str(tmp_path / "world"), "--size", "96", "--scenes", "1"])
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "world"), "--size", "96", "--scenes", "1"])
+    assert "world: the folder is not empty (it holds a world: scenes.yaml)" in capsys.readouterr().err

@@ -191,6 +191,7 @@ def test_proposals_per_tile_limit_what_the_heads_see(world, checkpoint, tmp_path
     assert not (tmp_path / "none").exists()
 
 
+@pytest.mark.faults
 @pytest.mark.slow  # a long end-to-end run: `make test` runs it, `make test-fast` does not
 def test_resume_after_kill_and_sharding(world, checkpoint, tmp_path):
     out = tmp_path / "maps"

@@ -169,6 +169,7 @@ def test_all_nodata_tiles_are_skipped(tmp_path):
     assert len(read_layer(tmp_path / "out" / "s.gpkg")) == 1
 
 
+@pytest.mark.faults
 def test_rerun_skips_done_scenes_and_cleans_leftovers(oracle_world, tmp_path):
     scene_list, _ = oracle_world
     map_scenes(_model(), scene_list, tmp_path, TILING, torch.device("cpu"), shard=0, num_shards=2, progress=False)
@@ -188,6 +189,7 @@ def test_rerun_skips_done_scenes_and_cleans_leftovers(oracle_world, tmp_path):
                                                            "scene_c.gpkg"]
 
 
+@pytest.mark.faults
 def test_maps_of_another_checkpoint_or_threshold_are_never_mixed_in(oracle_world, tmp_path):
     scene_list, _ = oracle_world
     map_scenes(_model(), scene_list, tmp_path, TILING, torch.device("cpu"), progress=False)
@@ -209,6 +211,7 @@ def test_maps_of_another_checkpoint_or_threshold_are_never_mixed_in(oracle_world
     assert json.loads((tmp_path / "predict_identity.json").read_text())["tiling"]["score_threshold"] == 0.9
 
 
+@pytest.mark.faults
 def test_maps_with_no_record_of_what_made_them_are_refused(oracle_world, tmp_path):
     scene_list, _ = oracle_world
     (tmp_path / "scene_a.gpkg").write_bytes(b"an old map")
@@ -216,6 +219,7 @@ def test_maps_with_no_record_of_what_made_them_are_refused(oracle_world, tmp_pat
         map_scenes(_model(), scene_list, tmp_path, TILING, torch.device("cpu"), progress=False)
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("write_workers", [2, 0], ids=["writer_processes", "writer_thread"])
 def test_a_scene_that_cannot_be_written_names_itself_and_the_others_are_written(oracle_world, tmp_path,
                                                                                 write_workers):
@@ -238,6 +242,7 @@ def test_a_scene_that_cannot_be_written_names_itself_and_the_others_are_written(
                                                                                 for ext in ("geojson", "gpkg"))]
 
 
+@pytest.mark.faults
 def test_missing_modality_is_an_error_before_any_work(tmp_path):
     entry = _write_scene(tmp_path / "s", "s", [])
     del entry["rasters"]["ndvi"]

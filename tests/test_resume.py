@@ -16,6 +16,8 @@ from rts_thaw.training.single_run import fit_and_test
 
 from tiny_run import compose_train, tiny_overrides
 
+pytestmark = pytest.mark.faults  # the fault-injection suite: make test-faults
+
 
 def readable_checkpoint(path):
     try:
@@ -76,34 +78,68 @@ def test_killed_run_resumes_with_the_same_step_count(tiny_world_config, tmp_path
     assert json.loads((whole_dir / "results.json").read_text())["test"] == results["test"]
 
 
-def test_keyboard_interrupt_leaves_a_usable_last_checkpoint(tiny_world_config, tmp_path, monkeypatch):
-    import lightning.pytorch as pl
+class Interrupt:
+    """A Lightning callback that stops the first run after `at` steps: Ctrl-C after a batch, Ctrl-C
+    within the next batch (its forward pass done, its proposals drawn), or SIGTERM (what SLURM
+    sends before a requeue, and `kill`'s default), on which Lightning ends the running batch first."""
 
+    def __new__(cls, how: str, at: int):
+        import lightning.pytorch as pl
+
+        class _Interrupt(pl.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if how == "ctrl_c" and trainer.global_step == at:
+                    raise KeyboardInterrupt
+
+            def on_before_backward(self, trainer, *args):
+                if how == "ctrl_c_within_a_batch" and trainer.global_step == at:
+                    raise KeyboardInterrupt
+
+            def on_train_batch_start(self, trainer, *args):
+                if how == "sigterm" and trainer.global_step == at - 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        return _Interrupt()
+
+
+@pytest.mark.slow  # three short training runs
+@pytest.mark.parametrize("how", ["ctrl_c", "ctrl_c_within_a_batch", "sigterm"])
+def test_a_run_interrupted_within_an_epoch_resumes_exactly(how, tiny_world_config, tmp_path, monkeypatch):
     from rts_thaw.training import single_run
 
-    class CtrlC(pl.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == 3:
-                raise KeyboardInterrupt
-
-    cfg = compose_train(tiny_overrides(tiny_world_config, tmp_path / "cache", experiment="unimodal", epochs=2,
-                                       logger="none"))
+    # 3 batches per epoch, augmentation on: the resumed run must draw the same order and the same
+    # flips for the batches after the interruption, which falls inside the second epoch
+    overrides = [*tiny_overrides(tiny_world_config, tmp_path / "cache", experiment="unimodal", epochs=2,
+                                 logger="csv"),
+                 "trainer.limit_train_batches=3", "data.augment={hflip: true, vflip: true, rot90: true}"]
+    cfg = compose_train(overrides)
     real_instantiate = single_run.instantiate
 
-    def with_ctrl_c(config, **kwargs):  # the trainer of the first run gets a Ctrl-C at step 3
+    def interrupted(config, **kwargs):  # the first run's trainer is stopped at step 4
         if "callbacks" in kwargs:
-            kwargs["callbacks"] = [*kwargs["callbacks"], CtrlC()]
+            kwargs["callbacks"] = [*kwargs["callbacks"], Interrupt(how, at=4)]
         return real_instantiate(config, **kwargs)
 
-    monkeypatch.setattr(single_run, "instantiate", with_ctrl_c)
-    with pytest.raises((SystemExit, KeyboardInterrupt)):
+    monkeypatch.setattr(single_run, "instantiate", interrupted)
+    with pytest.raises((SystemExit, KeyboardInterrupt, Exception)):
         fit_and_test(cfg, tmp_path / "run")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert readable_checkpoint(last)["global_step"] == 3
+    assert readable_checkpoint(last)["global_step"] == 4
+    assert not (tmp_path / "run" / "results.json").exists()
 
     monkeypatch.setattr(single_run, "instantiate", real_instantiate)
-    results = fit_and_test(cfg, tmp_path / "run")
-    assert results["global_step"] == 2 * 2
+    resumed = fit_and_test(cfg, tmp_path / "run")
+    whole = fit_and_test(cfg, tmp_path / "whole")
+    assert resumed["global_step"] == whole["global_step"] == 2 * 3
+    resumed_state = readable_checkpoint(last)["state_dict"]
+    whole_state = readable_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(torch.equal(resumed_state[k], whole_state[k]) for k in whole_state)
+    assert resumed["test"] == whole["test"]
+    # the metric history is whole: every training step logged once, as in the uninterrupted run
+    def logged_steps(run):
+        with open(tmp_path / run / "csv" / "metrics.csv", newline="") as handle:
+            return sorted(int(r["step"]) for r in csv.DictReader(handle) if r.get("train/loss"))
+    assert logged_steps("run") == logged_steps("whole")
 
 
 def test_a_run_does_not_resume_from_another_configurations_checkpoint(tiny_world_config, tmp_path):

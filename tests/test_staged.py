@@ -208,7 +208,7 @@ def test_stage1_key_follows_the_generated_world_not_only_its_config(tmp_path, mo
     old world must not be reused."""
     from rts_thaw.data import synthetic
 
-    overrides = ["+experiment=unimodal", f"paths.cache_dir={tmp_path}", "data.path.scenes=1", "data.path.size=64",
+    overrides = ["+experiment=unimodal", f"paths.cache_dir={tmp_path}", "data.path.scenes=1", "data.path.size=96",
                  "data.path.world=paper_like"]
     key = staged.stage1_key(staged.stage1_config(compose_train(overrides), "rgb"))
     assert key == staged.stage1_key(staged.stage1_config(compose_train(overrides), "rgb"))  # stable

@@ -67,6 +67,7 @@ def test_handing_a_scene_over_does_not_wait_for_the_writers_to_start(tmp_path):
         run.kill()
 
 
+@pytest.mark.faults
 def test_a_writer_that_dies_stops_the_hand_over():
     writers = writer_pool(2)
     try:
@@ -97,6 +98,7 @@ def _wait_for(condition, seconds: float) -> bool:
     return condition()
 
 
+@pytest.mark.faults
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="writers follow their run's death on Linux only")
 def test_writers_die_with_a_killed_run(tmp_path):
     script = tmp_path / "run.py"

@@ -33,6 +33,23 @@ class VectorLayer:
         return len(self.geometries)
 
 
+def crs_problem(layer: VectorLayer) -> str | None:
+    """Why a layer's coordinates cannot be placed on the ground, or None: it has no CRS, or its
+    CRS is geographic while its coordinates are not longitude/latitude (GeoJSON has no CRS
+    field: a file written in UTM is read as WGS84, and every polygon would land nowhere)."""
+    if layer.crs is None:
+        return "has no CRS"
+    geoms = [g for g in layer.geometries if g is not None and not g.is_empty]
+    crs = pyproj.CRS.from_user_input(layer.crs)
+    if geoms and crs.is_geographic:
+        x0, y0, x1, y1 = shapely.total_bounds(geoms)
+        if x0 < -180 or x1 > 180 or y0 < -90 or y1 > 90:
+            return (f"has coordinates up to ({x1:.0f}, {y1:.0f}), which are not longitude/latitude, yet its CRS is "
+                    f"geographic ({crs.name}): a GeoJSON without a CRS is read as WGS84. Write the file with its "
+                    "projected CRS (e.g. GeoPackage)")
+    return None
+
+
 def temporary_path(path: Path) -> Path:
     """Where `path` is written before its rename: a hidden per-process folder beside it,
     so no pattern that finds finished files (*.gpkg) ever finds a half-written one."""

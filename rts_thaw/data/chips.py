@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import zipfile
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from torch.utils.data import Dataset
 
 from rts_thaw.data.sample import make_sample
 from rts_thaw.core.rle import decode
+
+log = logging.getLogger(__name__)
 
 CHALLENGE_BANDS = ("red", "green", "blue", "ndvi", "relative_elevation", "shaded_relief", "nir", "ndwi")
 CHALLENGE_BAND_MAP = {
@@ -86,7 +89,7 @@ def _in_share(image_id, share: str, val_fraction: float) -> bool:
     return share == "all" or _in_val(image_id, val_fraction) == (share == "val")
 
 
-def _load_coco(path: Path) -> dict:
+def _load_coco(path: Path, on_error: str = "raise", log_skips: bool = True) -> dict:
     try:
         with open(path) as f:
             coco = json.load(f)
@@ -98,9 +101,18 @@ def _load_coco(path: Path) -> dict:
         raise ChipError(f"{path}: a COCO instance file needs an 'images' list")
     coco.setdefault("annotations", [])
     problems = coco_problems(coco, need_masks=True)
-    if problems:
+    if problems and on_error == "raise":
         listed = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems[:20])
-        raise ChipError(f"{path}: {listed}")
+        raise ChipError(f"{path}: {listed} (data.on_error=skip leaves such images and annotations out, each logged)")
+    for problem in problems if log_skips else []:
+        log.warning("skipped (data.on_error=skip): %s: %s", path, problem)
+    if problems:  # keep what is sound: images with a unique id, their annotations that have a mask
+        counts: dict = {}
+        for image in coco["images"]:
+            counts[image.get("id")] = counts.get(image.get("id"), 0) + 1
+        coco["images"] = [im for im in coco["images"] if counts[im.get("id")] == 1]
+        kept = {im["id"] for im in coco["images"]}
+        coco["annotations"] = [a for a in coco["annotations"] if a.get("image_id") in kept and a.get("segmentation")]
     return coco
 
 
@@ -205,16 +217,20 @@ class CocoChipDataset(_ChipDataset):
     source = "coco_chips"
 
     def __init__(self, annotation_file: Path, image_dirs: dict[str, Path], modalities, image_ids=None,
-                 norm_stats=None, augment=None, min_instance_area: int = 10):
-        coco = _load_coco(annotation_file)
+                 norm_stats=None, augment=None, min_instance_area: int = 10, on_error: str = "raise"):
+        coco = _load_coco(annotation_file, on_error)
         images = [im for im in coco["images"] if image_ids is None or im["id"] in image_ids]
         missing_dirs = [m for m in modalities if m not in image_dirs]
         if missing_dirs:
             raise ChipError(f"{annotation_file.parent}: no image folder for modalities {missing_dirs} (has {sorted(image_dirs)})")
         for m in modalities:
             absent = [im["file_name"] for im in images if not (image_dirs[m] / im["file_name"]).exists()]
-            if absent:
-                raise ChipError(f"{annotation_file}: references {len(absent)} image(s) missing from {image_dirs[m]}, e.g. {absent[:3]}")
+            if absent and on_error == "raise":
+                raise ChipError(f"{annotation_file}: references {len(absent)} image(s) missing from {image_dirs[m]}, "
+                                f"e.g. {absent[:3]} (data.on_error=skip leaves them out, each logged)")
+            for name in absent:
+                log.warning("skipped (data.on_error=skip): %s: image %s is missing", annotation_file, image_dirs[m] / name)
+            images = [im for im in images if im["file_name"] not in set(absent)]
         by_image: dict[int, list] = {}
         for a in coco["annotations"]:
             by_image.setdefault(a["image_id"], []).append(a)
@@ -259,7 +275,8 @@ def coco_chip_split(root: Path, split: str, modalities, val_fraction: float = 0.
         raise ChipError(f"{folder / 'annotations.json'}: no COCO annotations for split {split!r}")
     image_ids = None
     if share != "all":
-        coco = _load_coco(folder / "annotations.json")
+        # the dataset logs what it skips; here only the split's image ids are read
+        coco = _load_coco(folder / "annotations.json", kwargs.get("on_error", "raise"), log_skips=False)
         image_ids = {im["id"] for im in coco["images"] if _in_share(im["id"], share, val_fraction)}
     if (folder / "images").is_dir():
         image_dirs = {"rgb": folder / "images"}

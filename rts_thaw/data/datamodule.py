@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from rts_thaw.data import chips, geotiff
 from rts_thaw.data.collate import collate_samples
 from rts_thaw.data.normalization import NormStats, RunningStats
+from rts_thaw.data.sampling import EpochShuffle, numpy_state_from_tensors
 from rts_thaw.data.transforms import Augment
 from rts_thaw.core.json_files import nan_for_null, write_json_atomic
 
@@ -64,8 +66,12 @@ class RTSDataModule(L.LightningDataModule):
         val_fraction: float = 0.2,
         band_map: dict[str, list[str]] | None = None,
         eval_batch_size: int | None = None,
+        on_error: str = "raise",
     ):
         super().__init__()
+        if on_error not in geotiff.ON_ERROR:
+            raise ValueError(f"data.on_error={on_error!r}: use one of {list(geotiff.ON_ERROR)}")
+        self.on_error = on_error
         if source not in SOURCES:
             raise ValueError(f"data source {source!r} is not one of {SOURCES}")
         if path is None:
@@ -81,7 +87,8 @@ class RTSDataModule(L.LightningDataModule):
         augment = _plain(augment)
         self.augment = Augment(**augment) if augment else None
         self.seed, self.val_fraction = seed, val_fraction
-        self._resumed_shuffle_state = None  # set by a checkpoint's load_state_dict
+        self._resumed_state: dict | None = None  # set by a checkpoint's load_state_dict
+        self._shuffle: EpochShuffle | None = None
         self.band_map = _plain(band_map)
         self.stats_cache_dir = Path(stats_cache_dir).expanduser() if stats_cache_dir else None
         self.modality_channels: dict[str, int] = {}
@@ -130,7 +137,7 @@ class RTSDataModule(L.LightningDataModule):
             dataset = geotiff.GeoTiffTileDataset(
                 scenes, self.modalities, self.tile_size, self.stride,
                 min_valid_fraction=self.min_valid_fraction, min_instance_area=self.min_instance_area,
-                norm_stats=self.norm_stats, augment=aug, source=f"geotiff:{self.path}",
+                norm_stats=self.norm_stats, augment=aug, source=f"geotiff:{self.path}", on_error=self.on_error,
             )
             if len(dataset) == 0:
                 raise ValueError(
@@ -140,7 +147,8 @@ class RTSDataModule(L.LightningDataModule):
             return dataset
         if self.source == "coco_chips":
             dataset = chips.coco_chip_split(self.path, split, self.modalities, self.val_fraction, norm_stats=self.norm_stats,
-                                            augment=aug, min_instance_area=self.min_instance_area)
+                                            augment=aug, min_instance_area=self.min_instance_area,
+                                            on_error=self.on_error)
         else:
             dataset = chips.challenge_split(self.path, split, self.modalities, self.val_fraction, band_map=self.band_map,
                                             norm_stats=self.norm_stats, augment=aug, min_instance_area=self.min_instance_area)
@@ -158,7 +166,7 @@ class RTSDataModule(L.LightningDataModule):
 
     def _scenes(self) -> list[geotiff.SceneSpec]:
         if not hasattr(self, "_scene_specs"):
-            self._scene_specs = geotiff.load_scene_list(self.path, labelled=True)
+            self._scene_specs = geotiff.load_scene_list(self.path, labelled=True, on_error=self.on_error)
         return self._scene_specs
 
     # ------------------------------------------------------------------ statistics
@@ -233,27 +241,35 @@ class RTSDataModule(L.LightningDataModule):
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate"}.get(split, split))
         # Its own generator: the shuffle order follows `seed`, whatever else draws numbers. A
-        # resumed run continues its sequence (`load_state_dict`), so each epoch's order is the
-        # one an uninterrupted run would draw.
-        generator = None
+        # resumed run continues its sequence, from the batch where it stopped (`load_state_dict`),
+        # so each epoch's order is the one an uninterrupted run would draw.
+        sampler = generator = None
         if shuffle:
             generator = torch.Generator().manual_seed(self.seed)
-            if self._resumed_shuffle_state is not None:
-                generator.set_state(self._resumed_shuffle_state)
-            self._shuffle_generator = generator
+            sampler = self._shuffle = EpochShuffle(len(self.datasets[split]), batch_size, generator)
+            if self._resumed_state is not None:
+                sampler.resume(self._resumed_state)
         return DataLoader(
-            self.datasets[split], batch_size=batch_size, shuffle=shuffle, generator=generator,
+            self.datasets[split], batch_size=batch_size, sampler=sampler, generator=generator,
             num_workers=self.num_workers, collate_fn=collate_samples,
             persistent_workers=self.num_workers > 0, drop_last=False,
         )
 
     def state_dict(self) -> dict:
-        """What a checkpoint keeps of the data: where the shuffle order is."""
-        generator = getattr(self, "_shuffle_generator", None)
-        return {"shuffle_state": generator.get_state()} if generator is not None else {}
+        """What a checkpoint keeps of the data: where the shuffle order is, within an epoch too."""
+        if self._shuffle is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current if self.trainer else None
+        done = progress.processed if progress else 0  # batches whose optimiser step ran
+        finished = bool(self.trainer) and done >= self.trainer.num_training_batches
+        return self._shuffle.state(done, finished)
 
     def load_state_dict(self, state: dict) -> None:
-        self._resumed_shuffle_state = state.get("shuffle_state")
+        if self.trainer is not None and self.trainer.state.fn != "fit":
+            return  # testing a checkpoint: nothing to resume
+        self._resumed_state = state
+        if "numpy_state" in state:  # augmentation's draws for the batch trained next (EpochShuffle)
+            np.random.set_state(numpy_state_from_tensors(state["numpy_state"]))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True, self.batch_size)

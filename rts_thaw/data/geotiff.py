@@ -9,6 +9,7 @@ dtype. Tiles are windowed reads; a whole scene is never loaded to make one.
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -29,8 +30,10 @@ from rasterio.transform import array_bounds
 from rasterio.windows import Window
 from torch.utils.data import Dataset
 
-from rts_thaw.core.vectors import read_layer, reproject
+from rts_thaw.core.vectors import crs_problem, read_layer, reproject
 from rts_thaw.data.sample import make_sample
+
+log = logging.getLogger(__name__)
 
 REFERENCE = "rgb"
 SPLITS = ("train", "val", "test", "predict")
@@ -78,10 +81,11 @@ def _scene_problems(entry, where: str, labelled: bool) -> list[str]:
     return problems
 
 
-def load_scene_list(path: str | Path, labelled: bool = False) -> list[SceneSpec]:
+def load_scene_list(path: str | Path, labelled: bool = False, on_error: str = "raise") -> list[SceneSpec]:
     """Read a scene list YAML (paths relative to the file) into SceneSpecs. Every entry is
     checked first and one error lists every problem; `labelled` (training and evaluation)
-    also requires labels for the train, val and test scenes."""
+    also requires labels for the train, val and test scenes. `on_error="skip"` leaves the
+    entries with problems out instead, each logged."""
     path = Path(path)
     try:
         with open(path) as f:
@@ -90,22 +94,41 @@ def load_scene_list(path: str | Path, labelled: bool = False) -> list[SceneSpec]
         raise SceneError(f"{path}: cannot read scene list ({err.strerror})") from err
     if not isinstance(doc, dict) or not isinstance(doc.get("scenes"), list):
         raise SceneError(f"{path}: a scene list needs a top-level 'scenes:' list")
-    problems, seen = [], set()
+    problems, seen, good = [], set(), []
     for i, entry in enumerate(doc["scenes"]):
         scene_id = entry.get("id") if isinstance(entry, dict) else None
         where = f"scene #{i}" + (f" ({scene_id})" if scene_id is not None else "")
-        problems += _scene_problems(entry, where, labelled)
+        found = _scene_problems(entry, where, labelled)
         if scene_id is not None and scene_id in seen:
-            problems.append(f"{where}: duplicate scene id {scene_id!r}")
+            found.append(f"{where}: duplicate scene id {scene_id!r}")
         seen.add(scene_id)
-    if problems:
-        listed = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
-        raise SceneError(f"{path}: {listed}")
+        problems += found
+        if not found:
+            good.append(entry)
+    check_problems(problems, on_error, "scene-list entry", where=path)
     return [SceneSpec(id=str(entry["id"]), split=entry["split"],
                       rasters={m: (path.parent / p) for m, p in entry["rasters"].items()},
                       labels=(path.parent / entry["labels"]) if entry.get("labels") else None,
                       resampling=dict(entry.get("resampling", {})))
-            for entry in doc["scenes"]]
+            for entry in good]
+
+
+ON_ERROR = ("raise", "skip")
+
+
+def check_problems(problems: list[str], on_error: str, item: str, where: str | Path | None = None) -> None:
+    """Every problem found in a data source (of the file `where`, or each naming its own): one
+    SceneError that lists them all (on_error="raise"), or one warning per skipped item ("skip")."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"data.on_error={on_error!r}: use one of {list(ON_ERROR)}")
+    if not problems:
+        return
+    prefix = f"{where}: " if where else ""
+    if on_error == "raise":
+        listed = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
+        raise SceneError(f"{prefix}{listed} (data.on_error=skip leaves such items out, each logged)")
+    for problem in problems:
+        log.warning("skipped a %s (data.on_error=skip): %s%s", item, prefix, problem)
 
 
 def tile_windows(width: int, height: int, tile_size: int, stride: int | None = None) -> list[Window]:
@@ -289,17 +312,11 @@ def load_labels(path: Path, scene_crs, scene_bounds: tuple[float, float, float, 
         raise SceneError(f"{path}: label file of scene {scene_id} is not a readable vector file ({err})") from err
     if not len(layer):
         return []
+    problem = crs_problem(layer)
+    if problem:
+        raise SceneError(f"{path}: label file of scene {scene_id} {problem}")
     geoms = [g for g in layer.geometries if g is not None and not g.is_empty]
     label_crs = layer.crs
-    if label_crs is None:
-        raise SceneError(f"{path}: label file of scene {scene_id} has no CRS")
-    if geoms and CRS.from_user_input(label_crs).is_geographic:
-        x0, y0, x1, y1 = shapely.total_bounds(geoms)
-        if x0 < -180 or x1 > 180 or y0 < -90 or y1 > 90:
-            raise SceneError(
-                f"{path}: label file of scene {scene_id} has coordinates up to ({x1:.0f}, {y1:.0f}), which are "
-                f"not longitude/latitude, yet its CRS is geographic ({CRS.from_user_input(label_crs).name}): a "
-                "GeoJSON without a CRS is read as WGS84. Write the file with its projected CRS (e.g. GeoPackage)")
     geoms = reproject(geoms, CRS.from_user_input(label_crs).to_wkt(), CRS.from_user_input(scene_crs).to_wkt())
     geoms = [shapely.make_valid(g) if not g.is_valid else g for g in geoms]
     polygons = [g for g in geoms if g.geom_type in ("Polygon", "MultiPolygon")]
@@ -353,6 +370,7 @@ class GeoTiffTileDataset(Dataset):
         augment=None,
         source: str = "geotiff",
         windows: list[tuple[int, Window]] | None = None,
+        on_error: str = "raise",
     ):
         self.scenes = list(scenes)
         self.modalities = list(modalities)
@@ -365,14 +383,36 @@ class GeoTiffTileDataset(Dataset):
         self.channels: dict[str, int] = {}
         if windows is not None:  # given windows (scene index, window), no tiling or filtering
             self.tiles = [_Tile(scene, window) for scene, window in windows]
-        for i, spec in enumerate(self.scenes):
-            with SceneReader(spec, self.modalities) as reader:
-                self.channels = self.channels or dict(reader.channels)
-                if windows is not None:
-                    continue
-                for window in tile_windows(reader.width, reader.height, tile_size, self.stride):
-                    if reader.valid_fraction(window) >= min_valid_fraction:
-                        self.tiles.append(_Tile(i, window))
+            for spec in self.scenes:
+                with SceneReader(spec, self.modalities) as reader:
+                    self.channels = self.channels or dict(reader.channels)
+            return
+        # Every scene is checked before any work (rasters, labels, usable tiles); the problems
+        # of all of them are reported at once, or the scenes with problems left out (on_error).
+        problems, kept = [], []
+        for spec in self.scenes:
+            try:
+                tiles = self._usable_windows(spec, min_valid_fraction)
+            except SceneError as err:
+                problems.append(str(err))
+                continue
+            kept.append(spec)
+            self.tiles += [_Tile(len(kept) - 1, window) for window in tiles]
+        check_problems(problems, on_error, "scene")
+        self.scenes = kept
+
+    def _usable_windows(self, spec: SceneSpec, min_valid_fraction: float) -> list[Window]:
+        """The scene's tiles with enough valid pixels, after checking its rasters and labels."""
+        with SceneReader(spec, self.modalities) as reader:
+            self.channels = self.channels or dict(reader.channels)
+            if spec.labels is not None:  # a bad label file fails here, not at its first tile
+                load_labels(spec.labels, reader.crs, scene_bounds(reader), spec.id)
+            windows = [window for window in tile_windows(reader.width, reader.height, self.tile_size, self.stride)
+                       if reader.valid_fraction(window) >= min_valid_fraction]
+        if not windows:
+            raise SceneError(f"scene {spec.id} ({spec.rasters[REFERENCE]}): no tile has {min_valid_fraction:.0%} "
+                             f"valid pixels in {self.modalities} (nodata/NaN everywhere in a modality?)")
+        return windows
 
     def __len__(self) -> int:
         return len(self.tiles)

@@ -80,6 +80,11 @@ SIGNATURE = {
 }
 
 
+# px per side: a slump (radius up to 85 m) is placed two radii from the edges, so a scene
+# needs more than 2 x 170 m = 85 px of 4 m across
+MIN_SCENE_SIZE = 96
+
+
 @dataclass(frozen=True)
 class WorldParams:
     """Everything that determines a generated world (and its cache key)."""
@@ -100,6 +105,10 @@ class WorldParams:
         if self.aux_resolution < TRUTH_RES:
             raise ValueError(f"aux_resolution must be at least the truth grid's {TRUTH_RES} m, "
                              f"got {self.aux_resolution}")
+        if self.size < MIN_SCENE_SIZE:  # slumps and look-alikes are placed with room around them
+            raise ValueError(f"a synthetic scene needs at least {MIN_SCENE_SIZE} px per side, got size={self.size}")
+        if self.scenes < 1:
+            raise ValueError(f"a synthetic world needs at least 1 scene, got scenes={self.scenes}")
 
     @classmethod
     def named(cls, world: str, **others) -> "WorldParams":
@@ -525,6 +534,10 @@ def generate_world(out: str | os.PathLike, params: WorldParams = WorldParams(), 
     processes with identical results; large scenes take over a minute each.
     """
     out = Path(out)
+    if out.exists() and any(out.iterdir()):  # never mixed into another world's (or anything's) files
+        raise FileExistsError(f"{out}: the folder is not empty"
+                              f"{' (it holds a world: scenes.yaml)' if (out / 'scenes.yaml').exists() else ''}; "
+                              "generate into a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     scene_ids = [f"scene_{index:03d}" for index in range(params.scenes)]
     if workers > 1 and params.scenes > 1:
@@ -606,8 +619,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--coco-chips", help="also export the world as COCO chip folders here")
     parser.add_argument("--challenge", help="also export the world as a challenge-style .npz release here")
     args = parser.parse_args(argv)
-    params = WorldParams.named(args.world, scenes=args.scenes, size=args.size, seed=args.seed)
-    scene_list = generate_world(args.out, params, workers=args.workers)
+    try:
+        params = WorldParams.named(args.world, scenes=args.scenes, size=args.size, seed=args.seed)
+        scene_list = generate_world(args.out, params, workers=args.workers)
+    except (ValueError, FileExistsError) as err:
+        parser.error(str(err))
     print(f"scene list: {scene_list}")
     if args.coco_chips or args.challenge:
         from rts_thaw.data import export

@@ -16,7 +16,7 @@ import numpy as np
 import shapely
 from shapely.strtree import STRtree
 
-from rts_thaw.core.vectors import VectorLayer, area_m2, read_layer, reproject
+from rts_thaw.core.vectors import VectorLayer, area_m2, crs_problem, read_layer, reproject
 
 # The challenge's pixel size classes ([0, 300], [300, 2000], [2000, inf) px) at 4 m pixels.
 DEFAULT_SIZE_CLASSES_M2 = {"small": (0.0, 4800.0), "medium": (4800.0, 32000.0), "large": (32000.0, math.inf)}
@@ -102,5 +102,44 @@ def evaluate_polygons(predicted: VectorLayer, truth: VectorLayer, iou_threshold:
 
 
 def evaluate_polygon_files(predictions_path, truth_path, iou_threshold: float = 0.5,
-                           size_classes_m2: Mapping[str, tuple[float, float]] = DEFAULT_SIZE_CLASSES_M2) -> dict:
-    return evaluate_polygons(read_layer(predictions_path), read_layer(truth_path), iou_threshold, size_classes_m2)
+                           size_classes_m2: Mapping[str, tuple[float, float]] = DEFAULT_SIZE_CLASSES_M2,
+                           score_column: str = "score") -> dict:
+    """`evaluate_polygons` of two vector files, after checking that they can be scored (the
+    problems of both files in one error, each naming its file)."""
+    predicted, truth = read_layer(predictions_path), read_layer(truth_path)
+    problems = polygon_layer_problems(predicted, predictions_path, "predicted", score_column)
+    problems += polygon_layer_problems(truth, truth_path, "true")
+    if not 0 < iou_threshold <= 1:
+        problems.append(f"iou_threshold={iou_threshold} is not in (0, 1]")
+    if not problems and len(predicted) and len(truth):
+        pred_box = shapely.box(*shapely.total_bounds(predicted.geometries))
+        truth_box = reproject([shapely.box(*shapely.total_bounds(truth.geometries))], truth.crs, predicted.crs)[0]
+        if not pred_box.intersects(truth_box):
+            problems.append(f"{predictions_path}: no predicted polygon lies within the extent of the true ones "
+                            f"({truth_path}): another area, or a CRS mix-up? (F1 would be 0)")
+    if problems:
+        listed = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
+        raise ValueError(f"cannot score these polygons: {listed}")
+    return evaluate_polygons(predicted, truth, iou_threshold, size_classes_m2, score_column)
+
+
+def polygon_layer_problems(layer: VectorLayer, path, role: str, score_column: str | None = None) -> list[str]:
+    """What would make a layer score wrongly: no usable CRS, features that are not polygons
+    (they would be dropped from the count), scores outside [0, 1] (they order the matching)."""
+    problems = []
+    problem = crs_problem(layer)
+    if problem:
+        problems.append(f"{path}: the {role} polygons' file {problem}")
+    kinds = {g.geom_type for g in layer.geometries if g is not None and not g.is_empty}
+    if kinds - {"Polygon", "MultiPolygon"}:
+        problems.append(f"{path}: the {role} layer holds {sorted(kinds - {'Polygon', 'MultiPolygon'})} features; "
+                        f"only polygons are slumps")
+    if None in layer.geometries or any(g.is_empty for g in layer.geometries if g is not None):
+        problems.append(f"{path}: the {role} layer has features without a geometry")
+    if score_column and score_column in layer.columns:
+        scores = np.asarray(layer.columns[score_column], dtype=float)
+        bad = ~np.isfinite(scores) | (scores < 0) | (scores > 1)
+        if bad.any():
+            problems.append(f"{path}: {int(bad.sum())} predicted score(s) outside [0, 1] (column {score_column!r}), "
+                            f"e.g. {scores[bad][0]}")
+    return problems

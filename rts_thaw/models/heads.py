@@ -63,7 +63,8 @@ class BoxPredictor(nn.Module):
 
 
 class MaskHead(nn.Module):
-    """Pooled RoI features -> per-class mask logits at twice the pooled size."""
+    """Pooled RoI features -> per-class mask logits at twice the pooled size, in float32 even under
+    bfloat16 autocast, so that the detector's masks (and its evaluation) are float32 like its boxes."""
 
     def __init__(self, in_channels: int, num_classes: int, num_conv: int = 4, conv_dim: int = 256):
         super().__init__()
@@ -84,4 +85,4 @@ class MaskHead(nn.Module):
         nn.init.normal_(self.layers[-1].weight, std=0.001)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        return self.layers(x).float()

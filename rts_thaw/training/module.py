@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rts_thaw.data.sampling import numpy_state_from_tensors, numpy_state_to_tensors
 from rts_thaw.eval.coco_metric import CocoMetric
 from rts_thaw.training.optim import build_optimizer
 
@@ -52,6 +53,7 @@ class DetectionModule(pl.LightningModule):
         self.test_metrics: dict[str, float] = {}
         # The last validation batch and its predictions, for the image-logging callback.
         self.last_val_example: tuple[dict, list[dict]] | None = None
+        self._batch_start_rng: tuple | None = None  # the random state as the running batch began
 
     def forward(self, batch: dict) -> list[dict]:
         return self.detector(batch["image"], batch["image_sizes"])
@@ -89,6 +91,7 @@ class DetectionModule(pl.LightningModule):
             lr=self.optimizer_cfg["lr"],
             weight_decay=self.optimizer_cfg.get("weight_decay", 0.0),
             betas=self.optimizer_cfg.get("betas", (0.9, 0.999)),
+            fused=bool(self.optimizer_cfg.get("fused", False)),
             total_steps=max(int(self.trainer.estimated_stepping_batches), 1),
             scheduler=self.scheduler_cfg.get("name", "cosine"),
             warmup_steps=self.scheduler_cfg.get("warmup_steps", 0),
@@ -96,6 +99,19 @@ class DetectionModule(pl.LightningModule):
             step_gamma=self.scheduler_cfg.get("step_gamma", 0.1),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, whose step would
+        # unscale float16 gradients itself. bfloat16 has no gradient scaler: the gradients are
+        # already true, so they are clipped here as in float32.
+        if gradient_clip_val and optimizer.defaults.get("fused") and self.trainer.precision == "bf16-mixed":
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- evaluation -----------------------------------------------------------------
     def _evaluate_batch(self, batch: dict, metric: CocoMetric) -> list[dict]:
@@ -143,19 +159,34 @@ class DetectionModule(pl.LightningModule):
     # ---- checkpoints ----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rts_thaw"] = self.run_info
-        # The random state of this moment (proposal sampling, augmentation, dropout draw from
-        # it), so that a resumed run draws what an uninterrupted one would.
+        # The random state (proposal sampling, augmentation, dropout draw from it), so that a
+        # resumed run draws what an uninterrupted one would: of this moment, or, when a batch was
+        # interrupted (Ctrl-C, SIGTERM), of that batch's start, since the resumed run trains it again.
         # Tensors and plain values only: Lightning restores checkpoints with weights_only loading.
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                    "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        torch_state, python_state = self._batch_start_rng or (None, None)
+        if progress.started <= progress.processed or torch_state is None:
+            torch_state, python_state = torch.get_rng_state(), random.getstate()
+        else:
+            # Lightning, restarting from within a batch, counts one more stepped batch than there
+            # were (its count is meant for checkpoints written at a batch's end), which shifts the
+            # logging steps of the resumed run by one; the count is stored one lower to cancel that.
+            epoch_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+            if "_batches_that_stepped" in epoch_loop:
+                epoch_loop["_batches_that_stepped"] -= 1
+        checkpoint["rng_states"] = {"torch": torch_state, "python": python_state,
+                                    "numpy": numpy_state_to_tensors(np.random.get_state())}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_start_rng = (torch.get_rng_state(), random.getstate())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.run_info = checkpoint.get("rts_thaw", self.run_info)
         states = checkpoint.get("rng_states")
         if states is not None and self.trainer.state.fn == "fit":  # resuming, not testing
             torch.set_rng_state(states["torch"])
-            name, keys, pos, has_gauss, gauss = states["numpy"]
-            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            np.random.set_state(numpy_state_from_tensors(states["numpy"]))
             random.setstate(states["python"])
+            # (a checkpoint written within an epoch also holds the data module's numpy state for the
+            # batch trained next, which the data module restores after this: rts_thaw.data.sampling)
 

@@ -21,6 +21,7 @@ RUN_INVARIANT = (
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
     "trainer.enable_progress_bar", "trainer.default_root_dir", "trainer.log_every_n_steps",
     "data.num_workers", "data.persistent_workers", "data.pin_memory", "data.prefetch_factor",
+    "training.speed",  # how fast, not what is learnt (up to float rounding): rts_thaw/models/speed.py
 )
 
 

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rts_thaw.core.checkpoints import read_checkpoint
 from rts_thaw.core.json_files import write_json_atomic
+from rts_thaw.models.speed import apply_speed
 from rts_thaw.training.callbacks import RunIdentityCheck, RunStats
 from rts_thaw.training.module import DetectionModule
 from rts_thaw.training.ranks import is_global_zero
@@ -151,6 +152,8 @@ def fit_and_test(
     datamodule = datamodule if datamodule is not None else build_datamodule(cfg)
     if detector is None:
         detector = build_detector(cfg, datamodule)
+    speed = cfg.training.speed
+    apply_speed(detector, speed.channels_last, speed.compile, speed.compile_options)
 
     key = run_key(cfg)
     run_info = {
@@ -166,7 +169,7 @@ def fit_and_test(
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
     module = DetectionModule(
         detector,
-        optimizer=OmegaConf.to_container(cfg.training.optimizer, resolve=True),
+        optimizer={**OmegaConf.to_container(cfg.training.optimizer, resolve=True), "fused": speed.fused_optimizer},
         scheduler=OmegaConf.to_container(cfg.training.scheduler, resolve=True),
         coco_preset=cfg.training.coco_preset,
         run_info=run_info,
@@ -190,6 +193,9 @@ def fit_and_test(
 
     with warnings.catch_warnings():  # a first run has no last checkpoint yet: nothing to warn about
         warnings.filterwarnings("ignore", message=r".*ckpt_path=\"last\"\) is set, but there is no last checkpoint")
+        # Resuming within an epoch: the data module restores the shuffle position itself
+        # (rts_thaw.data.sampling), which Lightning's check of the loader cannot see.
+        warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
         trainer.fit(module, datamodule=datamodule,
                     ckpt_path="last" if cfg.training.get("resume", True) else None)
     if not (ckpt_dir / "last.ckpt").is_file():  # fast_dev_run saves nothing by itself
