@@ -262,7 +262,7 @@ class RTSDataModule(L.LightningDataModule):
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current if self.trainer else None
         done = progress.processed if progress else 0  # batches whose optimiser step ran
         finished = bool(self.trainer) and done >= self.trainer.num_training_batches
-        return self._shuffle.state(done, finished)
+        return self._shuffle.state(done, finished, self.trainer.world_size if self.trainer else 1)
 
     def load_state_dict(self, state: dict) -> None:
         if self.trainer is not None and self.trainer.state.fn != "fit":

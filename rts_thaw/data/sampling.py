@@ -29,33 +29,35 @@ class EpochShuffle(Sampler[int]):
         return self.size
 
     def __iter__(self) -> Iterator[int]:
-        first_batch = 0
+        first = 0
         if self._resume_from is not None:
-            epoch_start, first_batch = self._resume_from
+            epoch_start, first = self._resume_from
             self._resume_from = None
             self.generator.set_state(epoch_start)
         self.epoch_start = self.generator.get_state()
         self.batch_numpy_states = {}
         order = torch.randperm(self.size, generator=self.generator).tolist()
-        for position in range(first_batch * self.batch_size, self.size):
+        for position in range(first, self.size):
             if position % self.batch_size == 0:
                 self.batch_numpy_states[position // self.batch_size] = np.random.get_state()
             yield order[position]
 
-    def state(self, batches_done: int, epoch_finished: bool) -> dict[str, Any]:
-        """What a checkpoint keeps, `batches_done` batches into the running epoch."""
+    def state(self, batches_done: int, epoch_finished: bool, replicas: int = 1) -> dict[str, Any]:
+        """What a checkpoint keeps, `batches_done` batches into the running epoch on each of
+        `replicas` processes (Lightning's distributed sampler deals this order out among them)."""
         if self.epoch_start is None or epoch_finished:  # between epochs: the next order is drawn afresh
             return {"shuffle_state": self.generator.get_state()}
-        state = {"shuffle_state": self.epoch_start, "batches_done": batches_done}
-        if batches_done in self.batch_numpy_states:
+        state = {"shuffle_state": self.epoch_start, "samples_done": batches_done * self.batch_size * replicas}
+        if replicas == 1 and batches_done in self.batch_numpy_states:
+            # (a distributed sampler reads the whole order at once: no state per batch there)
             state["numpy_state"] = numpy_state_to_tensors(self.batch_numpy_states[batches_done])
         return state
 
     def resume(self, state: dict[str, Any]) -> None:
         """Continue from `state` (see `state`): the next epoch starts where the saved one stopped."""
         self.generator.set_state(state["shuffle_state"])
-        if state.get("batches_done"):
-            self._resume_from = (state["shuffle_state"], int(state["batches_done"]))
+        if state.get("samples_done"):
+            self._resume_from = (state["shuffle_state"], int(state["samples_done"]))
 
 
 # numpy's state as tensors and plain values: Lightning restores checkpoints with weights_only loading.
