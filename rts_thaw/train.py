@@ -15,7 +15,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rts_thaw.lightning_logging import log_lightning_through_hydra
 from rts_thaw.training.run_identity import run_directory_name
@@ -36,6 +36,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     from rts_thaw.training.ranks import is_global_zero
     from rts_thaw.training.single_run import fit_and_test
 
+    if str(cfg.data.tile_size) == "auto":
+        resolve_auto_tile_size(cfg)
     # Fail before any data is generated or read when the tiles cannot pass the encoder.
     check_tile_size(int(cfg.data.tile_size), cfg.model.encoder, cfg.model.get("img_size"))
     check_compile_parts(cfg.training.speed.compile, "training.speed.compile")
@@ -60,6 +62,21 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         staged.write_table([row], run_dir)
         print(staged.format_table([row]))
     return results
+
+
+def resolve_auto_tile_size(cfg: DictConfig) -> None:
+    """`data.tile_size=auto`: the smallest multiple of the batch padding that holds every chip, set
+    in the config (so the encoders are built for it and every checkpoint records it)."""
+    from hydra.utils import instantiate
+
+    from rts_thaw.data.collate import PAD_MULTIPLE
+
+    side = instantiate(cfg.data, tile_size=PAD_MULTIPLE).largest_chip_side()
+    tile_size = -(-side // PAD_MULTIPLE) * PAD_MULTIPLE
+    with open_dict(cfg):
+        cfg.data.tile_size = tile_size
+    log.info("data.tile_size=auto: %d px, the smallest multiple of %d px (the batch padding, the encoders' "
+             "coarsest stride) that holds the largest chip side, %d px", tile_size, PAD_MULTIPLE, side)
 
 
 @hydra.main(config_path="pkg://rts_thaw.conf", config_name="train", version_base="1.3")

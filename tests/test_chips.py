@@ -203,3 +203,44 @@ def test_test_chips_larger_than_the_tile_are_refused_before_training(tmp_path):
                        norm_stats={"mean": {"rgb": [0, 0, 0]}, "std": {"rgb": [1, 1, 1]}})
     with pytest.raises(ValueError, match=r"a\.png: test chip is 96 x 96, larger than data.tile_size=64"):
         dm.setup("fit")
+
+
+def test_tile_size_auto_fits_the_largest_chip_and_is_recorded(tmp_path):
+    """A chip folder of mixed sizes trains with no size setting: data=coco_chips defaults to
+    tile_size=auto, the smallest multiple of 32 px that holds every chip (here 70 -> 96)."""
+    from hydra import compose, initialize_config_module
+
+    from rts_thaw.core.checkpoints import read_checkpoint
+    from rts_thaw.train import train
+
+    root = tmp_path / "coco"
+    sizes = {"train": [(40, 50), (70, 33), (48, 48)], "val": [(50, 40)], "test": [(33, 60)]}
+    for split, shapes in sizes.items():
+        (root / split / "rgb").mkdir(parents=True)
+        images, annotations = [], []
+        for image_id, (height, width) in enumerate(shapes, start=1):
+            _write_chip(root / split / "rgb" / f"{image_id}.png", height, width)
+            images.append({"id": image_id, "file_name": f"{image_id}.png"})
+            annotations.append({"id": image_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                                "segmentation": [[4, 4, 24, 4, 24, 20, 4, 20]], "bbox": [4, 4, 20, 16], "area": 320})
+        (root / split / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    with initialize_config_module("rts_thaw.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "+experiment=unimodal", "data=coco_chips", f"data.path={root}", "data.modalities=[rgb]",
+            "data.num_workers=0", "data.batch_size=2", "data.eval_batch_size=2", "data.augment=null",
+            f"data.stats_cache_dir={tmp_path / 'stats'}", f"paths.cache_dir={tmp_path / 'cache'}", "trainer=cpu",
+            "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none"])
+    assert cfg.data.tile_size == "auto"
+    results = train(cfg, tmp_path / "run")
+    assert results["global_step"] == 2
+    info = read_checkpoint(results["last_checkpoint"], "test")["rts_thaw"]
+    assert info["tile_size"] == 96 and info["config"]["model"]["img_size"] == 96
+
+
+def test_a_tile_size_the_batch_padding_would_break_is_refused_with_the_size_that_works():
+    from rts_thaw.models.encoders import check_tile_size
+
+    with pytest.raises(ValueError, match=r"data\.tile_size=297: batches are padded to a multiple of 32 px, i\.e\. 320 px, "
+                                         r"larger than the mvitv2_micro encoder's img_size 297; use data\.tile_size=320"):
+        check_tile_size(297, {"name": "mvitv2_micro"})
+    check_tile_size(320, {"name": "mvitv2_micro"})

@@ -154,6 +154,17 @@ class RTSDataModule(L.LightningDataModule):
                                             norm_stats=self.norm_stats, augment=aug, min_instance_area=self.min_instance_area)
         return dataset
 
+    def largest_chip_side(self) -> int:
+        """The longest side of any chip in the train, val and test splits (`data.tile_size=auto`)."""
+        if self.source == "geotiff":
+            raise ValueError("data.tile_size=auto sizes tiles to fit chips; a scene list is cut into tiles of a "
+                             "size you choose (e.g. data.tile_size=256, a multiple of 32)")
+        sides = [max(h, w) for split in ("train", "val", "test") if self.has_split(split)
+                 for _, h, w in getattr(self.dataset(split, augment=False), "sizes", [])]
+        if not sides:
+            raise ValueError(f"{self.path}: no chips found in its train, val or test split")
+        return max(sides)
+
     def _check_chip_sizes(self, split: str) -> None:
         """Chips of a training run (train, val, and the test it ends with) must fit the encoders,
         which are built for tile_size and crash on larger inputs. (`predict` tiles larger chips.)"""

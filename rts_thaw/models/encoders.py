@@ -18,6 +18,7 @@ from timm.models.mvitv2 import checkpoint_filter_fn as mvitv2_checkpoint_filter
 from torch import nn
 
 from rts_thaw.core.checkpoints import read_checkpoint
+from rts_thaw.data.collate import PAD_MULTIPLE
 
 STRIDES = (4, 8, 16, 32)
 
@@ -65,6 +66,12 @@ def check_tile_size(tile_size: int, encoder_cfg: Mapping[str, Any], img_size: in
                 f"{size} px; MViTv2 cannot take inputs larger than its img_size. "
                 f"Set model.img_size >= {tile_size} or use smaller tiles."
             )
+        padded = -(-int(tile_size) // PAD_MULTIPLE) * PAD_MULTIPLE
+        if padded > size:  # batches are padded to the encoders' coarsest stride
+            raise ValueError(
+                f"data.tile_size={tile_size}: batches are padded to a multiple of {PAD_MULTIPLE} px, i.e. {padded} px, "
+                f"larger than the {encoder_cfg['name']} encoder's img_size {size}; use data.tile_size={padded} "
+                f"(or data.tile_size=auto for chip folders)")
 
 
 class Encoder(nn.Module):
