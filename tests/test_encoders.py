@@ -1,4 +1,6 @@
 """Encoders: feature contract, tile-size checks, freezing, and weight loading from files the tests write."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -160,3 +162,26 @@ def test_resnet_encoder_keeps_torchvisions_keys_and_stage_outputs():
     with torch.no_grad():
         for ours, theirs in zip(enc(x), stages(x).values(), strict=True):
             torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_a_pretrained_file_initialises_every_modality_offline(tmp_path):
+    """model.encoder.pretrained_file: ImageNet-style weights in timm's format, written here, into
+    each modality's encoder, the patch embedding adapted to 1, 2 and 4 channels as timm adapts it."""
+    from timm.models import adapt_input_conv
+
+    from rts_thaw.models.detector import build_encoders
+
+    source = build_model_with_cfg(MultiScaleVit, "mvitv2_tiny", pretrained=False,
+                                  model_cfg=ENCODERS["mvitv2_micro"].mvit_cfg, img_size=SIZE, num_classes=10)
+    path = tmp_path / "imagenet.pth"
+    torch.save(source.state_dict(), path)
+    partial = functools.partial(build_encoder, name="mvitv2_micro", pretrained_file=str(path))
+    encoders = build_encoders({"rgb": 3, "ndvi": 1, "sar": 2, "multi": 4}, partial, stacked=False, img_size=SIZE)
+    rgb_weight = source.patch_embed.proj.weight
+    for modality, channels in {"rgb": 3, "ndvi": 1, "sar": 2, "multi": 4}.items():
+        got = encoders[modality].body.model.patch_embed.proj.weight
+        torch.testing.assert_close(got, adapt_input_conv(channels, rgb_weight) if channels != 3 else rgb_weight)
+        torch.testing.assert_close(encoders[modality].body.model.stages[1].blocks[0].attn.qkv.weight,
+                                   source.stages[1].blocks[0].attn.qkv.weight)
+    with pytest.raises(ValueError, match="pretrained: true .* or pretrained_file, not both"):
+        build_encoder("mvitv2_micro", 3, SIZE, "rgb", pretrained=True, pretrained_file=str(path))

@@ -142,9 +142,9 @@ def build_encoders(modality_channels: Mapping[str, int], encoder: Callable[..., 
     unknown = [m for m in weights if m not in keys]
     if unknown:
         raise ValueError(f"encoder weights given for unknown modality {unknown}; this model's encoders are {keys}")
-    if options.get("frozen") and not weights and not options.get("pretrained"):
-        warnings.warn("frozen encoders with random weights: give encoder.weights (stage-1 checkpoints) "
-                      "or pretrained: true", stacklevel=3)
+    if options.get("frozen") and not weights and not options.get("pretrained") and not options.get("pretrained_file"):
+        warnings.warn("frozen encoders with random weights: give encoder.weights (stage-1 checkpoints), "
+                      "pretrained: true or pretrained_file", stacklevel=3)
     channels = {STACKED: sum(modality_channels.values())} if stacked else dict(modality_channels)
     return nn.ModuleDict({key: encoder(in_chans=channels[key], img_size=img_size, modality=key,
                                        weights=weights.get(key))

@@ -122,7 +122,15 @@ class Encoder(nn.Module):
 def _build_mvitv2(name: str, spec: EncoderSpec, in_chans: int, img_size: int, pretrained: bool) -> nn.Module:
     kwargs: dict[str, Any] = dict(features_only=True, img_size=img_size, in_chans=in_chans)
     if spec.mvit_cfg is None:
-        return timm.create_model(spec.timm_variant, pretrained=pretrained, out_indices=(0, 1, 2, 3), **kwargs)
+        try:
+            return timm.create_model(spec.timm_variant, pretrained=pretrained, out_indices=(0, 1, 2, 3), **kwargs)
+        except (OSError, RuntimeError) as err:  # no network and not in the Hugging Face cache, typically
+            if not pretrained:
+                raise
+            raise RuntimeError(
+                f"cannot load the ImageNet weights of {name} ({err}). Without network (HF_HUB_OFFLINE=1) they must "
+                f"be in the Hugging Face cache: fetch them once on a node with network, or save them to a file "
+                f"and give model.encoder.pretrained_file=<file> (README: pretrained encoders offline)") from err
     if pretrained:
         raise ValueError(f"Encoder '{name}' is a scaled-down MViTv2 with no published weights; "
                          "use pretrained: false or give a checkpoint file in weights")
@@ -205,11 +213,21 @@ def _encoder_state_from_checkpoint(path: Path, modality: str) -> dict[str, torch
 
 
 def build_encoder(name: str, in_chans: int, img_size: int, modality: str, pretrained: bool = False,
-                  weights: str | None = None, frozen: bool = False, grad_checkpointing: bool = False) -> Encoder:
-    """Create one modality's encoder; `weights` is a timm state-dict file or an rts_thaw checkpoint."""
+                  weights: str | None = None, frozen: bool = False, grad_checkpointing: bool = False,
+                  pretrained_file: str | None = None) -> Encoder:
+    """Create one modality's encoder; `weights` is a timm state-dict file or an rts_thaw checkpoint.
+
+    `pretrained_file`: ImageNet weights in timm's format (a saved `state_dict`) for every
+    modality without `weights`, the first layer adapted to its channels as timm adapts it: the
+    offline twin of `pretrained=true` (docs: fetch once on a node with network)."""
     spec = _spec(name)
     lightning_state = None
     weights_file = None
+    if pretrained and pretrained_file:
+        raise ValueError(f"encoder '{name}': give pretrained: true (timm's download or the Hugging Face cache) "
+                         f"or pretrained_file, not both")
+    if weights is None and pretrained_file:
+        weights = pretrained_file
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
