@@ -185,3 +185,23 @@ def test_a_pretrained_file_initialises_every_modality_offline(tmp_path):
                                    source.stages[1].blocks[0].attn.qkv.weight)
     with pytest.raises(ValueError, match="pretrained: true .* or pretrained_file, not both"):
         build_encoder("mvitv2_micro", 3, SIZE, "rgb", pretrained=True, pretrained_file=str(path))
+
+
+def test_a_training_run_starts_from_a_pretrained_file(tiny_world_config, tmp_path):
+    from rts_thaw.core.checkpoints import read_checkpoint
+    from rts_thaw.training.single_run import fit_and_test
+
+    from tiny_run import compose_train, tiny_overrides
+
+    source = build_model_with_cfg(MultiScaleVit, "mvitv2_tiny", pretrained=False,
+                                  model_cfg=ENCODERS["mvitv2_micro"].mvit_cfg, img_size=64, num_classes=10)
+    path = tmp_path / "imagenet.pth"
+    torch.save(source.state_dict(), path)
+    overrides = [*tiny_overrides(tiny_world_config, tmp_path / "cache", experiment="unimodal", logger="none",
+                                 modalities=["ndvi"]),
+                 f"model.encoder.pretrained_file={path}", "training.optimizer.lr=1e-9"]
+    results = fit_and_test(compose_train(overrides), tmp_path / "run")
+    state = read_checkpoint(results["last_checkpoint"], "test")["state_dict"]
+    # one step at a vanishing learning rate: the encoder still holds the file's weights, adapted to 1 channel
+    torch.testing.assert_close(state["detector.encoders.ndvi.body.model.patch_embed.proj.weight"],
+                               source.patch_embed.proj.weight.sum(1, keepdim=True), atol=1e-6, rtol=0)
