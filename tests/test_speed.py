@@ -85,6 +85,29 @@ def test_switches_keep_the_losses_the_gradients_and_the_checkpoint_keys(switches
     assert torch.allclose(expected["boxes"], got["boxes"], atol=1e-3)
 
 
+def test_the_switches_take_effect():
+    """Channels-last moves the convolution weights to NHWC; compile hands each chosen part's forward
+    to torch.compile (a backend that records the graphs it is given stands in for inductor)."""
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    detector = apply_speed(small_detector(), channels_last=True, compile=["neck", "mask_head"],
+                           compile_options={"backend": recording_backend})
+    conv = detector.roi_heads.mask_head.layers[0]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    images, sizes, targets = batch()
+    detector.train()
+    detector(images, sizes, targets)
+    assert len(graphs) >= 2  # at least one graph of the FPN and one of the mask head
+    plain = small_detector()
+    plain.train()
+    plain(images, sizes, targets)
+    assert not plain.roi_heads.mask_head.layers[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_bfloat16_autocast_trains_and_returns_float32_detections():
     detector = small_detector()
     images, sizes, targets = batch()

@@ -15,9 +15,9 @@ class EpochShuffle(Sampler[int]):
     """Each epoch, a permutation of `size` indices drawn from `generator` (the same draws as
     torch's RandomSampler with that generator), served from a given batch on when resuming.
 
-    It also records numpy's random state as each batch begins loading: the loader reads one
-    batch ahead of training and augmentation draws from numpy, so the state at the moment a
-    checkpoint is written is already past the batch that will be trained next."""
+    It also records numpy's random state as each batch begins loading: a batch interrupted after
+    it was loaded (Ctrl-C during its forward pass) is trained again on resuming, and its
+    augmentation, which draws from numpy, must draw what it drew the first time."""
 
     def __init__(self, size: int, batch_size: int, generator: torch.Generator):
         self.size, self.batch_size, self.generator = size, batch_size, generator
