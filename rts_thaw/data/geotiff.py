@@ -392,27 +392,28 @@ class GeoTiffTileDataset(Dataset):
         problems, kept = [], []
         for spec in self.scenes:
             try:
-                tiles = self._usable_windows(spec, min_valid_fraction)
+                tiles, polygons = self._checked_scene(spec, min_valid_fraction)
             except SceneError as err:
                 problems.append(str(err))
                 continue
             kept.append(spec)
             self.tiles += [_Tile(len(kept) - 1, window) for window in tiles]
+            self._labels[len(kept) - 1] = (polygons, shapely.STRtree(polygons) if polygons else None)
         check_problems(problems, on_error, "scene")
         self.scenes = kept
 
-    def _usable_windows(self, spec: SceneSpec, min_valid_fraction: float) -> list[Window]:
-        """The scene's tiles with enough valid pixels, after checking its rasters and labels."""
+    def _checked_scene(self, spec: SceneSpec, min_valid_fraction: float) -> tuple[list[Window], list]:
+        """The scene's tiles with enough valid pixels and its label polygons, after checking its
+        rasters and labels (a bad label file fails here, not at its first tile)."""
         with SceneReader(spec, self.modalities) as reader:
             self.channels = self.channels or dict(reader.channels)
-            if spec.labels is not None:  # a bad label file fails here, not at its first tile
-                load_labels(spec.labels, reader.crs, scene_bounds(reader), spec.id)
+            polygons = load_labels(spec.labels, reader.crs, scene_bounds(reader), spec.id) if spec.labels else []
             windows = [window for window in tile_windows(reader.width, reader.height, self.tile_size, self.stride)
                        if reader.valid_fraction(window) >= min_valid_fraction]
         if not windows:
             raise SceneError(f"scene {spec.id} ({spec.rasters[REFERENCE]}): no tile has {min_valid_fraction:.0%} "
                              f"valid pixels in {self.modalities} (nodata/NaN everywhere in a modality?)")
-        return windows
+        return windows, polygons
 
     def __len__(self) -> int:
         return len(self.tiles)
