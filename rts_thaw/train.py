@@ -69,10 +69,10 @@ def resolve_auto_tile_size(cfg: DictConfig) -> None:
     in the config (so the encoders are built for it and every checkpoint records it)."""
     from hydra.utils import instantiate
 
-    from rts_thaw.data.collate import PAD_MULTIPLE
+    from rts_thaw.data.collate import PAD_MULTIPLE, padded_side
 
     side = instantiate(cfg.data, tile_size=PAD_MULTIPLE).largest_chip_side()
-    tile_size = -(-side // PAD_MULTIPLE) * PAD_MULTIPLE
+    tile_size = padded_side(side)
     with open_dict(cfg):
         cfg.data.tile_size = tile_size
     log.info("data.tile_size=auto: %d px, the smallest multiple of %d px (the batch padding, the encoders' "

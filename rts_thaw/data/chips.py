@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from rts_thaw.data.sample import make_sample
+from rts_thaw.core.problems import listed
 from rts_thaw.core.rle import decode
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,8 @@ def _load_coco(path: Path, on_error: str = "raise", log_skips: bool = True) -> d
     coco.setdefault("annotations", [])
     problems = coco_problems(coco, need_masks=True)
     if problems and on_error == "raise":
-        listed = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems[:20])
-        raise ChipError(f"{path}: {listed} (data.on_error=skip leaves such images and annotations out, each logged)")
+        raise ChipError(f"{path}: {listed(problems, limit=20)} "
+                        "(data.on_error=skip leaves such images and annotations out, each logged)")
     for problem in problems if log_skips else []:
         log.warning("skipped (data.on_error=skip): %s: %s", path, problem)
     if problems:  # keep what is sound: images with a unique id, their annotations that have a mask

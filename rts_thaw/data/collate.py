@@ -11,8 +11,9 @@ import torch
 PAD_MULTIPLE = 32  # the encoders' coarsest stride
 
 
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
+def padded_side(side: int) -> int:
+    """The side a batch pads `side` px to: the next multiple of PAD_MULTIPLE."""
+    return -(-int(side) // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
 def _padded(arrays: list[np.ndarray], height: int, width: int) -> np.ndarray:
@@ -25,7 +26,7 @@ def _padded(arrays: list[np.ndarray], height: int, width: int) -> np.ndarray:
 
 def padded_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
     """The (height, width) of a batch holding every (h, w), rounded up to PAD_MULTIPLE."""
-    return (_round_up(max(h for h, _ in sizes), PAD_MULTIPLE), _round_up(max(w for _, w in sizes), PAD_MULTIPLE))
+    return padded_side(max(h for h, _ in sizes)), padded_side(max(w for _, w in sizes))
 
 
 def stack_padded(tensors: list[torch.Tensor], height: int, width: int) -> torch.Tensor:

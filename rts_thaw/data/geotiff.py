@@ -30,6 +30,7 @@ from rasterio.transform import array_bounds
 from rasterio.windows import Window
 from torch.utils.data import Dataset
 
+from rts_thaw.core.problems import listed
 from rts_thaw.core.vectors import crs_problem, read_layer, reproject
 from rts_thaw.data.sample import make_sample
 
@@ -125,8 +126,7 @@ def check_problems(problems: list[str], on_error: str, item: str, where: str | P
         return
     prefix = f"{where}: " if where else ""
     if on_error == "raise":
-        listed = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
-        raise SceneError(f"{prefix}{listed} (data.on_error=skip leaves such items out, each logged)")
+        raise SceneError(f"{prefix}{listed(problems)} (data.on_error=skip leaves such items out, each logged)")
     for problem in problems:
         log.warning("skipped a %s (data.on_error=skip): %s%s", item, prefix, problem)
 

@@ -16,6 +16,7 @@ import numpy as np
 import shapely
 from shapely.strtree import STRtree
 
+from rts_thaw.core.problems import listed
 from rts_thaw.core.vectors import VectorLayer, area_m2, crs_problem, read_layer, reproject
 
 # The challenge's pixel size classes ([0, 300], [300, 2000], [2000, inf) px) at 4 m pixels.
@@ -118,8 +119,7 @@ def evaluate_polygon_files(predictions_path, truth_path, iou_threshold: float = 
             problems.append(f"{predictions_path}: no predicted polygon lies within the extent of the true ones "
                             f"({truth_path}): another area, or a CRS mix-up? (F1 would be 0)")
     if problems:
-        listed = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
-        raise ValueError(f"cannot score these polygons: {listed}")
+        raise ValueError(f"cannot score these polygons: {listed(problems)}")
     return evaluate_polygons(predicted, truth, iou_threshold, size_classes_m2, score_column)
 
 

@@ -18,7 +18,7 @@ from timm.models.mvitv2 import checkpoint_filter_fn as mvitv2_checkpoint_filter
 from torch import nn
 
 from rts_thaw.core.checkpoints import read_checkpoint
-from rts_thaw.data.collate import PAD_MULTIPLE
+from rts_thaw.data.collate import PAD_MULTIPLE, padded_side
 
 STRIDES = (4, 8, 16, 32)
 
@@ -66,7 +66,7 @@ def check_tile_size(tile_size: int, encoder_cfg: Mapping[str, Any], img_size: in
                 f"{size} px; MViTv2 cannot take inputs larger than its img_size. "
                 f"Set model.img_size >= {tile_size} or use smaller tiles."
             )
-        padded = -(-int(tile_size) // PAD_MULTIPLE) * PAD_MULTIPLE
+        padded = padded_side(tile_size)
         if padded > size:  # batches are padded to the encoders' coarsest stride
             raise ValueError(
                 f"data.tile_size={tile_size}: batches are padded to a multiple of {PAD_MULTIPLE} px, i.e. {padded} px, "
