@@ -392,3 +392,16 @@ def test_the_world_generator_refuses_sizes_and_folders_it_cannot_use(tmp_path, c
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "world"), "--size", "96", "--scenes", "1"])
     assert "world: the folder is not empty (it holds a world: scenes.yaml)" in capsys.readouterr().err
+
+
+def test_scene_dates_and_sites_are_read_and_a_bad_date_is_named(tmp_path):
+    scenes = tmp_path / "scenes.yaml"
+    scenes.write_text("scenes:\n"
+                      "  - {id: a, split: predict, rasters: {rgb: a.tif}, date: 2021-07-14, site: peel}\n"
+                      "  - {id: b, split: predict, rasters: {rgb: b.tif}, date: '2022-07-30', site: 7}\n"
+                      "  - {id: c, split: predict, rasters: {rgb: c.tif}}\n")
+    assert [(s.date, s.site) for s in load_scene_list(scenes)] == [("2021-07-14", "peel"), ("2022-07-30", "7"),
+                                                                  (None, None)]
+    scenes.write_text("scenes:\n  - {id: a, split: predict, rasters: {rgb: a.tif}, date: 14/07/2021}\n")
+    with pytest.raises(SceneError, match=r"scene #0 \(a\): date '14/07/2021' is not an ISO date \(YYYY-MM-DD\)"):
+        load_scene_list(scenes)

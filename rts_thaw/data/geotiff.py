@@ -8,6 +8,7 @@ dtype. Tiles are windowed reads; a whole scene is never loaded to make one.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import logging
 import math
@@ -53,9 +54,23 @@ class SceneSpec:
     rasters: dict[str, Path]
     labels: Path | None = None
     resampling: dict[str, str] = field(default_factory=dict)
+    date: str | None = None  # ISO acquisition date; the acquisitions of one area share a site
+    site: str | None = None
 
 
-SCENE_KEYS = ("id", "split", "rasters", "labels", "resampling")
+SCENE_KEYS = ("id", "split", "rasters", "labels", "resampling", "date", "site")
+
+
+def iso_date(value) -> str | None:
+    """A date given as YAML date or text, as YYYY-MM-DD; None when it is not one."""
+    if isinstance(value, datetime.datetime):
+        return value.date().isoformat()
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    try:
+        return datetime.date.fromisoformat(str(value)).isoformat()
+    except ValueError:
+        return None
 LABELLED_SPLITS = ("train", "val", "test")
 
 
@@ -79,6 +94,8 @@ def _scene_problems(entry, where: str, labelled: bool) -> list[str]:
         problems.append(f"{where}: a {split} scene needs 'labels' (an empty label file for a scene with no slumps)")
     if "rasters" in entry and (not isinstance(entry["rasters"], dict) or REFERENCE not in entry["rasters"]):
         problems.append(f"{where}: no '{REFERENCE}' raster, the reference grid")
+    if "date" in entry and iso_date(entry["date"]) is None:
+        problems.append(f"{where}: date {entry['date']!r} is not an ISO date (YYYY-MM-DD)")
     return problems
 
 
@@ -110,7 +127,9 @@ def load_scene_list(path: str | Path, labelled: bool = False, on_error: str = "r
     return [SceneSpec(id=str(entry["id"]), split=entry["split"],
                       rasters={m: (path.parent / p) for m, p in entry["rasters"].items()},
                       labels=(path.parent / entry["labels"]) if entry.get("labels") else None,
-                      resampling=dict(entry.get("resampling", {})))
+                      resampling=dict(entry.get("resampling", {})),
+                      date=iso_date(entry["date"]) if "date" in entry else None,
+                      site=str(entry["site"]) if entry.get("site") is not None else None)
             for entry in good]
 
 
