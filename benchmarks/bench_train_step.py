@@ -319,7 +319,9 @@ def main() -> None:
             continue
         rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "model": label, "name": name,
                      "setting": setting, "fusion": fusion})
-        print(f"  done {label}: {rows[-1]['s_per_step']:.2f} s/step", file=sys.stderr, flush=True)
+        r = rows[-1]  # the whole row at once, so that a run stopped before the table still says it
+        print(f"  done {label}: {r['images_per_s']:.2f} img/s, {r['s_per_step']:.3f} s/step, {r['peak_mb']:.0f} MB, "
+              f"{r['gflop_per_image']:.1f} GFLOP/img, warm-up {r['warmup_s']:.0f} s", file=sys.stderr, flush=True)
     if args.flops:  # a model's arithmetic is its first counted row's, whatever the setting
         for r in rows:
             counted = [c for c in rows if (c["name"], c["fusion"]) == (r["name"], r["fusion"])

@@ -7,6 +7,8 @@
 # scored again with a bfloat16 forward (evaluate trainer.precision=bf16-mixed), the AP that
 # prediction in bf16 would keep. Prints one table of test mask/box AP50.
 #     bash benchmarks/gpu_accuracy.sh [LOG_DIR]        # ~4 minutes on an H200 with 16 CPU cores
+# RTS_SPEED_SEEDS (default "0 1 2") and RTS_SPEED_SWITCHES (default "bf16 fused channels_last compile all")
+# choose a shorter run; benchmarks/speed_accuracy_table.py prints the table of whatever has finished.
 set -u
 logs=${1:-gpu_logs}
 mkdir -p "$logs"
@@ -27,8 +29,10 @@ declare -A switches=(
 # the default world, drawn once before the parallel jobs ask for it
 python -c "from rts_thaw.data.synthetic import ensure_world; print(ensure_world('$RTS_THAW_CACHE/data'))"
 
-echo "== stage 1: 3 modalities x 3 seeds in float32, x seed 0 in bf16"
-for seed in 0 1 2; do
+echo "== stage 1: 3 modalities x each seed in float32, x seed 0 in bf16"
+seeds=${RTS_SPEED_SEEDS:-0 1 2}
+chosen=${RTS_SPEED_SWITCHES:-bf16 fused channels_last compile all}
+for seed in $seeds; do
     for m in rgb ndvi nir; do
         python -m rts_thaw.train +experiment=unimodal "data.modalities=[$m]" training.stage1_cache=true \
             seed=$seed $common name=stage1_fp32 >"$logs/accuracy_stage1_${m}_$seed.log" 2>&1 &
@@ -40,12 +44,12 @@ for m in rgb ndvi nir; do
 done
 wait
 
-echo "== stage 2: float32 x 3 seeds, each switch at seed 0"
-for seed in 0 1 2; do
+echo "== stage 2: float32 x each seed, each switch at seed 0"
+for seed in $seeds; do
     python -m rts_thaw.train +experiment=staged_fusion seed=$seed $common name=speed_fp32 \
         >"$logs/accuracy_fp32_$seed.log" 2>&1 &
 done
-for switch in bf16 fused channels_last compile all; do
+for switch in $chosen; do
     python -m rts_thaw.train +experiment=staged_fusion seed=0 $common name=speed_$switch ${switches[$switch]} \
         >"$logs/accuracy_$switch.log" 2>&1 &
 done
@@ -60,24 +64,4 @@ for results in "$RTS_THAW_LOG_DIR"/speed_fp32/*/results.json; do
 done
 wait
 
-python - "$RTS_THAW_LOG_DIR" <<'EOF' | tee "$logs/accuracy_summary.txt"
-import json, statistics, sys
-from pathlib import Path
-
-rows = []
-for results in sorted(Path(sys.argv[1]).glob("speed_*/*/results.json")):
-    r = json.loads(results.read_text())
-    config = (results.parent / "config.yaml").read_text()
-    seed = next(line.split(":")[1].strip() for line in config.splitlines() if line.startswith("seed:"))
-    bf16_forward = results.parent / "metrics_bf16_forward.json"
-    forward = json.loads(bf16_forward.read_text())["metrics"] if bf16_forward.exists() else {}
-    rows.append((results.parent.parent.name, seed, 100 * r["test"]["segm_AP50"], 100 * r["test"]["bbox_AP50"],
-                 r.get("perf/train_images_per_s"), 100 * forward["segm_AP50"] if "segm_AP50" in forward else None))
-print(f"{'run':<20} {'seed':>4} {'mask AP50':>9} {'box AP50':>8} {'train img/s':>11} {'mask AP50, bf16 forward':>24}")
-for name, seed, mask, box, speed, forward in rows:
-    print(f"{name:<20} {seed:>4} {mask:>9.1f} {box:>8.1f} {speed or float('nan'):>11.1f} "
-          f"{'' if forward is None else f'{forward:.1f}':>24}")
-base = [mask for name, _, mask, *_ in rows if name == "speed_fp32"]
-if len(base) > 1:
-    print(f"float32 over {len(base)} seeds: mask AP50 {statistics.mean(base):.1f} +- {statistics.stdev(base):.1f}")
-EOF
+python "$(dirname "$0")/speed_accuracy_table.py" "$RTS_THAW_LOG_DIR" | tee "$logs/accuracy_summary.txt"

@@ -25,36 +25,36 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)" | tee -a "$logs/gpu.txt"
 
 if [[ $parts == *predict* ]]; then
-# The prediction runs' world (16 scenes of 1024 px), drawn on 6 of the CPU cores while the
+# The prediction runs' world (8 scenes of 1024 px), drawn on 8 of the CPU cores while the
 # training step is timed (that step keeps one core busy).
 python - "$world" >"$logs/world.log" 2>&1 <<'EOF' &
 import sys
 from pathlib import Path
 from rts_thaw.data.synthetic import WorldParams, generate_world
-params = WorldParams(scenes=16, size=1024, seed=11)  # bench_predict's world for --scenes 16 --size 1024
+params = WorldParams(scenes=8, size=1024, seed=11)  # bench_predict's world for --scenes 8 --size 1024
 target = Path(sys.argv[1]) / f"synthetic_{params.key()}"
 if not (target / "scenes.yaml").exists():
-    generate_world(target, params, workers=6)
+    generate_world(target, params, workers=8)
 EOF
 world_job=$!
 fi
 
 # Issue 19: the staged 3-modality cascade (detectron2's R50-FPN cascade heads) at 512 px, batch 8:
-# each switch added to the last, beside torchvision in float32 and bf16; --flops adds GFLOP per
-# image and each row's sustained TFLOPS.
-[[ $parts == *train* ]] && run train_512_switches 270 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 3 \
+# switches added in turn, beside torchvision in float32 and bf16; --flops adds GFLOP per image and
+# each row's sustained TFLOPS. Compiled: the parts whose shapes are fixed at a given tile size (the
+# RoI heads see a different number of boxes each step, and would be compiled again and again).
+[[ $parts == *train* ]] && run train_512_switches 230 python benchmarks/bench_train_step.py --device cuda --size 512 --warmup 3 \
     --heads cascade_2fc --flops --models staged_cascade,torchvision_maskrcnn_r50 --peer-settings fp32,bf16 \
-    --settings fp32,bf16,bf16+fused,bf16+fused+channels_last,bf16+fused+channels_last+compile
+    --settings fp32,bf16,bf16+fused+channels_last,bf16+fused+channels_last+compile --compile-parts encoders,fusion,neck
 
 if [[ $parts == *predict* ]]; then
 wait "$world_job"
 # Issue 19: whole-scene prediction, paper-scale model (mvitv2_tiny + cascade) on 256 px tiles,
-# every scene listed twice, 2 detections per tile: float32, then bf16 with the switches.
-P="python benchmarks/bench_predict.py --device cuda --world $world --scenes 16 --size 1024 --encoder mvitv2_tiny \
-    --heads cascade --tile-size 256 --batch-size 16 --workers 8 --write-workers 4 --repeat 2 --max-detections 2"
-run predict_tiny_fp32 90 $P
-run predict_tiny_bf16_switches 150 $P --precision bf16-mixed --channels-last \
-    --compile encoders,fusion,neck,rpn_head,box_heads,mask_head
+# every scene listed 4 times, 2 detections per tile: bf16 with the switches, then float32.
+P="python benchmarks/bench_predict.py --device cuda --world $world --scenes 8 --size 1024 --encoder mvitv2_tiny \
+    --heads cascade --tile-size 256 --batch-size 16 --workers 8 --write-workers 4 --repeat 4 --max-detections 2"
+run predict_tiny_bf16_switches 100 $P --precision bf16-mixed --channels-last --compile encoders,fusion,neck
+run predict_tiny_fp32 50 $P
 fi
 
 echo "== summary"
