@@ -186,6 +186,24 @@ def test_perfect_predictions_score_one():
         assert metrics[key] == pytest.approx(1.0), key
 
 
+def test_ground_truth_without_info_scores_under_pycocotools_that_copies_it(monkeypatch):
+    """pycocotools 2.0.10 copies the ground truth's "info" in loadRes; ours has none (nor have many
+    chip releases): a run's validation crashed on a GPU machine that had that version."""
+    load_results = COCO.loadRes
+
+    def copying_info(self, results):
+        self.dataset["info"]  # what 2.0.10 does first; a KeyError without one
+        return load_results(self, results)
+
+    monkeypatch.setattr(COCO, "loadRes", copying_info)
+    _, targets, sizes = _synthetic_batch(seed=3, n_images=2)
+    perfect = [{"boxes": t["boxes"], "scores": torch.ones(len(t["labels"])), "labels": t["labels"],
+                "masks": t["masks"][:, : sizes[0][0], : sizes[0][1]].float()} for t in targets]
+    ev = CocoEvaluator()
+    ev.update(perfect, targets, sizes)
+    assert ev.compute()["segm_AP50"] == pytest.approx(1.0)
+
+
 def test_empty_cases():
     ev = CocoEvaluator()
     assert all(math.isnan(v) for v in ev.compute().values())  # nothing added

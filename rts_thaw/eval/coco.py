@@ -82,7 +82,9 @@ def with_mask_areas(gt: dict) -> dict:
 
 def _coco_from_dict(dataset: dict) -> COCO:
     coco = COCO()
-    coco.dataset = dataset
+    # pycocotools 2.0.10's loadRes copies the ground truth's "info", which our dicts and many
+    # chip releases leave out (a KeyError in the middle of a run's validation)
+    coco.dataset = {"info": {}, **dataset}
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
