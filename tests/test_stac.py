@@ -13,6 +13,7 @@ import pystac
 import pytest
 import rasterio
 import torch
+import yaml
 from hydra import compose, initialize_config_module
 from rasterio.warp import transform_bounds
 
@@ -105,6 +106,20 @@ def test_an_item_collection_with_remote_and_relative_assets(world_scenes, tmp_pa
     assert second.rasters == {"rgb": "https://example.org/cogs/scene_1/visual.tif",
                               "ndvi": "s3://arctic-bucket/scene_1/ndvi.tif"}
     assert second.date == "2022-08-02"
+    # one item in its own file: relative hrefs start from that file
+    local.set_self_href(str(tmp_path / "one_item.json"))
+    local.save_object(include_self_link=False)
+    (alone,) = load_scenes(tmp_path / "one_item.json", stac={"assets": {"rgb": "visual"}, "split": "test"})
+    assert alone.rasters["rgb"] == tmp_path.resolve() / "rgb.tif" and alone.split == "test"
+
+
+def test_a_scene_list_may_name_remote_rasters(tmp_path):
+    scene_list = tmp_path / "scenes.yaml"
+    scene_list.write_text(yaml.safe_dump({"scenes": [{"id": "a", "split": "predict", "rasters": {
+        "rgb": "https://example.org/a/rgb.tif", "dem": "/vsis3/arcticdem/a/dem.tif", "ndvi": "a/ndvi.tif"}}]}))
+    (scene,) = load_scenes(scene_list)
+    assert scene.rasters == {"rgb": "https://example.org/a/rgb.tif", "dem": "/vsis3/arcticdem/a/dem.tif",
+                             "ndvi": tmp_path / "a" / "ndvi.tif"}
 
 
 def test_every_bad_item_is_listed_at_once(world_scenes, tmp_path):
