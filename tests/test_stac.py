@@ -180,6 +180,14 @@ def test_stac_settings_and_files_are_checked(catalog, tmp_path):
         load_scenes(bad, stac={"assets": ASSETS, "split": "train"})
     with pytest.raises(SceneError, match=rf"{tmp_path / 'none.json'}: cannot read STAC file"):
         load_scenes(tmp_path / "none.json", stac={"assets": ASSETS, "split": "train"})
+    bad.write_text('{"type": "FeatureCollection", "features": []}')
+    with pytest.raises(SceneError, match=rf"{bad}: the STAC file has no items"):
+        load_scenes(bad, stac={"assets": ASSETS, "split": "train"})
+    twice = pystac.Item("a", None, None, datetime.datetime(2021, 7, 1, tzinfo=UTC), {}, assets={
+        "visual": pystac.Asset("a.tif")}).to_dict(include_self_link=False)
+    bad.write_text(json.dumps({"type": "FeatureCollection", "features": [twice, twice]}))
+    with pytest.raises(SceneError, match=r"item a: duplicate item id"):
+        load_scenes(bad, stac={"assets": {"rgb": "visual"}, "split": "predict"})
     bad.write_text('{"type": "Topology"}')
     with pytest.raises(SceneError, match=r"not a STAC catalog, collection, item or item collection"):
         load_scenes(bad, stac={"assets": ASSETS, "split": "train"})
