@@ -1,6 +1,7 @@
 """Predict: map scenes into GIS layers, merge shards, or write a challenge submission.
 
     python -m rts_thaw.predict ckpt_path=<file.ckpt> scenes=<scene list .yaml>
+    python -m rts_thaw.predict ckpt_path=<file.ckpt> scenes=<STAC catalog.json> stac.assets={rgb: visual}
     python -m rts_thaw.predict merge=true output_dir=<dir> [output=<all.gpkg>]
     python -m rts_thaw.predict data=arctic_challenge split=test ckpt_path=... output=submission.json
 
@@ -55,9 +56,10 @@ def scenes_mode(cfg: DictConfig) -> list[dict]:
     device = resolve_device(cfg.device)
     model = _load_model(cfg, device)
     outputs = [name for name in EXTRA_OUTPUTS if cfg.get(name)]  # each format has its switch
+    stac = OmegaConf.to_container(cfg.stac, resolve=True) if cfg.get("stac") is not None else None
     summaries = map_scenes(model, cfg.scenes, cfg.output_dir, _tiling(cfg, model.tile_size), device,
                            shard=cfg.shard, num_shards=cfg.num_shards, outputs=outputs, progress=cfg.progress,
-                           precision=cfg.precision, overwrite=cfg.overwrite)
+                           precision=cfg.precision, overwrite=cfg.overwrite, stac=stac)
     for summary in summaries:
         print(json.dumps(summary))
     if cfg.output and cfg.num_shards == 1:
@@ -96,7 +98,7 @@ def main(cfg: DictConfig):
         return challenge_mode(cfg)
     if cfg.scenes:
         return scenes_mode(cfg)
-    raise ValueError("nothing to predict: pass scenes=<scene list .yaml> or data=<source> split=<split>")
+    raise ValueError("nothing to predict: pass scenes=<scene list .yaml | STAC .json> or data=<source> split=<split>")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from rts_thaw.data import chips, geotiff
 from rts_thaw.data.collate import collate_samples
 from rts_thaw.data.normalization import NormStats, RunningStats
+from rts_thaw.data.scene_sources import load_scenes
 from rts_thaw.data.sampling import EpochShuffle, numpy_state_from_tensors
 from rts_thaw.data.transforms import Augment
 from rts_thaw.core.json_files import nan_for_null, write_json_atomic
@@ -35,13 +36,15 @@ class RTSDataModule(L.LightningDataModule):
     """Aligned multimodal tiles / chips with instance targets.
 
     Args:
-        source: "geotiff" (a scene list file), "coco_chips" (a folder of split
-            folders) or "arctic_challenge" (the challenge release folder).
-        path: the scene list file or the dataset folder.
+        source: "geotiff" (a scene list file or a STAC file), "coco_chips" (a folder of
+            split folders) or "arctic_challenge" (the challenge release folder).
+        path: the scene list YAML, the STAC file (.json) or the dataset folder.
         modalities: the modalities to serve, e.g. ["rgb", "ndvi", "nir"]. For GeoTIFF
             scenes the tile grid is always the RGB raster's, whichever are served.
         norm_stats: statistics to use instead of computing them (a NormStats or its
             dict, e.g. from a checkpoint); `set_norm_stats` does the same later.
+        stac: how a STAC file's items become scenes (asset key per modality, split, labels;
+            rts_thaw.data.stac.load_stac_scenes); unused for other sources.
         stats_cache_dir: where computed statistics are cached; default next to the data.
         seed: the order in which training tiles are shuffled.
         val_fraction: for chip sources without a val split, the share of train
@@ -67,6 +70,7 @@ class RTSDataModule(L.LightningDataModule):
         band_map: dict[str, list[str]] | None = None,
         eval_batch_size: int | None = None,
         on_error: str = "raise",
+        stac: dict | None = None,
     ):
         super().__init__()
         if on_error not in geotiff.ON_ERROR:
@@ -90,6 +94,7 @@ class RTSDataModule(L.LightningDataModule):
         self._resumed_state: dict | None = None  # set by a checkpoint's load_state_dict
         self._shuffle: EpochShuffle | None = None
         self.band_map = _plain(band_map)
+        self.stac = _plain(stac)
         self.stats_cache_dir = Path(stats_cache_dir).expanduser() if stats_cache_dir else None
         self.modality_channels: dict[str, int] = {}
         self.datasets: dict[str, Dataset] = {}
@@ -177,19 +182,21 @@ class RTSDataModule(L.LightningDataModule):
 
     def _scenes(self) -> list[geotiff.SceneSpec]:
         if not hasattr(self, "_scene_specs"):
-            self._scene_specs = geotiff.load_scene_list(self.path, labelled=True, on_error=self.on_error)
+            self._scene_specs = load_scenes(self.path, labelled=True, on_error=self.on_error, stac=self.stac)
         return self._scene_specs
 
     # ------------------------------------------------------------------ statistics
 
     def _source_key(self) -> str:
         """Identifies the training data: the path, the state of its index file and, for scene
-        lists, of every train raster (one rewritten in place gives new statistics)."""
+        lists, of every train raster (one rewritten in place gives new statistics; a remote one
+        is known by its URL)."""
         index = self.path if self.path.is_file() else chips.index_file(self.path, self.source)
-        files = [index]
+        files = [str(index)]
         if self.source == "geotiff":
-            files += sorted({p for s in self._scenes() if s.split == "train" for p in s.rasters.values()})
-        states = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+            files += sorted({str(p) for s in self._scenes() if s.split == "train" for p in s.rasters.values()})
+        states = [(f,) if geotiff.is_remote(f) else (f, Path(f).stat().st_size, Path(f).stat().st_mtime_ns)
+                  for f in files if geotiff.is_remote(f) or Path(f).exists()]
         blob = json.dumps([self.source, str(self.path.resolve()), states, self.val_fraction, self.band_map])
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 

@@ -15,6 +15,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import rasterio
@@ -47,11 +48,27 @@ class SceneError(ValueError):
     """A scene's files are missing, unreadable or inconsistent (the message names the file)."""
 
 
+# Rasters at these URLs are read where they are (GDAL's /vsicurl/, /vsis3/, ...); credentials and
+# options (AWS_NO_SIGN_REQUEST, GDAL_HTTP_*, ...) are GDAL's environment settings.
+REMOTE_SCHEMES = ("http", "https", "s3", "gs", "az")
+
+
+def is_remote(href: str | Path) -> bool:
+    """Whether a raster lives at a URL (or a GDAL virtual path) rather than in a local file."""
+    href = str(href)
+    return href.startswith("/vsi") or urlparse(href).scheme.lower() in REMOTE_SCHEMES
+
+
+def resolve_href(folder: Path, href: str) -> Path | str:
+    """A raster's location: a URL as it is (a Path would fold its '//'), a relative path under `folder`."""
+    return href if is_remote(href) else folder / href
+
+
 @dataclass
 class SceneSpec:
     id: str
     split: str
-    rasters: dict[str, Path]
+    rasters: dict[str, Path | str]  # local files, or URLs GDAL reads remotely (is_remote)
     labels: Path | None = None
     resampling: dict[str, str] = field(default_factory=dict)
     date: str | None = None  # ISO acquisition date; the acquisitions of one area share a site
@@ -125,7 +142,7 @@ def load_scene_list(path: str | Path, labelled: bool = False, on_error: str = "r
             good.append(entry)
     check_problems(problems, on_error, "scene-list entry", where=path)
     return [SceneSpec(id=str(entry["id"]), split=entry["split"],
-                      rasters={m: (path.parent / p) for m, p in entry["rasters"].items()},
+                      rasters={m: resolve_href(path.parent, str(p)) for m, p in entry["rasters"].items()},
                       labels=(path.parent / entry["labels"]) if entry.get("labels") else None,
                       resampling=dict(entry.get("resampling", {})),
                       date=iso_date(entry["date"]) if "date" in entry else None,
@@ -171,8 +188,8 @@ def tile_windows(width: int, height: int, tile_size: int, stride: int | None = N
     ]
 
 
-def _open(path: Path, scene_id: str, modality: str):
-    if not Path(path).exists():
+def _open(path: Path | str, scene_id: str, modality: str):
+    if not is_remote(path) and not Path(path).exists():
         raise SceneError(f"{path}: {modality} raster of scene {scene_id} does not exist")
     try:
         src = rasterio.open(path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import wait
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,8 @@ import torch
 from affine import Affine
 
 from rts_thaw.core.checkpoints import load_checkpoint
-from rts_thaw.data.geotiff import SceneReader, SceneSpec, load_scene_list
+from rts_thaw.data.geotiff import SceneReader, SceneSpec
+from rts_thaw.data.scene_sources import load_scenes
 from rts_thaw.data.normalization import NormStats
 from rts_thaw.mapping.engine import TilingConfig, check_precision, predict_tiles
 from rts_thaw.mapping.map_identity import claim_output_dir, map_identity
@@ -102,8 +103,10 @@ def check_modalities(scenes: list[SceneSpec], modalities: list[str], source: Pat
 
 def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Path, tiling: TilingConfig,
                device: torch.device, shard: int = 0, num_shards: int = 1, outputs: Sequence[str] = (),
-               progress: bool = True, precision: str | int = "32", overwrite: bool = False) -> list[dict]:
-    """Predict every scene of this shard that is not done yet; returns one summary per scene.
+               progress: bool = True, precision: str | int = "32", overwrite: bool = False,
+               stac: Mapping | None = None) -> list[dict]:
+    """Predict every scene of `scenes_path` (a scene list, or a STAC file read with the `stac`
+    settings: scene_sources.load_scenes) of this shard that is not done yet; returns one summary per scene.
     Each scene gets its GeoPackage and the `outputs` asked for (`scene_outputs.EXTRA_OUTPUTS`).
     Maps already in `output_dir` must have been made the same way (`map_identity`), unless
     `overwrite`, which maps every scene again.
@@ -114,7 +117,7 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
     """
     check_precision(precision)
     scenes_path, output_dir = Path(scenes_path), Path(output_dir)
-    scenes = shard_scenes(load_scene_list(scenes_path), shard, num_shards)
+    scenes = shard_scenes(load_scenes(scenes_path, stac=stac), shard, num_shards)
     optional = model.detector.optional_modalities
     check_modalities(scenes, list(model.detector.modalities), scenes_path, optional)
     set_detection_limits(model.detector, tiling.score_threshold, tiling.max_detections, tiling.proposals)
