@@ -24,6 +24,7 @@ def evaluate_checkpoint_mode(cfg: DictConfig) -> dict:
         preset=cfg.preset,
         trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True),
         missing_modalities=list(cfg.missing_modalities or []),
+        chip_overlap=cfg.get("chip_overlap"),
     )
     output = write_json_atomic(cfg.output, {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split,
                                             "missing_modalities": list(cfg.missing_modalities or []),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -128,12 +129,18 @@ def test_challenge_datamodule(exported):
     assert batch["image"]["ndwi"].shape[:2] == (4, 1) and all(len(t["boxes"]) == 0 for t in batch["targets"])
 
 
-def test_training_chips_larger_than_the_tile_size_are_refused(exported):
+def test_chips_larger_than_the_tile_size_are_counted_at_setup_and_cropped_for_training(exported, caplog):
     coco_root, _ = exported
-    dm = RTSDataModule(source="coco_chips", path=coco_root, modalities=["rgb"], tile_size=128,
+    dm = RTSDataModule(source="coco_chips", path=coco_root, modalities=["rgb"], tile_size=96,
                        norm_stats={"mean": {"rgb": [0, 0, 0]}, "std": {"rgb": [1, 1, 1]}})
-    with pytest.raises(ValueError, match=r"scene_00\d_\d+\.png: \w+ chip is 160 x 160, larger than data.tile_size=128"):
+    with caplog.at_level("INFO", logger="rts_thaw.data.datamodule"):
         dm.setup("fit")
+    for split, how in (("train", "cropped to a random window"), ("val", "scored whole")):
+        dataset = dm.datasets[split]
+        large = [k for k, (_, h, w) in enumerate(dataset.sizes) if max(h, w) > 96]
+        assert large and re.search(f"{len(large)} of {len(dataset)} {split} chips are larger than data.tile_size=96 px "
+                                   rf"\(the largest, .*\): each is {how}", caplog.text)
+        assert max(dataset[large[0]]["valid"].shape) == (96 if split == "train" else max(dataset.sizes[large[0]][1:]))
 
 
 def _write_chip(path: Path, height: int, width: int) -> None:
@@ -168,7 +175,7 @@ def _chip_datamodule(root: Path, tile_size: int) -> RTSDataModule:
                          norm_stats={"mean": {"rgb": [0, 0, 0]}, "std": {"rgb": [1, 1, 1]}})
 
 
-def test_chips_without_height_and_width_are_size_checked_from_their_files(tmp_path):
+def test_chips_without_height_and_width_are_size_checked_from_their_files(tmp_path, caplog):
     # Without height/width the chip-size check reads each file's header.
     fitting = {"a.tif": (24, 32), "c.png": (16, 16)}
     annotations = _coco_train_folder(tmp_path / "fits", fitting)
@@ -178,9 +185,11 @@ def test_chips_without_height_and_width_are_size_checked_from_their_files(tmp_pa
     dm.setup("fit")
     assert sum(len(dm.datasets[s]) for s in ("train", "val")) == 2
 
-    _coco_train_folder(tmp_path / "too_big", {**fitting, "b.png": (48, 40)})
-    with pytest.raises(ValueError, match=r"b\.png: (train|val) chip is 48 x 40, larger than data\.tile_size=32"):
-        _chip_datamodule(tmp_path / "too_big", tile_size=32).setup("fit")
+    _coco_train_folder(tmp_path / "larger", {**fitting, "b.png": (48, 40)})
+    with caplog.at_level("INFO", logger="rts_thaw.data.datamodule"):
+        _chip_datamodule(tmp_path / "larger", tile_size=32).setup("fit")
+    assert re.search(r"1 of \d (train|val) chips are larger than data\.tile_size=32 px \(the largest, b\.png, is 48 x 40\)",
+                     caplog.text)
 
 
 def test_declared_height_and_width_must_be_the_files(tmp_path):
@@ -190,9 +199,9 @@ def test_declared_height_and_width_must_be_the_files(tmp_path):
         CocoChipDataset(annotations, {"rgb": annotations.parent / "images"}, ["rgb"])
 
 
-def test_test_chips_larger_than_the_tile_are_refused_before_training(tmp_path):
-    """A training run ends with its test: test chips the encoder cannot take are refused at the
-    start, not after the training they would waste."""
+def test_test_chips_larger_than_the_tile_are_reported_before_training(tmp_path, caplog):
+    """A training run ends with its test: the test chips larger than the tile, which it scores
+    whole (tiled and merged across seams), are counted at the start."""
     root = tmp_path / "coco"
     for split, size in (("train", 64), ("val", 64), ("test", 96)):
         (root / split / "rgb").mkdir(parents=True)
@@ -201,8 +210,11 @@ def test_test_chips_larger_than_the_tile_are_refused_before_training(tmp_path):
             {"images": [{"id": 1, "file_name": "a.png"}], "annotations": []}))
     dm = RTSDataModule(source="coco_chips", path=root, modalities=["rgb"], tile_size=64,
                        norm_stats={"mean": {"rgb": [0, 0, 0]}, "std": {"rgb": [1, 1, 1]}})
-    with pytest.raises(ValueError, match=r"a\.png: test chip is 96 x 96, larger than data.tile_size=64"):
+    with caplog.at_level("INFO", logger="rts_thaw.data.datamodule"):
         dm.setup("fit")
+    assert ("1 of 1 test chips are larger than data.tile_size=64 px (the largest, a.png, is 96 x 96): each is scored "
+            "whole: tiled with overlap and its instances merged across the seams") in caplog.text
+    assert "train chips are larger" not in caplog.text and "val chips are larger" not in caplog.text
 
 
 def test_tile_size_auto_fits_the_largest_chip_and_is_recorded(tmp_path):

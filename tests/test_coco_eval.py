@@ -239,6 +239,21 @@ def test_areas_are_recomputed_from_masks():
     assert math.isnan(metrics["segm_APl"])
 
 
+def test_ground_truth_masks_without_boxes_get_their_masks_boxes():
+    """A chip folder's annotations may hold masks alone (training needs no box): box metrics
+    score against each mask's tight box."""
+    h, w = 64, 80
+    mask = _ellipse(h, w, 30, 40, 12, 20)
+    gt = {"images": [{"id": 1, "height": h, "width": w}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": mask_to_rle(mask)}]}
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    box = [float(cols[0]), float(rows[0]), float(cols[-1] + 1 - cols[0]), float(rows[-1] + 1 - rows[0])]
+    results = [{"image_id": 1, "category_id": 1, "segmentation": mask_to_rle(mask), "bbox": box, "score": 0.9}]
+    metrics = evaluate_coco(gt, results)
+    assert metrics["bbox_AP"] == pytest.approx(1.0) and metrics["segm_AP"] == pytest.approx(1.0)
+    assert "bbox" not in gt["annotations"][0]  # the caller's dict is left as it was
+
+
 def test_bad_input_is_reported():
     with pytest.raises(ValueError, match="unknown preset"):
         CocoEvaluator(preset="lvis")

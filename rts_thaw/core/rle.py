@@ -33,3 +33,8 @@ def decode(segmentation, height: int, width: int) -> np.ndarray:
 def mask_area(segmentation, height: int, width: int) -> float:
     """Pixels of any COCO segmentation."""
     return float(mask_utils.area(compressed_rle(segmentation, height, width)))
+
+
+def mask_box(segmentation, height: int, width: int) -> list[float]:
+    """The tight [x, y, width, height] box of any COCO segmentation, in pixels."""
+    return [float(v) for v in mask_utils.toBbox(compressed_rle(segmentation, height, width))]

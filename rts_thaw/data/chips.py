@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from rts_thaw.data.sample import make_sample
+from rts_thaw.data.transforms import crop, crop_window
 from rts_thaw.core.problems import listed
 from rts_thaw.core.rle import decode
 
@@ -151,17 +152,19 @@ def decode_segmentation(segm, height: int, width: int, where: str) -> np.ndarray
 class _ChipDataset(Dataset):
     """Common part: COCO-style image records + annotations -> samples.
 
-    `sizes` lists (file, height, width) of every chip, so a caller can check that
-    none is larger than the model accepts before training starts."""
+    `sizes` lists (file, height, width) of every chip, read from the file headers. With
+    `crop_size` (training), a chip larger than that is served as a random crop of that size
+    around one of its instances (`transforms.crop_window`), drawn anew each time."""
 
     source = "chips"
 
     def __init__(self, images: list[dict], annotations: dict[int, list], modalities, norm_stats, augment,
-                 min_instance_area: int, where: Path):
+                 min_instance_area: int, where: Path, crop_size: int | None = None):
         self.images, self.annotations = images, annotations
         self.modalities = list(modalities)
         self.norm_stats, self.augment = norm_stats, augment
         self.min_instance_area, self.where = min_instance_area, where
+        self.crop_size = crop_size
 
     def __len__(self) -> int:
         return len(self.images)
@@ -182,9 +185,14 @@ class _ChipDataset(Dataset):
             for a in self.annotations.get(record["id"], []) if not a.get("iscrowd", 0)
         ]
         stacked = np.stack(masks) if masks else np.zeros((0, h, w), dtype=np.uint8)
+        window = (0, 0, h, w)
+        if self.crop_size and max(h, w) > self.crop_size:
+            window = crop_window(stacked, self.crop_size)
+            images, valid, stacked = crop(images, valid, stacked, window)
         meta = {"image_id": int(record["id"]), "scene_id": str(record.get("file_name", record["id"])),
-                "window": (0, 0, h, w), "transform": None, "crs": None, "source": self.source}
-        # Areas come from the masks; the COCO `area` field is not trusted.
+                "window": window, "transform": None, "crs": None, "source": self.source}
+        # Areas come from the masks; the COCO `area` field is not trusted. Instances a crop cut
+        # to fragments under min_instance_area are dropped there, as at GeoTIFF tile edges.
         return make_sample(images, valid, stacked, meta, self.norm_stats, self.augment, self.min_instance_area)
 
 
@@ -218,7 +226,8 @@ class CocoChipDataset(_ChipDataset):
     source = "coco_chips"
 
     def __init__(self, annotation_file: Path, image_dirs: dict[str, Path], modalities, image_ids=None,
-                 norm_stats=None, augment=None, min_instance_area: int = 10, on_error: str = "raise"):
+                 norm_stats=None, augment=None, min_instance_area: int = 10, on_error: str = "raise",
+                 crop_size: int | None = None):
         coco = _load_coco(annotation_file, on_error)
         images = [im for im in coco["images"] if image_ids is None or im["id"] in image_ids]
         missing_dirs = [m for m in modalities if m not in image_dirs]
@@ -235,7 +244,8 @@ class CocoChipDataset(_ChipDataset):
         by_image: dict[int, list] = {}
         for a in coco["annotations"]:
             by_image.setdefault(a["image_id"], []).append(a)
-        super().__init__(images, by_image, modalities, norm_stats, augment, min_instance_area, annotation_file)
+        super().__init__(images, by_image, modalities, norm_stats, augment, min_instance_area, annotation_file,
+                         crop_size)
         self.image_dirs = image_dirs
         self.sizes = [self._file_size(im, annotation_file) for im in images]
         self.channels = {}
@@ -308,7 +318,8 @@ class ChallengeNpzDataset(_ChipDataset):
     source = "arctic_challenge"
 
     def __init__(self, files: list[Path], images: list[dict], annotations: dict[int, list], modalities,
-                 band_map=None, norm_stats=None, augment=None, min_instance_area: int = 10, where: Path | None = None):
+                 band_map=None, norm_stats=None, augment=None, min_instance_area: int = 10, where: Path | None = None,
+                 crop_size: int | None = None):
         band_map = band_map or CHALLENGE_BAND_MAP
         unknown = [m for m in modalities if m not in band_map]
         if unknown:
@@ -320,7 +331,7 @@ class ChallengeNpzDataset(_ChipDataset):
             if len(shape) != 3 or shape[2] != len(CHALLENGE_BANDS):
                 raise ChipError(f"{path}: 'image' has shape {shape}, expected H x W x {len(CHALLENGE_BANDS)} ({', '.join(CHALLENGE_BANDS)})")
             self.sizes.append((str(path), shape[0], shape[1]))
-        super().__init__(images, annotations, modalities, norm_stats, augment, min_instance_area, where)
+        super().__init__(images, annotations, modalities, norm_stats, augment, min_instance_area, where, crop_size)
         self.files = files
         self.channels = {m: len(idx) for m, idx in self.band_index.items()}
 

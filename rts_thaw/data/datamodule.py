@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -24,6 +25,8 @@ from rts_thaw.data.transforms import Augment
 from rts_thaw.core.json_files import nan_for_null, write_json_atomic
 
 SOURCES = ("geotiff", "coco_chips", "arctic_challenge")
+
+log = logging.getLogger(__name__)
 
 
 def _plain(value):
@@ -118,12 +121,12 @@ class RTSDataModule(L.LightningDataModule):
         if self.norm_stats is None:
             self.norm_stats = self._train_stats()
         if stage == "fit" and self.source != "geotiff" and self.has_split("test"):
-            splits = [*splits, "test"]  # a run tests after training: its chips are refused now, not then
+            splits = [*splits, "test"]  # a run tests after training: its chips are read and reported now
         for split in splits:
             if split not in self.datasets:
                 self.datasets[split] = self.dataset(split)
                 if split in ("train", "val", "test"):
-                    self._check_chip_sizes(split)
+                    self._report_large_chips(split)
         if not self.modality_channels:
             self.modality_channels = dict(next(iter(self.datasets.values())).channels)
 
@@ -133,8 +136,11 @@ class RTSDataModule(L.LightningDataModule):
         return chips.split_available(self.path, split, self.source)
 
     def dataset(self, split: str, augment: bool | None = None) -> Dataset:
-        """The dataset of one split (augmented only for train unless told otherwise)."""
-        aug = self.augment if (augment if augment is not None else split == "train") else None
+        """The dataset of one split, with the training transforms (random crops of chips larger
+        than the tile, then `augment`) only for train unless told otherwise."""
+        training = augment if augment is not None else split == "train"
+        aug = self.augment if training else None
+        crop_size = self.tile_size if training else None
         if self.source == "geotiff":
             scenes = [s for s in self._scenes() if s.split == split]
             if not scenes:
@@ -153,10 +159,11 @@ class RTSDataModule(L.LightningDataModule):
         if self.source == "coco_chips":
             dataset = chips.coco_chip_split(self.path, split, self.modalities, self.val_fraction, norm_stats=self.norm_stats,
                                             augment=aug, min_instance_area=self.min_instance_area,
-                                            on_error=self.on_error)
+                                            on_error=self.on_error, crop_size=crop_size)
         else:
             dataset = chips.challenge_split(self.path, split, self.modalities, self.val_fraction, band_map=self.band_map,
-                                            norm_stats=self.norm_stats, augment=aug, min_instance_area=self.min_instance_area)
+                                            norm_stats=self.norm_stats, augment=aug, min_instance_area=self.min_instance_area,
+                                            crop_size=crop_size)
         return dataset
 
     def largest_chip_side(self) -> int:
@@ -170,15 +177,20 @@ class RTSDataModule(L.LightningDataModule):
             raise ValueError(f"{self.path}: no chips found in its train, val or test split")
         return max(sides)
 
-    def _check_chip_sizes(self, split: str) -> None:
-        """Chips of a training run (train, val, and the test it ends with) must fit the encoders,
-        which are built for tile_size and crash on larger inputs. (`predict` tiles larger chips.)"""
-        dataset = self.datasets[split]
-        too_big = [(f, h, w) for f, h, w in getattr(dataset, "sizes", []) if max(h, w) > self.tile_size]
-        if too_big:
-            f, h, w = too_big[0]
-            raise ValueError(f"{f}: {split} chip is {h} x {w}, larger than data.tile_size={self.tile_size} "
-                             f"({len(too_big)} such chips); raise data.tile_size")
+    def _report_large_chips(self, split: str) -> None:
+        """Log, once per split, how chips larger than the tile (the encoders' input) are used: train
+        chips are cropped to it at random, each time drawn; val and test chips are scored whole,
+        tiled with overlap and merged across seams (`mapping.chip_tiling`, as `predict` does)."""
+        sizes = getattr(self.datasets[split], "sizes", [])
+        large = [(f, h, w) for f, h, w in sizes if max(h, w) > self.tile_size]
+        if not large:
+            return
+        f, h, w = max(large, key=lambda chip: max(chip[1:]))
+        how = (f"each is cropped to a random window of at most {self.tile_size} x {self.tile_size} px around one of "
+               f"its instances every time it is drawn" if split == "train" else
+               "each is scored whole: tiled with overlap and its instances merged across the seams")
+        log.info("%d of %d %s chips are larger than data.tile_size=%d px (the largest, %s, is %d x %d): %s",
+                 len(large), len(sizes), split, self.tile_size, Path(f).name, h, w, how)
 
     def _scenes(self) -> list[geotiff.SceneSpec]:
         if not hasattr(self, "_scene_specs"):

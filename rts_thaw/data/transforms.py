@@ -80,3 +80,37 @@ def _resize(a: np.ndarray, nh: int, nw: int, order: int) -> np.ndarray:
     fy, fx = (ys - y0)[:, None].astype(np.float32), (xs - x0).astype(np.float32)
     rows = a[..., y0, :] * (1 - fy) + a[..., y1, :] * fy
     return (rows[..., x0] * (1 - fx) + rows[..., x1] * fx).astype(a.dtype)
+
+
+def crop_window(masks: np.ndarray, size: int, rng=np.random) -> tuple[int, int, int, int]:
+    """A random window (row, col, height, width) of at most `size` px a side over masks [N,H,W]
+    (the chip's instances) that keeps an instance: one drawn at random, held whole where it fits
+    in the window, else around a random pixel of it. A chip without instances gets any window.
+
+    Draws from numpy's global RNG, as `Augment` does, so crops repeat from the seed and a resumed
+    run crops as the uninterrupted one did."""
+    height, width = masks.shape[-2:]
+    sides = min(size, height), min(size, width)
+    nonempty = np.flatnonzero(masks.reshape(masks.shape[0], -1).any(axis=1)) if masks.shape[0] else []
+    if not len(nonempty):
+        return int(rng.randint(height - sides[0] + 1)), int(rng.randint(width - sides[1] + 1)), *sides
+    mask = masks[nonempty[rng.randint(len(nonempty))]]
+    pixels = np.flatnonzero(mask)
+    pixel = np.unravel_index(pixels[rng.randint(len(pixels))], mask.shape)
+    offsets = []
+    for axis, (extent, side) in enumerate(zip((height, width), sides)):
+        span = np.flatnonzero(mask.any(axis=1 - axis))  # the rows (axis 0) or columns the instance covers
+        first, last = (span[0], span[-1]) if span[-1] - span[0] < side else (pixel[axis], pixel[axis])
+        # offsets o with o <= first and last < o + side, inside the chip
+        low, high = max(0, last - side + 1), min(first, extent - side)
+        offsets.append(int(rng.randint(low, high + 1)))
+    return offsets[0], offsets[1], *sides
+
+
+def crop(images: dict[str, np.ndarray], valid: np.ndarray, masks: np.ndarray, window: tuple[int, int, int, int]):
+    """images {mod: [C,H,W]}, valid [H,W] and masks [N,H,W] cut to `window` (row, col, height, width).
+    Instances the window cuts keep their part inside; the caller drops fragments too small to learn from."""
+    row, col, height, width = window
+    part = (slice(row, row + height), slice(col, col + width))
+    return ({m: np.ascontiguousarray(a[:, part[0], part[1]]) for m, a in images.items()},
+            np.ascontiguousarray(valid[part]), np.ascontiguousarray(masks[:, part[0], part[1]]))

@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from rts_thaw.core.classes import RTS_CATEGORY, RTS_LABEL
-from rts_thaw.core.rle import mask_area, mask_to_rle
+from rts_thaw.core.rle import mask_area, mask_box, mask_to_rle
 
 
 # maxDets is ranked by its last entry (pycocotools reports AP at maxDets[-1]).
@@ -59,7 +59,8 @@ def coco_result(image_id: int, mask: np.ndarray, box_xywh, score: float, categor
 
 
 def with_mask_areas(gt: dict) -> dict:
-    """A copy of a COCO ground-truth dict whose `area` fields are recomputed from the masks.
+    """A copy of a COCO ground-truth dict whose `area` fields are recomputed from the masks,
+    and whose annotations with a mask but no box get the mask's box (box metrics need one).
 
     Areas decide the small/medium/large classes, and files in the wild carry box
     areas, polygon areas at another resolution or none at all: never trust them.
@@ -74,6 +75,8 @@ def with_mask_areas(gt: dict) -> dict:
                     "which is not in the ground truth's images"
                 )
             ann["area"] = mask_area(ann["segmentation"], *sizes[ann["image_id"]])
+            if "bbox" not in ann:  # a chip folder's masks need no box to train on
+                ann["bbox"] = mask_box(ann["segmentation"], *sizes[ann["image_id"]])
         elif "bbox" in ann:
             ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
         ann.setdefault("iscrowd", 0)

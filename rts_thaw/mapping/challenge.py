@@ -1,30 +1,29 @@
 """Chips through the prediction engine into a COCO results file (a challenge submission).
 
 A chip larger than the model's tile is covered by overlapping tiles and its instances
-merged across the seams, exactly as a scene is; the merged masks are then encoded at
-the chip's full H x W. Any chip source works (`arctic_challenge`, `coco_chips`).
+merged across the seams, exactly as a scene is (`chip_tiling`, the path evaluation
+shares); the merged masks are then encoded at the chip's full H x W. Any chip source
+works (`arctic_challenge`, `coco_chips`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rts_thaw.eval.coco import coco_result
 from rts_thaw.eval.submission import validate_submission, write_submission
-from rts_thaw.mapping.engine import TilingConfig, predict_tiles
-from rts_thaw.mapping.instances import SceneInstance, tile_instances
+from rts_thaw.mapping.chip_tiling import predict_whole_chips
+from rts_thaw.mapping.engine import TilingConfig
+from rts_thaw.mapping.instances import SceneInstance
 from rts_thaw.mapping.map_scenes import set_detection_limits
-from rts_thaw.mapping.seam_merge import merge_across_seams
-from rts_thaw.mapping.tile_sources import ChipTiles
 
 
 def chip_dataset(data_cfg: DictConfig, model, split: str):
-    """The split's chips, read with the checkpoint's modalities and normalisation."""
+    """The split's chips, whole (no training crops), read with the checkpoint's modalities and normalisation."""
     data_cfg = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
     with open_dict(data_cfg):
         data_cfg.modalities = list(model.detector.modalities)
@@ -39,11 +38,9 @@ def chip_results(image_id: int, size: tuple[int, int], instances: list[SceneInst
     (x, y, width, height) that hold each mask tightly, as instances are cut to their content."""
     results = []
     for inst in instances:
-        mask = np.zeros(size, dtype=bool)
         r0, c0, r1, c1 = inst.bounds
-        mask[r0:r1, c0:c1] = inst.mask
         box = (c0, r0, c1 - c0, r1 - r0)
-        results.append(coco_result(image_id, mask, box, min(max(inst.score, 0.0), 1.0)))
+        results.append(coco_result(image_id, inst.full_mask(size), box, min(max(inst.score, 0.0), 1.0)))
     return results
 
 
@@ -51,17 +48,14 @@ def predict_chips(model, dataset, device: torch.device, tiling: TilingConfig, pr
                   precision: str | int = "32") -> list[dict]:
     """COCO results for every chip: every detection the model's heads keep (`tiling`'s
     tile size, overlap, batch size, reading workers and mask threshold apply)."""
-    source = ChipTiles(dataset, tiling.tile_size, tiling.stride)
     image_ids = [int(record["id"]) for record in dataset.images]
     results: list[dict] = []
 
-    def add_results(chip: int, tiles, stats) -> None:  # the sink: a chip's tiles are all through
-        instances = [i for tile in tiles for i in tile_instances(tile, tiling.mask_threshold, tiling.min_pixels)]
-        merged = merge_across_seams(instances, tiling.min_shared_iou)
-        results.extend(chip_results(image_ids[chip], source.sizes[chip], merged))
+    def add_results(chip: int, merged: list[SceneInstance]) -> None:
+        _, height, width = dataset.sizes[chip]
+        results.extend(chip_results(image_ids[chip], (height, width), merged))
 
-    predict_tiles(model.detector, source, tiling, device, add_results, progress=progress, precision=precision,
-                  unit="chips")
+    predict_whole_chips(model.detector, dataset, tiling, device, add_results, progress=progress, precision=precision)
     return results
 
 

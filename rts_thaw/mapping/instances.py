@@ -42,6 +42,13 @@ class SceneInstance:
     def pixels(self) -> int:
         return int(self.mask.sum())
 
+    def full_mask(self, shape: tuple[int, int]) -> np.ndarray:
+        """The mask on the whole grid of `shape` (a chip's H x W), bool."""
+        full = np.zeros(shape, dtype=bool)
+        r0, c0, r1, c1 = self.bounds
+        full[r0:r1, c0:c1] = self.mask
+        return full
+
 
 def crop_to_content(mask: np.ndarray) -> tuple[int, int, np.ndarray] | None:
     """(row, col, cropped mask) of the smallest box holding the mask, None if empty."""

@@ -39,9 +39,12 @@ def evaluate_checkpoint(
     preset: str | None = None,
     trainer_kwargs: dict | None = None,
     missing_modalities: list[str] | tuple[str, ...] = (),
+    chip_overlap: int | None = None,
 ) -> dict[str, float]:
     """COCO box and mask metrics of a checkpoint on `split` (test | val) of a dataset;
-    `missing_modalities` are withheld from the model, as if the scenes had no such raster."""
+    `missing_modalities` are withheld from the model, as if the scenes had no such raster.
+    Chips larger than the checkpoint's tile are scored whole, tiled with `chip_overlap` px of
+    overlap (None: the run's `training.chip_overlap`) and merged across seams."""
     checkpoint = load_checkpoint(ckpt_path)
     info = checkpoint["rts_thaw"]
     # The training statistics, not ones computed on this dataset: the model knows those.
@@ -49,7 +52,10 @@ def evaluate_checkpoint(
                              norm_stats=info["norm_stats"])
     datamodule.setup()
     preset = preset or info["config"].get("training", {}).get("coco_preset", "coco")
-    module = DetectionModule(detector_from_checkpoint(checkpoint), coco_preset=preset, run_info=info)
+    if chip_overlap is None:
+        chip_overlap = info["config"].get("training", {}).get("chip_overlap")
+    module = DetectionModule(detector_from_checkpoint(checkpoint), coco_preset=preset, run_info=info,
+                             chip_overlap=chip_overlap)
     trainer = pl.Trainer(**{"accelerator": "auto", "devices": 1, "logger": False,
                             "enable_checkpointing": False, **(trainer_kwargs or {})})
     if split == "test":

@@ -11,8 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from rts_thaw.data.collate import padded_size
 from rts_thaw.data.sampling import numpy_state_from_tensors, numpy_state_to_tensors
 from rts_thaw.eval.coco_metric import CocoMetric
+from rts_thaw.mapping.chip_tiling import whole_chip_outputs
+from rts_thaw.mapping.engine import TilingConfig
 from rts_thaw.training.optim import build_optimizer
 
 
@@ -22,6 +25,10 @@ class DetectionModule(pl.LightningModule):
     `run_info` (norm_stats, modalities, modality_channels, tile_size, config) is
     written into every checkpoint under `checkpoint["rts_thaw"]`, so that
     evaluation and prediction rebuild the model and its inputs from the file alone.
+
+    Validation and test chips larger than `run_info["tile_size"]` (the encoders' input) are
+    scored whole: tiled with `chip_overlap` px of overlap (None: a quarter of the tile) and
+    merged across seams by the prediction engine, as `predict` does.
     """
 
     def __init__(
@@ -32,6 +39,7 @@ class DetectionModule(pl.LightningModule):
         coco_preset: str = "coco",
         run_info: dict | None = None,
         modality_dropout: float = 0.0,
+        chip_overlap: int | None = None,
     ):
         super().__init__()
         self.detector = detector
@@ -48,6 +56,11 @@ class DetectionModule(pl.LightningModule):
         self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_steps": 0})
         self.coco_preset = coco_preset
         self.run_info = dict(run_info or {})
+        tile_size = self.run_info.get("tile_size")
+        if chip_overlap is not None and tile_size and not 0 <= int(chip_overlap) < int(tile_size):
+            raise ValueError(f"chip_overlap={chip_overlap} (training.chip_overlap, or evaluate's chip_overlap) must be "
+                             f"at least 0 and smaller than the tile, {tile_size} px")
+        self.chip_overlap = chip_overlap
         self.val_metric = CocoMetric(coco_preset)
         self.test_metric = CocoMetric(coco_preset)
         self.test_metrics: dict[str, float] = {}
@@ -114,8 +127,39 @@ class DetectionModule(pl.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- evaluation -----------------------------------------------------------------
+    def _chip_tiling(self) -> TilingConfig | None:
+        """How chips larger than the tile are tiled for evaluation; None: no tile size is known."""
+        tile_size = self.run_info.get("tile_size")
+        if not tile_size:
+            return None
+        overlap = self.chip_overlap if self.chip_overlap is not None else int(tile_size) // 4
+        return TilingConfig(tile_size=int(tile_size), overlap=int(overlap), num_workers=0)
+
+    def _predictions(self, batch: dict) -> list[dict]:
+        """The detector's outputs for each image of an evaluation batch. Chips that fit the tile go
+        through the detector as one batch; larger ones through the prediction engine, whole."""
+        sizes = batch["image_sizes"]
+        tiling = self._chip_tiling()
+        large = [i for i, (h, w) in enumerate(sizes) if tiling is not None and max(h, w) > tiling.tile_size]
+        if not large:
+            return self.detector(batch["image"], sizes)
+        samples = []
+        for i in large:  # each chip unpadded, on the host, as a chip dataset serves it
+            h, w = sizes[i]
+            samples.append({"image": {m: x[i, :, :h, :w].cpu() for m, x in batch["image"].items()},
+                            "valid": batch["valid"][i, :h, :w].cpu()})
+        # the engine's forward in the run's arithmetic: bfloat16 autocast or float32
+        precision = "bf16-mixed" if self._trainer is not None and self.trainer.precision == "bf16-mixed" else "32"
+        outputs = dict(zip(large, whole_chip_outputs(self.detector, samples, tiling, self.device, precision)))
+        fits = [i for i in range(len(sizes)) if i not in outputs]
+        if fits:
+            height, width = padded_size([sizes[i] for i in fits])
+            images = {m: x[fits, :, :height, :width] for m, x in batch["image"].items()}
+            outputs.update(zip(fits, self.detector(images, [sizes[i] for i in fits])))
+        return [outputs[i] for i in range(len(sizes))]
+
     def _evaluate_batch(self, batch: dict, metric: CocoMetric) -> list[dict]:
-        predictions = self.detector(batch["image"], batch["image_sizes"])
+        predictions = self._predictions(batch)
         image_ids = [meta["image_id"] for meta in batch["meta"]]
         metric.update(predictions, batch["targets"], batch["image_sizes"], image_ids)
         return predictions

@@ -174,6 +174,7 @@ def fit_and_test(
         coco_preset=cfg.training.coco_preset,
         run_info=run_info,
         modality_dropout=float(cfg.training.get("modality_dropout") or 0.0),
+        chip_overlap=cfg.training.get("chip_overlap"),
     )
 
     ckpt_dir = run_dir / "checkpoints"
