@@ -82,6 +82,24 @@ def test_second_run_reuses_stage1_and_separate_unimodal_job_finds_it(staged_run,
     assert {m: p.stat().st_mtime_ns for m, p in markers.items()} == mtimes  # nothing retrained
 
 
+def test_interrupted_stage1_entry_resumes_whichever_run_asks_for_it(staged_run, tiny_world_config, tmp_path):
+    """A stage-1 job of a sweep (unimodal, cache on) stopped before storing its entry; the staged
+    run that needs the same model resumes it, although its other settings (its experiment, its
+    name) differ: the entry's own key is what a resumed checkpoint must match."""
+    cache = tmp_path / "cache"
+    job = compose_train(tiny_overrides(tiny_world_config, cache, experiment="unimodal", modalities=["rgb"], epochs=1)
+                        + ["training.stage1_cache=true", "name=stage1_job"])
+    first = train(job, tmp_path / "rgb_job")
+    entry = Path(first["checkpoint"]).parents[1]
+    (entry / staged.MARKER).unlink()  # as if stopped after its last checkpoint
+    staged_cfg = compose_train(tiny_overrides(tiny_world_config, cache, experiment="staged_fusion",
+                                              modalities=["rgb", "ndvi"], epochs=1))
+    resumed = staged.ensure_stage1(staged.stage1_config(staged_cfg, "rgb"))
+    assert resumed["reused"] is False and Path(resumed["checkpoint"]).parents[1] == entry
+    assert (entry / staged.MARKER).is_file()
+    assert encoder_state(resumed["checkpoint"], "rgb").keys() == encoder_state(first["checkpoint"], "rgb").keys()
+
+
 def test_changed_stage1_setting_trains_anew(staged_run, tmp_path):
     base = compose_train(staged_run["overrides"])
     changed = compose_train(staged_run["overrides"] + ["training.optimizer.lr=0.0005"])

@@ -135,11 +135,13 @@ def fit_and_test(
     datamodule=None,
     detector: torch.nn.Module | None = None,
     extra_info: dict | None = None,
+    identity: str | None = None,
 ) -> dict[str, Any]:
     """Train the run of `cfg` in `run_dir`, test its best checkpoint and write `results.json`.
 
     Re-running with the same config in the same directory resumes from
-    `checkpoints/last.ckpt` (unless training.resume is false). Returns the results:
+    `checkpoints/last.ckpt` (unless training.resume is false); `identity` replaces the config's
+    run key as what a resumed checkpoint must match (a cache entry's own key). Returns the results:
     test metrics, parameter counts, images/s, peak memory, wall time, checkpoint paths.
     """
     run_dir = Path(run_dir)
@@ -155,7 +157,7 @@ def fit_and_test(
     speed = cfg.training.speed
     apply_speed(detector, speed.channels_last, speed.compile, speed.compile_options)
 
-    key = run_key(cfg)
+    key = identity or run_key(cfg)
     run_info = {
         "norm_stats": datamodule.norm_stats.to_dict(),
         "modalities": list(datamodule.modality_channels),

@@ -177,7 +177,9 @@ def ensure_stage1(stage1: DictConfig, smoke_dir: Path | None = None) -> dict[str
         if cached is not None:
             log.info("stage 1 (%s): reusing %s", stage1.data.modalities[0], directory)
             return {**cached, "reused": True}
-        results = fit_and_test(stage1, directory, extra_info={"stage1_key": key})
+        # The entry is this model whichever run asks for it (staged, or unimodal with the cache on,
+        # whose other settings differ): an interrupted entry resumes under its own key.
+        results = fit_and_test(stage1, directory, extra_info={"stage1_key": key}, identity=f"stage1-{key}")
         checkpoint = results["best_checkpoint"] or results["last_checkpoint"]
         if checkpoint is None:
             raise Stage1Error(f"stage 1 in {directory} produced no checkpoint (fast_dev_run?)")
