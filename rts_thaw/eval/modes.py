@@ -64,6 +64,7 @@ def score_tracks_mode(cfg: DictConfig) -> dict:
         raise ValueError("scoring tracks needs both tracks=<output dir of rts_thaw.track> and truth=<world dir with "
                          "scenes.yaml, lineage.csv, growth.csv>")
     report = evaluate_tracking(cfg.tracks, cfg.truth, cfg.get("iou_threshold", 0.5))
+
     def cell(value: float) -> str:
         return f"{'-':>9}" if math.isnan(value) else f"{value:9.3f}"
 

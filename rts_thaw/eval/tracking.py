@@ -112,7 +112,7 @@ def _scores(correct: int, found: int, predicted: int, true: int) -> dict:
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else (
         0.0 if predicted and true else float("nan"))
     return {"precision": precision, "recall": recall, "f1": f1, "correct": correct, "predicted": predicted,
-            "true": true}
+            "found": found, "true": true}
 
 
 def _growth_errors(tracks_dir: Path, truth_dir: Path, ids: dict) -> dict:
@@ -149,8 +149,11 @@ def evaluate_tracking(tracks_dir: str | Path, truth_dir: str | Path, iou_thresho
         raise FileNotFoundError(f"tracking evaluation needs these files: {listed(missing)} not found")
     crs, predicted = _tracker_polygons(tracks_dir)
     truth = _true_polygons(truth_dir, crs)
-    ids = {key: match_ids(*predicted[key], *truth.get(key, (np.array([], dtype=object), np.array([], np.int64))),
-                          iou_threshold) for key in predicted}
+    nothing = (np.array([], dtype=object), np.array([], dtype=np.int64))
+    ids = {}
+    for key, (geometries, slump_ids) in predicted.items():
+        true_geometries, true_ids = truth.get(key, nothing)
+        ids[key] = match_ids(geometries, true_geometries, slump_ids, true_ids, iou_threshold)
 
     def mapped(site, date, slump_id):
         if slump_id is None:
