@@ -109,8 +109,9 @@ def test_a_dem_gives_the_upslope_direction(tmp_path):
 
 
 def shifted_world(dx=6.0, dy=0.0):
-    """Seven steady slumps and one growing one; the later map is misregistered by (dx, dy)."""
+    """Seven steady slumps, a small steady one and a growing one; the later map is misregistered by (dx, dy)."""
     before = {f"steady{k}": box(100 * k, 200, 100 * k + 30, 230) for k in range(7)}
+    before["small"] = box(800, 200, 808, 208)  # shifted 6 m, only a quarter of it overlaps
     before["grows"] = box(0, 0, 40, 30)
     after = {name: shapely.affinity.translate(p, dx, dy) for name, p in before.items()}
     after["grows"] = shapely.affinity.translate(box(0, 0, 40, 38), dx, dy)
@@ -130,7 +131,8 @@ def test_a_six_metre_misregistration_still_matches_and_is_removed(tmp_path):
     assert float(grows["retreat_m_per_yr"]) == pytest.approx(8 / YEARS)
     assert float(grows["area_change_m2"]) == pytest.approx(320)
 
-    out = tmp_path / "not_aligned"  # without alignment: still one-to-one, but the shift reads as growth
+    out = tmp_path / "not_aligned"  # without alignment: still one-to-one (the small one within the tolerance),
+    # but the shift reads as growth
     track(out, TrackSettings(tolerance_m=10, uncertainty_m=5, align=False), maps=maps, plots=False)
     links = named_links(out, before, after)
     assert {(a, b) for a, b, _ in links} == {(n, n) for n in before}

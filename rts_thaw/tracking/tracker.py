@@ -11,7 +11,7 @@ import shapely
 
 from rts_thaw.tracking.growth import measure_growth, years_between
 from rts_thaw.tracking.inputs import SiteMaps
-from rts_thaw.tracking.matching import candidate_pairs, grow, measure_overlaps
+from rts_thaw.tracking.matching import candidate_pairs, measure_overlaps
 from rts_thaw.tracking.relations import MERGED, ONE_TO_ONE, SPLIT, relate
 from rts_thaw.tracking.shift import NO_SHIFT, estimate_shift, shifted
 from rts_thaw.tracking.upslope import upslope_directions
@@ -61,19 +61,17 @@ def track_site(site: SiteMaps, settings: TrackSettings) -> SiteTracks:
     next_id = len(first) + 1
     result.geometries.append(first)
     result.ids.append(ids)
-    grown_before = grow(first, settings.tolerance_m)
     for previous, current in zip(site.maps[:-1], site.maps[1:]):
         before, after = previous.geometries, current.geometries
         d0, d1 = previous.date, current.date
-        grown_after = grow(after, settings.tolerance_m)
-        i, j = candidate_pairs(grown_before, after)
+        i, j = candidate_pairs(before, after, settings.tolerance_m)
         shift = NO_SHIFT
         if settings.align:
             shift = estimate_shift(before, after, i, j, settings.uncertainty_m, settings.tolerance_m,
                                    settings.min_tie_points)
-        aligned, grown_aligned = shifted(after, shift), shifted(grown_after, shift)
-        overlaps = measure_overlaps(before, aligned, grown_before, grown_aligned, i, j)
-        overlaps = overlaps.subset(overlaps.significant(settings.min_overlap))
+        aligned = shifted(after, shift)
+        overlaps = measure_overlaps(before, aligned, i, j, settings.min_overlap, settings.tolerance_m)
+        overlaps = overlaps.subset(overlaps.significant)
         links = relate(len(before), len(after), overlaps.i, overlaps.j, overlaps.strength)
         kept = overlaps.subset(links.edge)
 
@@ -107,6 +105,6 @@ def track_site(site: SiteMaps, settings: TrackSettings) -> SiteTracks:
                               "tie_points": shift.tie_points, "removed": shift.applied})
         result.geometries.append(after)
         result.ids.append(new_ids)
-        ids, grown_before = new_ids, grown_after
+        ids = new_ids
     return result
 
