@@ -207,6 +207,19 @@ def test_bad_inputs_are_named_before_any_work(tmp_path):
         TrackSettings(min_overlap=0)
 
 
+def test_a_date_with_no_slumps(tmp_path):
+    """A scene list whose middle date has an empty label file: every slump disappears, then new ones appear."""
+    d2 = "2021-07-01"
+    scenes = write_scene_list(tmp_path, [("delta", D0, list(BEFORE.values()), None), ("delta", D1, [], None),
+                                         ("delta", d2, list(AFTER.values()), None)])
+    out = tmp_path / "out"
+    track(out, TrackSettings(), scenes=str(scenes), plots=True)
+    relations = [(r["from_date"], r["relation"]) for r in rows(out / "lineage.csv")]
+    assert relations == [(D0, "disappeared")] * len(BEFORE) + [(D1, "new")] * len(AFTER)
+    assert rows(out / "growth.csv") == []
+    assert [r["count"] for r in rows(out / "summary.csv")] == ["6", "0", "6"]
+
+
 def test_a_tangled_component_is_cut_into_events():
     """Earlier 0 and 1, later 0 and 1: strong 0-0 and 1-1, a weak 0-1 across: two one-to-one links;
     adding earlier 2 strongly into later 1 makes (1, 2) -> 1 a merge."""

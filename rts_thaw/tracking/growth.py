@@ -68,6 +68,8 @@ def measure_growth(before: np.ndarray, after: np.ndarray, upslope: np.ndarray | 
                    uncertainty_m: float) -> Growth:
     """Growth of the pairs (before[k], after[k]); `upslope` (n x 2, NaN rows unknown) or None."""
     area_from, area_to = shapely.area(before), shapely.area(after)
+    if len(before) == 0:
+        return Growth(area_from, area_to, np.zeros(0), np.zeros(0, dtype=bool))
     directions = growth_directions(before, after)
     if upslope is not None:
         known = np.isfinite(upslope).all(axis=1)

@@ -12,6 +12,7 @@ import numpy as np
 import pyproj
 import rasterio
 import shapely
+from rasterio.errors import WindowError
 from rasterio.windows import Window, from_bounds
 from rasterio.warp import transform_bounds
 
@@ -42,7 +43,7 @@ def upslope_directions(dem_path, geometries: np.ndarray, crs: pyproj.CRS) -> np.
             try:
                 window = from_bounds(*bounds, transform=dem.transform).round_offsets().round_lengths()
                 window = window.intersection(full)
-            except rasterio.errors.WindowError:  # the slump lies outside the DEM
+            except WindowError:  # the slump lies outside the DEM
                 continue
             values = dem.read(1, window=window, masked=True)
             gradient = _plane_gradient(values, dem.window_transform(window))
