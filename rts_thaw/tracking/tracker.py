@@ -12,7 +12,7 @@ import shapely
 from rts_thaw.tracking.growth import measure_growth, years_between
 from rts_thaw.tracking.inputs import SiteMaps
 from rts_thaw.tracking.matching import candidate_pairs, measure_overlaps
-from rts_thaw.tracking.relations import MERGED, ONE_TO_ONE, SPLIT, relate
+from rts_thaw.tracking.relations import MERGED, ONE_TO_ONE, relate
 from rts_thaw.tracking.shift import NO_SHIFT, estimate_shift, shifted
 from rts_thaw.tracking.upslope import upslope_directions
 
@@ -85,11 +85,10 @@ def track_site(site: SiteMaps, settings: TrackSettings) -> SiteTracks:
         upslope = upslope_directions(previous.dem, before[kept.i[one]], site.crs) if previous.dem else None
         growth = measure_growth(before[kept.i[one]], aligned[kept.j[one]], upslope, settings.uncertainty_m)
         years = years_between(d0, d1)
-        relation = {MERGED: "merged", SPLIT: "split"}
-        within = iter(growth.within_uncertainty)
+        relation = np.where(links.kind == MERGED, "merged", "split").astype(object)
+        relation[one] = np.where(growth.within_uncertainty, "stabilised", "continued")
         for k in range(len(kept.i)):
-            name = relation.get(links.kind[k]) or ("stabilised" if next(within) else "continued")
-            result.lineage.append(_link(site.site, d0, d1, int(ids[kept.i[k]]), int(new_ids[kept.j[k]]), name,
+            result.lineage.append(_link(site.site, d0, d1, int(ids[kept.i[k]]), int(new_ids[kept.j[k]]), relation[k],
                                         kept.iou[k], kept.overlap_from[k], kept.overlap_to[k]))
         result.lineage += [_link(site.site, d0, d1, None, int(new_ids[n]), "new") for n in links.new]
         result.lineage += [_link(site.site, d0, d1, int(ids[n]), None, "disappeared") for n in links.disappeared]
