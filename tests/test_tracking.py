@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sqlite3
 
 import numpy as np
 import pyogrio
@@ -180,6 +181,11 @@ def test_output_schema(tmp_path):
     assert layers == {"slumps": "MultiPolygon", "lineage": None}
     meta, _, _, fields = pyogrio.raw.read(out / "slumps.gpkg", layer="lineage")
     assert list(meta["fields"]) == lineage_columns and meta["geometry_type"] is None and len(fields[0]) == 8
+    with sqlite3.connect(out / "slumps.gpkg") as db:  # ids are integers; a missing id is null, not 0
+        declared = {row[1]: row[2] for row in db.execute("PRAGMA table_info(lineage)")}
+        assert (declared["from_id"], declared["to_id"]) == ("INTEGER", "INTEGER")
+        assert db.execute("SELECT relation FROM lineage WHERE from_id IS NULL").fetchall() == [("new",)]
+        assert db.execute("SELECT relation FROM lineage WHERE to_id IS NULL").fetchall() == [("disappeared",)]
     slumps = read_layer(out / "slumps.gpkg", layer="slumps")
     assert list(slumps.columns) == ["slump_id", "site", "date", "area_m2"] and len(slumps) == 12
     assert np.allclose(slumps.columns["area_m2"], shapely.area(slumps.geometries))

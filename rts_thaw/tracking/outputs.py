@@ -35,18 +35,19 @@ def _column(values, dtype) -> np.ndarray:
     return np.array(values, dtype=dtype)
 
 
-def _lineage_columns(rows: list[dict]) -> list[np.ndarray]:
-    """The lineage table as GeoPackage columns: ids as integers, a missing id as null (-> float)."""
-    columns = []
+def _lineage_columns(rows: list[dict]) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    """The lineage table as GeoPackage columns and their null masks: ids are integers, a missing id null."""
+    columns, masks = [], []
     for name in LINEAGE_TRACKER_COLUMNS:
         values = [row[name] for row in rows]
         if name in ("from_id", "to_id"):
-            columns.append(_column([np.nan if v is None else v for v in values], float))
-        elif name in ("iou", "overlap_from", "overlap_to"):
-            columns.append(_column(values, float))
+            missing = np.array([v is None for v in values], dtype=bool)
+            columns.append(np.array([0 if v is None else v for v in values], dtype=np.int64))
+            masks.append(missing)
         else:
-            columns.append(_column(values, object))
-    return columns
+            columns.append(_column(values, float if name in ("iou", "overlap_from", "overlap_to") else object))
+            masks.append(None)
+    return columns, masks
 
 
 def write_slumps_gpkg(path: Path, sites: list[SiteTracks], crs: pyproj.CRS) -> Path:
@@ -67,7 +68,8 @@ def write_slumps_gpkg(path: Path, sites: list[SiteTracks], crs: pyproj.CRS) -> P
                       ["slump_id", "site", "date", "area_m2"], layer="slumps", driver="GPKG",
                       geometry_type="MultiPolygon", crs=crs.to_wkt())
     lineage = [row for site in sites for row in site.lineage]
-    pyogrio.raw.write(str(tmp), None, _lineage_columns(lineage), list(LINEAGE_TRACKER_COLUMNS), layer="lineage",
+    columns, masks = _lineage_columns(lineage)
+    pyogrio.raw.write(str(tmp), None, columns, list(LINEAGE_TRACKER_COLUMNS), field_mask=masks, layer="lineage",
                       driver="GPKG", geometry_type=None)
     os.replace(tmp, path)
     remove_if_empty(tmp.parent)
