@@ -92,9 +92,10 @@ def test_growth_numbers_of_continued_and_stabilised(tmp_path):
 
 def test_a_dem_gives_the_upslope_direction(tmp_path):
     """A slump grown 8 m north and 6 m east on ground rising to the north: its headwall retreated
-    8 m upslope. Without the DEM the direction of growth (north-east) is used instead."""
+    8 m upslope. The DEM has the slump's east half carved 30 m deep, which must not tilt the slope.
+    Without the DEM the direction of growth (north-east) is used instead."""
     before, after = {"grows": box(0, 0, 40, 30)}, {"grows": box(0, 0, 46, 38)}
-    dem = write_dem_north_up(tmp_path / "dem.tif")
+    dem = write_dem_north_up(tmp_path / "dem.tif", pit=box(20, 0, 40, 30))
     scenes = write_scene_list(tmp_path, [("delta", D0, list(before.values()), None),
                                          ("delta", D1, list(after.values()), None)], dem=dem)
     track(tmp_path / "with_dem", TrackSettings(), scenes=str(scenes), plots=False)

@@ -9,6 +9,7 @@ import pyogrio.raw
 import rasterio
 import shapely
 import yaml
+from rasterio.features import geometry_mask
 from rasterio.transform import from_origin
 
 from rts_thaw.core.vectors import reproject
@@ -59,12 +60,16 @@ def write_in(path: Path, polygons: list, crs: str, **kwargs) -> Path:
     return write_map(path, reproject(polygons, UTM, crs), crs=crs, **kwargs)
 
 
-def write_dem_north_up(path: Path, size: int = 120, pixel: float = 5.0) -> Path:
-    """A DEM of the site rising to the north (2 m per 10 m), in UTM, covering x, y in [-50, 550)."""
+def write_dem_north_up(path: Path, size: int = 120, pixel: float = 5.0, pit=None) -> Path:
+    """A DEM of the site rising to the north (2 m per 10 m), in UTM, covering x, y in [-50, 550);
+    `pit` (a polygon) is carved 30 m deep, as a slump floor."""
     rows = np.arange(size, dtype=np.float32)[:, None]
     elevation = np.repeat(100.0 - 0.2 * pixel * rows, size, axis=1).astype(np.float32)
+    transform = from_origin(X0 - 50, Y0 + 550, pixel, pixel)
+    if pit is not None:
+        elevation[geometry_mask([pit], elevation.shape, transform, invert=True)] -= 30.0
     with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=1, dtype="float32", crs=UTM,
-                       transform=from_origin(X0 - 50, Y0 + 550, pixel, pixel)) as dst:
+                       transform=transform) as dst:
         dst.write(elevation, 1)
     return path
 

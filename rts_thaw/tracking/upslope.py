@@ -1,7 +1,8 @@
 """The upslope direction at each slump from a DEM raster.
 
 A plane fitted by least squares to the DEM around the slump (its bounding box grown by half its
-size on every side, so the hillslope the headwall cuts into is in it) gives the gradient; its
+size on every side, so the hillslope the headwall cuts into is in it; the slump's own pixels left
+out, as the slump floor is carved below the slope) gives the gradient; its
 direction, carried from the DEM's CRS into the site's metric CRS, is upslope. A slump the DEM
 does not cover, or flat ground, has no direction (NaN): the growth direction is used there.
 """
@@ -13,8 +14,11 @@ import pyproj
 import rasterio
 import shapely
 from rasterio.errors import WindowError
+from rasterio.features import geometry_mask
 from rasterio.windows import Window, from_bounds
 from rasterio.warp import transform_bounds
+
+from rts_thaw.core.vectors import reproject
 
 MIN_PIXELS = 6  # fewer valid DEM pixels than this cannot tell a slope
 
@@ -37,6 +41,7 @@ def upslope_directions(dem_path, geometries: np.ndarray, crs: pyproj.CRS) -> np.
         to_dem = pyproj.Transformer.from_crs(crs, dem.crs, always_xy=True)
         from_dem = pyproj.Transformer.from_crs(dem.crs, crs, always_xy=True)
         full = Window(0, 0, dem.width, dem.height)
+        outlines = reproject(list(geometries), crs.to_wkt(), dem.crs.to_wkt())
         for k, (x0, y0, x1, y1) in enumerate(shapely.bounds(geometries)):
             pad = max(x1 - x0, y1 - y0) / 2
             bounds = transform_bounds(crs, dem.crs, x0 - pad, y0 - pad, x1 + pad, y1 + pad)
@@ -46,7 +51,10 @@ def upslope_directions(dem_path, geometries: np.ndarray, crs: pyproj.CRS) -> np.
             except WindowError:  # the slump lies outside the DEM
                 continue
             values = dem.read(1, window=window, masked=True)
-            gradient = _plane_gradient(values, dem.window_transform(window))
+            transform = dem.window_transform(window)
+            inside = geometry_mask([outlines[k]], values.shape, transform, invert=True, all_touched=True)
+            around = np.ma.masked_where(inside, values)
+            gradient = _plane_gradient(around, transform) or _plane_gradient(values, transform)
             if gradient is None:
                 continue
             cx, cy = to_dem.transform((x0 + x1) / 2, (y0 + y1) / 2)
