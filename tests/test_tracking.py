@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import json
 import sqlite3
+import subprocess
+import sys
 
 import numpy as np
 import pyogrio
@@ -256,3 +258,18 @@ def test_track_entry_point(tmp_path):
     settings = json.loads((out / "tracking.json").read_text())["settings"]
     assert settings["tolerance_m"] == 8 and settings["uncertainty_m"] == 4
     assert named_links(out) == EXPECTED
+
+
+def test_track_command_line(tmp_path):
+    """The real command, as a user types it: `python -m rts_thaw.track maps=[...] output_dir=...`."""
+    maps = two_dates(tmp_path)
+    out = tmp_path / "cli"
+    done = subprocess.run([sys.executable, "-m", "rts_thaw.track", f"maps=[{maps[0]},{maps[1]}]",
+                           f"output_dir={out}", "plots=false", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert named_links(out) == EXPECTED
+    assert not (out / "areas.png").exists()
+    done = subprocess.run([sys.executable, "-m", "rts_thaw.track", f"maps=[{maps[0]}]", f"output_dir={out}2",
+                           f"hydra.run.dir={tmp_path / 'run2'}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "has only one date" in done.stderr

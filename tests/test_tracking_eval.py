@@ -33,7 +33,8 @@ def write_truth(world):
     links = [(1, 1, "continued"), (2, 2, "stabilised"), (3, 7, "merged"), (4, 7, "merged"), (5, 8, "split"),
              (5, 9, "split"), (None, 10, "new"), (6, None, "disappeared")]
     write_csv(world / "lineage.csv", LINEAGE_COLUMNS, [
-        {"site": "delta", "from_date": D0, "to_date": D1, "from_id": a, "to_id": b, "relation": r} for a, b, r in links])
+        {"site": "delta", "from_date": D0, "to_date": D1, "from_id": a, "to_id": b, "relation": r}
+        for a, b, r in links])
     write_csv(world / "growth.csv", GROWTH_COLUMNS, [
         {"site": "delta", "slump_id": 1, "from_date": D0, "to_date": D1, "area_from_m2": 1200.0, "area_to_m2": 1520.0,
          "area_change_m2": 320.0, "area_change_m2_per_yr": 320 / YEARS, "retreat_m_per_yr": 8 / YEARS},

@@ -74,7 +74,8 @@ def write_dem_north_up(path: Path, size: int = 120, pixel: float = 5.0, pit=None
     return path
 
 
-def write_scene_list(folder: Path, maps: list[tuple[str, str, list, list[int] | None]], dem: Path | None = None) -> Path:
+def write_scene_list(folder: Path, maps: list[tuple[str, str, list, list[int] | None]],
+                     dem: Path | None = None) -> Path:
     """scenes.yaml over label files: one entry per (site, date, polygons, slump ids or None)."""
     scenes = []
     for k, (site, date, polygons, ids) in enumerate(maps):

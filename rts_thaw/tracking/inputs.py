@@ -112,7 +112,10 @@ def read_map_file(path: Path, date_column: str, site_column: str, problems: list
         return []
     present = _usable(layer.geometries, path, problems)
     dates = _texts(layer.columns[date_column])[present]
-    sites = _texts(layer.columns[site_column])[present] if site_column in layer.columns else np.full(len(dates), "", object)
+    if site_column in layer.columns:
+        sites = _texts(layer.columns[site_column])[present]
+    else:  # one site
+        sites = np.full(len(dates), "", dtype=object)
     geometries = np.array(layer.geometries, dtype=object)[present]
     isos = {d: iso_date(d) if d else None for d in set(dates.tolist())}
     bad = sorted(d for d, iso in isos.items() if iso is None)

@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import shapely
 
 from rts_thaw.tracking.growth import measure_growth, years_between
 from rts_thaw.tracking.inputs import SiteMaps
