@@ -40,6 +40,9 @@ def main(cfg: DictConfig):
     if cfg.get("validate_submission"):
         from rts_thaw.eval.modes import validate_submission_mode
         return validate_submission_mode(cfg)
+    if cfg.get("tracks") or cfg.get("truth"):
+        from rts_thaw.eval.modes import score_tracks_mode
+        return score_tracks_mode(cfg)
     if cfg.get("gt") or cfg.get("predictions"):
         from rts_thaw.eval.modes import score_files_mode
         return score_files_mode(cfg)
@@ -47,7 +50,7 @@ def main(cfg: DictConfig):
         log_lightning_through_hydra()
         return evaluate_checkpoint_mode(cfg)
     raise ValueError("nothing to evaluate: pass ckpt_path=<checkpoint> (and optionally data=<source>), "
-                     "gt=<file> predictions=<file>, or validate_submission=<submission.json>")
+                     "gt=<file> predictions=<file>, tracks=<dir> truth=<dir>, or validate_submission=<submission.json>")
 
 
 if __name__ == "__main__":

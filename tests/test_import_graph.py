@@ -1,4 +1,4 @@
-"""The layers of rts_thaw, bottom up: core -> data -> models -> eval -> mapping -> training ->
+"""The layers of rts_thaw, bottom up: core -> data -> models / tracking -> eval -> mapping -> training ->
 reporting -> the entry points (train, predict, evaluate, report). A package imports only the
 ones below it, so a backward import (say eval reaching into mapping) fails here. Training sits
 above mapping: its evaluation scores chips larger than the tile through the prediction engine."""
@@ -15,10 +15,11 @@ BELOW = {
     "core": set(),
     "data": {"core"},
     "models": {"core", "data"},
-    "eval": {"core", "data", "models"},
-    "mapping": {"core", "data", "models", "eval"},
-    "training": {"core", "data", "models", "eval", "mapping"},
-    "reporting": {"core", "data", "models", "eval", "mapping", "training"},
+    "tracking": {"core", "data"},
+    "eval": {"core", "data", "models", "tracking"},
+    "mapping": {"core", "data", "models", "tracking", "eval"},
+    "training": {"core", "data", "models", "tracking", "eval", "mapping"},
+    "reporting": {"core", "data", "models", "tracking", "eval", "mapping", "training"},
 }
 
 

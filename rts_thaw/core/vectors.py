@@ -73,12 +73,13 @@ def driver_for(path: str | Path) -> str:
     return DRIVERS[suffix]
 
 
-def read_layer(path: str | Path) -> VectorLayer:
+def read_layer(path: str | Path, layer: str | None = None) -> VectorLayer:
+    """A file's layer (its first when `layer` is None)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"vector file not found: {path}")
     try:
-        meta, _, wkb, field_data = pyogrio.raw.read(str(path))
+        meta, _, wkb, field_data = pyogrio.raw.read(str(path), layer=layer)
     except Exception as err:
         raise ValueError(f"cannot read vector file {path}: {err}") from err
     geometries = list(shapely.from_wkb(wkb)) if wkb is not None else []

@@ -3,6 +3,7 @@
     gt=<coco.json> predictions=<results.json> preset=coco|arctic_challenge   COCO metrics
     gt=<truth.gpkg> predictions=<mapped.gpkg> iou_threshold=0.5             polygon P/R/F1
     validate_submission=<submission.json> [data=arctic_challenge]           challenge checks
+    tracks=<track output dir> truth=<world dir> iou_threshold=0.5           slump tracking links and growth
 """
 
 from __future__ import annotations
@@ -54,3 +55,28 @@ def validate_submission_mode(cfg: DictConfig) -> list[str]:
     if problems:
         raise SystemExit(1)
     return problems
+
+
+def score_tracks_mode(cfg: DictConfig) -> dict:
+    from rts_thaw.eval.tracking import evaluate_tracking
+
+    if not cfg.get("tracks") or not cfg.get("truth"):
+        raise ValueError("scoring tracks needs both tracks=<output dir of rts_thaw.track> and truth=<world dir with "
+                         "scenes.yaml, lineage.csv, growth.csv>")
+    report = evaluate_tracking(cfg.tracks, cfg.truth, cfg.get("iou_threshold", 0.5))
+
+    def cell(value: float) -> str:
+        return f"{'-':>9}" if math.isnan(value) else f"{value:9.3f}"
+
+    print(f"{'relation':>12} {'precision':>9} {'recall':>9} {'f1':>9}  correct/predicted  found/true")
+    for name, row in report["relations"].items():
+        print(f"{name:>12} {cell(row['precision'])} {cell(row['recall'])} {cell(row['f1'])}  "
+              f"{row['correct']:>7}/{row['predicted']:<9}  {row['found']:>5}/{row['true']}")
+    growth = report["growth"]
+    print(f"growth over {growth['matched_intervals']} of {growth['true_intervals']} true slump-intervals:")
+    for measure in ("area_change_m2_per_yr", "retreat_m_per_yr"):
+        print(f"  {measure}: median abs error {growth[measure]['median_abs_error']:.3g}, "
+              f"median rel error {growth[measure]['median_rel_error']:.3g}")
+    output = write_json_atomic(cfg.output, {"tracks": str(cfg.tracks), "truth": str(cfg.truth), "metrics": report})
+    print(f"written to {output}")
+    return report
