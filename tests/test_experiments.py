@@ -99,3 +99,25 @@ def test_entry_point_finds_configs_outside_the_repository(tmp_path):
     cfg = OmegaConf.create(out.stdout)
     assert cfg.name == "staged_fusion" and cfg.training.staged is True
     assert cfg.model.fusion._target_ == "rts_thaw.models.local_fusion.GatedLocalFusion"
+
+
+@pytest.mark.parametrize("experiment", ["paper_rgb", "paper_fusion"])
+def test_paper_scale_experiments_set_the_paper_model_for_a_gpu(experiment, tmp_path):
+    cfg = compose_train([f"+experiment={experiment}", f"paths.cache_dir={tmp_path}"])
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    assert model["encoder"]["name"] == "mvitv2_tiny" and model["encoder"]["pretrained"] is True
+    assert len(model["heads"]["roi"]["iou_thresholds"]) == 3 and model["heads"]["roi"]["batch_size_per_image"] == 512
+    assert cfg.data.tile_size == 512 and model["img_size"] == 512
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.max_epochs == 50
+    assert cfg.training.staged == (experiment == "paper_fusion")
+    assert list(cfg.data.modalities) == (["rgb", "ndvi", "nir"] if experiment == "paper_fusion" else ["rgb"])
+
+
+@pytest.mark.slow
+def test_paper_scale_model_trains_a_step_on_the_cpu(tiny_world_config, tmp_path):
+    """The paper-scale model itself (MViTv2-T, detectron2-scale cascade), one step on small tiles."""
+    overrides = tiny_overrides(tiny_world_config, tmp_path / "cache", experiment="paper_rgb")
+    cfg = compose_train(overrides + ["model.encoder.pretrained=false"])
+    assert cfg.model.encoder.name == "mvitv2_tiny" and cfg.trainer.accelerator == "cpu"
+    results = train(cfg, tmp_path / "run")
+    assert results["global_step"] == 1 and results["params/total"] > 20e6
