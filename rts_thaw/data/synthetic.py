@@ -64,7 +64,6 @@ from shapely.geometry import LineString, Point, Polygon
 
 from rts_thaw.core.vectors import VectorLayer, write_layer
 from rts_thaw.data import synthetic_evolution as evolution
-from rts_thaw.data.geotiff import iso_date
 
 GENERATOR_VERSION = 7  # bump when the output changes, so caches are not reused
 UTM_CRS = "EPSG:32606"  # UTM zone 6N (northern Alaska)
@@ -130,7 +129,7 @@ class WorldParams:
             raise ValueError(f"a synthetic world needs at least 1 date, got dates={self.dates}")
         if self.years_between <= 0:
             raise ValueError(f"years_between must be positive, got {self.years_between}")
-        if iso_date(self.first_date) != self.first_date:
+        if not evolution.is_iso_date(self.first_date):
             raise ValueError(f"first_date must be an ISO date (YYYY-MM-DD), got {self.first_date!r}")
 
     @classmethod

@@ -89,6 +89,15 @@ def acquisition_dates(rng: np.random.Generator, first: str, years_between: float
     return [(start + datetime.timedelta(days=d)).isoformat() for d in days]
 
 
+def is_iso_date(text) -> bool:
+    """Whether `text` is a date written YYYY-MM-DD (without importing the scene-list reader,
+    and torch with it, into every generating process)."""
+    try:
+        return datetime.date.fromisoformat(str(text)).isoformat() == text
+    except ValueError:
+        return False
+
+
 def years_between_dates(a: str, b: str) -> float:
     return (datetime.date.fromisoformat(b) - datetime.date.fromisoformat(a)).days / 365.25
 
