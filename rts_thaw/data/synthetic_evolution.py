@@ -114,7 +114,17 @@ def sweep(geom, dx: float, dy: float):
             d = np.array([dx, dy])
             quads = shapely.polygons(np.stack([a, b, b + d, a + d, a], axis=1))
             parts.extend(q for q in quads if shapely.area(q) > 1e-6)
-    return shapely.union_all(parts)
+    return _tidy(shapely.union_all(parts))
+
+
+def _tidy(geom):
+    """A shape made by the evolution, on a millimetre grid (vertices a hair apart would cross once
+    moved to UTM coordinates) and without the numerical slivers a union of many quadrilaterals
+    leaves (holes and scraps of a fraction of a square metre)."""
+    geom = shapely.set_precision(geom, 0.001)
+    polygons = [Polygon(p.exterior, [r for r in p.interiors if Polygon(r).area >= 1.0])
+                for p in getattr(geom, "geoms", [geom]) if p.area >= 1.0]
+    return polygons[0] if len(polygons) == 1 else shapely.MultiPolygon(polygons)
 
 
 def _retreat(rng: np.random.Generator) -> float:
@@ -151,7 +161,7 @@ def _split(rng: np.random.Generator, slump: Slump) -> list[Polygon]:
     c, (ux, uy) = geom.centroid, slump.upslope
     reach = math.sqrt(geom.area) * 4
     ridge = LineString([(c.x - ux * reach, c.y - uy * reach), (c.x + ux * reach, c.y + uy * reach)])
-    left = geom.difference(ridge.buffer(SPLIT_RIDGE_M / 2, cap_style="flat"))
+    left = _tidy(geom.difference(ridge.buffer(SPLIT_RIDGE_M / 2, cap_style="flat")))
     parts = [p for p in getattr(left, "geoms", [left]) if p.area >= SPLIT_MIN_PART]
     return parts if len(parts) == 2 else []
 
@@ -200,7 +210,8 @@ def evolve_site(rng: np.random.Generator, site: str, site_index: int, dates: lis
             if len(group) > 1:
                 largest = max((moved[k] for k in group), key=lambda s: s.geom.area)
                 growing = [moved[k].rate for k in group if moved[k].stopped_years is None]
-                merged = replace(largest, id=ids(), geom=shapely.union_all([moved[k].geom for k in group]),
+                union = _tidy(shapely.union_all([moved[k].geom for k in group]))
+                merged = replace(largest, id=ids(), geom=union,
                                  rate=max(growing) if growing else 0.0,
                                  stopped_years=None if growing else largest.stopped_years)
                 for s in sources:
