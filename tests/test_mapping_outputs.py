@@ -34,18 +34,23 @@ def test_layers_read_back_with_crs_coordinates_and_attributes(tmp_path):
     outputs = SceneOutputs(tmp_path, "scene_007")
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"weights")
-    layer = scene_layer(_instances(), TRANSFORM, crs, "scene_007", "cascade_mvit", checkpoint_identity(ckpt))
+    layer = scene_layer(_instances(), TRANSFORM, crs, "scene_007", "cascade_mvit", checkpoint_identity(ckpt),
+                        date="2019-08-01", site="peel_plateau")
     write_scene(_finished(layer), outputs, ["geojson"])
     assert outputs.done()
     for path in (outputs.gpkg, outputs.geojson):
         back = read_layer(path)
         assert pyproj.CRS(back.crs) == crs, path
         assert list(back.columns["scene_id"]) == ["scene_007"] * 2
+        # written as text; GDAL's GeoJSON reader takes an ISO text for a date, hence str()
+        assert [str(d) for d in back.columns["date"]] == ["2019-08-01"] * 2
+        assert list(back.columns["site"]) == ["peel_plateau"] * 2
         assert back.columns["ckpt"][0].startswith("model.ckpt:sha256:")
         np.testing.assert_allclose(back.columns["area_m2"], [200 * 16.0, (144 - 16) * 16.0])
         # the first slump covers columns 7..27 and rows 5..15 of the grid
         assert back.geometries[0].bounds == pytest.approx((400000 + 28, 7700000 - 60, 400000 + 108, 7700000 - 20))
         assert len(back.geometries[1].geoms[0].interiors) == 1
+    assert read_layer(outputs.gpkg).columns["date"].dtype == object  # a text field in the GeoPackage
     assert not list(tmp_path.glob(".*"))  # no temporary files left
 
 
@@ -84,13 +89,15 @@ def test_shards_are_disjoint_and_cover_everything():
 
 
 def test_merge_reprojects_scenes_in_different_zones(tmp_path):
-    for scene_id, epsg in (("a", 32605), ("b", 32606)):
-        layer = scene_layer(_instances(), TRANSFORM, pyproj.CRS(epsg), scene_id, "m", "c")
+    for scene_id, epsg, date in (("a", 32605, "2020-07-02"), ("b", 32606, None)):
+        layer = scene_layer(_instances(), TRANSFORM, pyproj.CRS(epsg), scene_id, "m", "c", date=date,
+                            site="s" if date else None)
         write_scene(_finished(layer), SceneOutputs(tmp_path / "scenes", scene_id))
     merged = merge_scene_layers(sorted((tmp_path / "scenes").glob("*.gpkg")), tmp_path / "all.gpkg")
     layer = read_layer(merged)
     assert pyproj.CRS(layer.crs).to_epsg() == 3413
     assert list(layer.columns["scene_id"]) == ["a", "a", "b", "b"]
+    assert list(layer.columns["date"]) == ["2020-07-02"] * 2 + [""] * 2 and list(layer.columns["site"]) == ["s"] * 2 + [""] * 2
     # same slump pixels in two zones 6 degrees apart: different places, similar areas
     assert layer.geometries[0].distance(layer.geometries[2]) > 100_000
     assert shapely.area(layer.geometries[0]) == pytest.approx(200 * 16.0, rel=0.05)

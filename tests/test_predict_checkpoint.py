@@ -111,7 +111,7 @@ def test_maps_scenes_into_gis_layers(world, checkpoint, tmp_path):
             crs, bounds = ds.crs, shapely.box(*ds.bounds)
         assert pyproj.CRS(layer.crs) == pyproj.CRS(crs.to_wkt())
         assert all(bounds.buffer(1e-6).contains(g) for g in layer.geometries)
-        assert set(layer.columns) >= {"score", "area_m2", "scene_id", "model", "ckpt"}
+        assert set(layer.columns) >= {"score", "area_m2", "scene_id", "date", "site", "model", "ckpt"}
         if len(layer):
             assert set(layer.columns["scene_id"]) == {spec.id}
             assert set(layer.columns["model"]) == {"predict_test"}
@@ -123,7 +123,8 @@ def test_maps_scenes_into_gis_layers(world, checkpoint, tmp_path):
             assert ds.crs == crs and ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
         total += len(layer)
     assert total > 0, "the tiny model found nothing at score >= 0: the pipeline dropped every detection"
-    assert len(read_layer(tmp_path / "all.gpkg")) == total  # output=... merges the scenes into one layer
+    merged = read_layer(tmp_path / "all.gpkg")  # output=... merges the scenes into one layer
+    assert len(merged) == total and set(merged.columns["date"]) == {""} and set(merged.columns["site"]) == {""}
 
 
 def test_bf16_autocast_prediction(world, checkpoint, tmp_path):

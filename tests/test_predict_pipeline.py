@@ -97,7 +97,9 @@ def oracle_world(tmp_path_factory):
     half_in_nodata = _ellipse(175, 60, 12, 15)
     nodata_box = (150, SIZE, 0, 60)  # bottom-left corner is nodata; tile (136..200, 0..64) is mostly empty
     entries = [
-        _write_scene(root / "scene_a", "scene_a", [big, small, half_in_nodata], nodata_box),
+        # one acquisition of a site: its date and site go on to every polygon mapped in it
+        {**_write_scene(root / "scene_a", "scene_a", [big, small, half_in_nodata], nodata_box),
+         "date": "2021-07-14", "site": "lake_e"},
         _write_scene(root / "scene_b", "scene_b", [small]),
         _write_scene(root / "scene_c", "scene_c", [_ellipse(150, 150, 20, 20)]),
     ]
@@ -132,7 +134,10 @@ def test_polygons_match_the_truth_in_the_scene_crs(oracle_world, tmp_path, write
     assert report["true_positives"] == 3 and report["false_positives"] == 0
     np.testing.assert_allclose(sorted(layer.columns["area_m2"]), sorted(m.sum() * 16.0 for m in truth_masks))
     assert set(layer.columns["scene_id"]) == {"scene_a"} and set(layer.columns["model"]) == {"oracle"}
+    assert list(layer.columns["date"]) == ["2021-07-14"] * 3 and list(layer.columns["site"]) == ["lake_e"] * 3
     assert len(read_layer(tmp_path / "scene_a.geojson")) == 3
+    undated = read_layer(tmp_path / "scene_b.gpkg")  # a scene without them: empty strings, not missing columns
+    assert len(undated) == 1 and list(undated.columns["date"]) == [""] and list(undated.columns["site"]) == [""]
 
     # no prediction on invalid pixels: nothing in the nodata corner
     corner = shapely.box(*(TRANSFORM @ (0, SIZE)), *(TRANSFORM @ (60, 150)))

@@ -27,11 +27,19 @@ The *auxiliary-decisive* world (the default) has RGB separability 0: RGB alone i
 ambiguous and NDVI/NIR decide. The *paper-like* world follows the paper's data, where
 high-resolution RGB alone is the strongest input and 10 m NDVI/NIR resolve its confusions:
 look-alikes mostly have their own colour, NDVI sees only "bare", NIR tells kinds of bare.
+
+With `dates` > 1 the world evolves: each scene is a site, its ground, look-alikes and first
+slumps drawn as a one-date scene's are, then written at every date (`<site>_<date>`) with
+that date's slumps (`synthetic_evolution`: growth upslope, merges, splits, new slumps,
+revegetation), illumination, clouds, noise and a co-registration error of a few metres.
+Label files then carry a `slump_id`; the truth lies beside the scene list (lineage.csv,
+growth.csv, coregistration.csv).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -40,7 +48,7 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,17 +63,20 @@ from shapely.affinity import rotate, scale, translate
 from shapely.geometry import LineString, Point, Polygon
 
 from rts_thaw.core.vectors import VectorLayer, write_layer
+from rts_thaw.data import synthetic_evolution as evolution
 
 GENERATOR_VERSION = 7  # bump when the output changes, so caches are not reused
 UTM_CRS = "EPSG:32606"  # UTM zone 6N (northern Alaska)
 DEM_CRS = "EPSG:3413"  # NSIDC polar stereographic north, the CRS of ArcticDEM
 RGB_RES, NIR_RES, DEM_RES, TRUTH_RES = 4.0, 3.0, 2.0, 2.0
+COREGISTRATION_M = 4.0  # an evolving world's later dates are misplaced by up to this, per axis
 DEM_NODATA = -9999.0
 MODALITIES = ("rgb", "nir", "ndvi", "dem")
 
 # Ground classes and their spectral signature: (ndvi, nir reflectance, relative elevation m).
 # RTS and its look-alikes share the "disturbed ground" RGB palette on purpose.
 TUNDRA, WATER, GRAVEL, BURN, SNOW, RTS = range(6)
+TUNDRA_RGB, TUNDRA_NDVI, TUNDRA_NIR = np.array([92.0, 104.0, 74.0]), 0.58, 0.31  # before its mottle
 DISTURBED_RGB = np.array([138.0, 120.0, 100.0])
 # Where each look-alike's colour goes as `rgb_separability` rises to 1: turbid water is
 # darker and bluer, gravel paler and greyer, burns charred (as in sub-metre to 4 m RGB).
@@ -97,6 +108,11 @@ class WorldParams:
     rgb_separability: float = 0.0  # 0: look-alikes share the slumps' colour; 1: each has its own
     aux_resolution: float = 3.0  # NIR/NDVI pixel size, m (Sentinel-2: 10)
     ndvi_separability: float = 1.0  # 0: look-alikes share the slumps' NDVI; 1: each has its own
+    # An evolving world (synthetic_evolution): each scene is a site seen at `dates` dates,
+    # about `years_between` years apart from `first_date`. 1: one date, the world as before.
+    dates: int = 1
+    years_between: float = 2.0
+    first_date: str = "2018-07-20"
 
     def __post_init__(self):
         for name in ("rgb_separability", "ndvi_separability"):
@@ -109,6 +125,12 @@ class WorldParams:
             raise ValueError(f"a synthetic scene needs at least {MIN_SCENE_SIZE} px per side, got size={self.size}")
         if self.scenes < 1:
             raise ValueError(f"a synthetic world needs at least 1 scene, got scenes={self.scenes}")
+        if self.dates < 1:
+            raise ValueError(f"a synthetic world needs at least 1 date, got dates={self.dates}")
+        if self.years_between <= 0:
+            raise ValueError(f"years_between must be positive, got {self.years_between}")
+        if not evolution.is_iso_date(self.first_date):
+            raise ValueError(f"first_date must be an ISO date (YYYY-MM-DD), got {self.first_date!r}")
 
     @classmethod
     def named(cls, world: str, **others) -> "WorldParams":
@@ -116,9 +138,21 @@ class WorldParams:
             raise ValueError(f"unknown synthetic world '{world}'; choose one of {sorted(WORLDS)}")
         return cls(**{**WORLDS[world], **others})
 
+    def described(self) -> dict:
+        """The parameters that shape the world: those of the evolution only where it has dates,
+        so that one-date worlds keep the key (and cached copies) they had before it existed."""
+        fields = asdict(self)
+        if self.dates == 1:
+            for name in EVOLUTION_FIELDS:
+                del fields[name]
+        return fields
+
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "version": GENERATOR_VERSION}, sort_keys=True)
+        blob = json.dumps({**self.described(), "version": GENERATOR_VERSION}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+EVOLUTION_FIELDS = ("dates", "years_between", "first_date")
 
 
 # The two worlds of the fusion table (docs/fusion.md). Set from what the sensors show, not
@@ -222,10 +256,10 @@ class _Canvas:
         shape = (n, n)
         mottle = _smooth_noise(rng, shape, 24)
         self.rgb = np.stack(
-            [c + 14 * mottle + 6 * _smooth_noise(rng, shape, 90) for c in (92.0, 104.0, 74.0)]
+            [c + 14 * mottle + 6 * _smooth_noise(rng, shape, 90) for c in TUNDRA_RGB]
         )
-        self.ndvi = 0.58 + 0.06 * mottle + 0.03 * _smooth_noise(rng, shape, 90)
-        self.nir = 0.31 + 0.03 * mottle
+        self.ndvi = TUNDRA_NDVI + 0.06 * mottle + 0.03 * _smooth_noise(rng, shape, 90)
+        self.nir = TUNDRA_NIR + 0.03 * mottle
         self.elev = 6.0 * _smooth_noise(rng, shape, 4)  # relative elevation, metres
         slope_dir = rng.uniform(0, 2 * np.pi)
         yy, xx = np.mgrid[0:n, 0:n] * TRUTH_RES
@@ -323,7 +357,9 @@ def _place(rng, extent, margin, existing, geom_fn, tries=40, gap=4.0):
     return None
 
 
-def _draw_scene(rng: np.random.Generator, params: WorldParams, x0: float, y0: float):
+def _draw_layout(rng: np.random.Generator, params: WorldParams, x0: float, y0: float):
+    """The ground of one scene before anything is painted on it: its canvas, the slumps and the
+    look-alikes (kind, shape), in the local frame (metres from the top-left corner, y down)."""
     extent = params.size * RGB_RES
     canvas = _Canvas(x0, y0, int(round(extent / TRUTH_RES)), rng)
 
@@ -372,41 +408,58 @@ def _draw_scene(rng: np.random.Generator, params: WorldParams, x0: float, y0: fl
         if geom is not None:
             objects.append((kind, geom))
             taken.append(geom)
+    return canvas, slumps, objects
 
-    def colour(kind):
-        if kind == SNOW:
-            return np.array([228.0, 233.0, 238.0]) + rng.normal(0, 5, 3)
-        brightness = rng.uniform(0.85, 1.15)
-        base = DISTURBED_RGB
-        if kind in OWN_RGB:
-            base = base + params.rgb_separability * (OWN_RGB[kind] - DISTURBED_RGB)
-        return base * brightness + rng.normal(0, 10, 3)
 
-    to_utm = lambda g: translate(scale(g, 1, -1, origin=(0, 0)), x0, y0)  # noqa: E731  local (y down) -> UTM
+def _local_to_utm(x0: float, y0: float):
+    """The map from a scene's local frame (y down) to UTM."""
+    return lambda g: translate(scale(g, 1, -1, origin=(0, 0)), x0, y0)
+
+
+def _colour(rng: np.random.Generator, params: WorldParams, kind: int) -> np.ndarray:
+    if kind == SNOW:
+        return np.array([228.0, 233.0, 238.0]) + rng.normal(0, 5, 3)
+    brightness = rng.uniform(0.85, 1.15)
+    base = DISTURBED_RGB
+    if kind in OWN_RGB:
+        base = base + params.rgb_separability * (OWN_RGB[kind] - DISTURBED_RGB)
+    return base * brightness + rng.normal(0, 10, 3)
+
+
+def _signature(params: WorldParams, kind: int) -> tuple[float, float, float]:
+    """(NDVI, NIR, elevation) of a look-alike: NDVI from the slumps' (0) to the kind's own (1)."""
+    own_ndvi, own_nir, elev = SIGNATURE[kind]
+    if kind == SNOW:
+        return own_ndvi, own_nir, elev
+    s = params.ndvi_separability
+    return own_ndvi * s + SIGNATURE[RTS][0] * (1 - s), own_nir, elev
+
+
+def _lookalikes(rng: np.random.Generator, params: WorldParams, objects, to_utm) -> list[_Object]:
+    return [_Object(kind, to_utm(g), _colour(rng, params, kind), *_signature(params, kind))
+            for kind, g in objects if not g.is_empty]
+
+
+def _slump_look(rng: np.random.Generator, params: WorldParams, geom) -> _Object:
     ndvi, nir, _ = SIGNATURE[RTS]
+    depth = rng.uniform(2.0, 5.0)  # metres below the rim
+    return _Object(RTS, geom, _colour(rng, params, RTS), ndvi + rng.normal(0, 0.03), nir + rng.normal(0, 0.02), depth)
 
-    def signature(kind):  # NDVI from the slumps' (0) to the kind's own (1)
-        own_ndvi, own_nir, elev = SIGNATURE[kind]
-        if kind == SNOW:
-            return own_ndvi, own_nir, elev
-        s = params.ndvi_separability
-        return own_ndvi * s + ndvi * (1 - s), own_nir, elev
 
-    painted = [
-        _Object(kind, to_utm(g), colour(kind), *signature(kind))
-        for kind, g in objects
-        if not g.is_empty
-    ]
-    for geom in slumps:
-        depth = rng.uniform(2.0, 5.0)  # metres below the rim
-        painted.append(_Object(RTS, to_utm(geom), colour(RTS), ndvi + rng.normal(0, 0.03), nir + rng.normal(0, 0.02), depth))
-    for obj in painted:
-        canvas.paint(obj, rng)
-
+def _add_cloud(rng: np.random.Generator, canvas: _Canvas, extent: float, to_utm) -> None:
     if rng.random() < 0.5:  # a cloud (NaN in NDVI) and its shadow (darker RGB and NIR)
         cx, cy = rng.uniform(0.1, 0.9, size=2) * extent
         cloud = to_utm(translate(_blob_shape(rng, rng.uniform(40, 90)), cx, cy))
         canvas.add_cloud(cloud, (rng.uniform(-120, 120), rng.uniform(-120, 120)))
+
+
+def _draw_scene(rng: np.random.Generator, params: WorldParams, x0: float, y0: float):
+    canvas, slumps, objects = _draw_layout(rng, params, x0, y0)
+    to_utm = _local_to_utm(x0, y0)
+    painted = _lookalikes(rng, params, objects, to_utm) + [_slump_look(rng, params, to_utm(g)) for g in slumps]
+    for obj in painted:
+        canvas.paint(obj, rng)
+    _add_cloud(rng, canvas, params.size * RGB_RES, to_utm)
     return canvas, [to_utm(g) for g in slumps]
 
 
@@ -449,31 +502,127 @@ def _write(path: Path, data: np.ndarray, crs: str, transform, nodata, dtype) -> 
         dst.write(data.astype(dtype))
 
 
-def write_labels(path: Path, polygons: list, crs: str) -> None:
-    """Write RTS polygons as a GeoPackage layer (an empty list gives a valid empty layer)."""
+def write_labels(path: Path, polygons: list, crs: str, slump_ids: list[int] | None = None) -> None:
+    """Write RTS polygons as a GeoPackage layer (an empty list gives a valid empty layer);
+    `slump_ids`, where given (an evolving world), become the `slump_id` column."""
     columns = {"rts_id": np.arange(1, len(polygons) + 1, dtype=np.int32),
                "area_m2": np.array([p.area for p in polygons], dtype=np.float64)}
+    if slump_ids is not None:
+        columns["slump_id"] = np.asarray(slump_ids, dtype=np.int64)
     write_layer(VectorLayer(list(polygons), crs, columns), path)
 
 
-def _generate_scene(scene_dir: Path, params: WorldParams, index: int) -> None:
+def _scene_origin(index: int) -> tuple[float, float]:
+    """UTM top-left corner of scene (or site) `index`: scenes never overlap."""
+    return 420000.0 + 6000.0 * index, 7740000.0 - 3000.0 * (index % 3)
+
+
+@dataclass(frozen=True)
+class Light:
+    """One acquisition's illumination and season: gains on RGB and NIR, an offset on NDVI."""
+
+    rgb_gain: tuple[float, float, float]
+    nir_gain: float
+    ndvi_offset: float
+
+
+def _entry(scene_id: str, split: str, **more) -> dict:
+    return {"id": scene_id, "split": split, **more, "rasters": {m: f"{scene_id}/{m}.tif" for m in MODALITIES},
+            "labels": f"{scene_id}/rts.gpkg"}
+
+
+def _generate_scene(out: Path, params: WorldParams, index: int) -> dict:
+    """Scene `index` of a one-date world, in its folder; its scene-list entry."""
+    scene_id = f"scene_{index:03d}"
     rng = np.random.default_rng([params.seed, index])
-    extent = params.size * RGB_RES
-    x0, y0 = 420000.0 + 6000.0 * index, 7740000.0 - 3000.0 * (index % 3)
+    x0, y0 = _scene_origin(index)
     canvas, slumps = _draw_scene(rng, params, x0, y0)
-    scene_dir.mkdir(parents=True)
+    (out / scene_id).mkdir(parents=True)
+    write_sensors(out / scene_id, canvas, params, rng, wedge=index % 2 == 1)
+    write_labels(out / scene_id / "rts.gpkg", slumps, UTM_CRS)
+    return {"scenes": [_entry(scene_id, split_of(index, params.scenes))]}
+
+
+def _generate_site(out: Path, params: WorldParams, index: int) -> dict:
+    """Site `index` of an evolving world: its ground and look-alikes drawn once, as a one-date
+    scene's are, its slumps evolved (`synthetic_evolution`), then a scene folder per date, each
+    with its own illumination, clouds, noise and co-registration error. Returns the scene-list
+    entries and the site's truth rows."""
+    rng = np.random.default_rng([params.seed, index])
+    x0, y0 = _scene_origin(index)
+    extent = params.size * RGB_RES
+    canvas, shapes, objects = _draw_layout(rng, params, x0, y0)
+    to_utm = _local_to_utm(x0, y0)
+    lookalikes = _lookalikes(rng, params, objects, to_utm)
+    looks = [_slump_look(rng, params, None) for _ in shapes]
+
+    def upslope(geom) -> tuple[float, float]:  # unit vector in the local frame (y down)
+        angle = math.radians(canvas.downslope_deg(x0 + geom.centroid.x, y0 - geom.centroid.y))
+        return -math.cos(angle), math.sin(angle)
+
+    def new_slump(rng, taken):  # small, where a slump of the first date could be
+        radius = math.exp(rng.uniform(math.log(10), math.log(30)))
+
+        def make(x, y):
+            return translate(_slump_shape(rng, radius, -canvas.downslope_deg(x0 + x, y0 - y)), x, y)
+
+        geom = _place(rng, extent, radius * 2, taken, make)
+        return None if geom is None else (geom, upslope(geom), _slump_look(rng, params, None))
+
+    evolving = np.random.default_rng([params.seed, index, 0])
+    site = f"site_{index:03d}"
+    dates = evolution.acquisition_dates(evolving, params.first_date, params.years_between, params.dates)
+    initial = [evolution.initial_slump(evolving, g, upslope(g), look) for g, look in zip(shapes, looks)]
+    history = evolution.evolve_site(evolving, site, index, dates, initial, extent, new_slump, [g for _, g in objects])
+
+    entries, shifts = [], []
+    for d, (date, slumps) in enumerate(zip(history.dates, history.slumps)):
+        scene_id, acquisition = f"{site}_{date}", np.random.default_rng([params.seed, index, d + 1])
+        scene = copy.deepcopy(canvas)
+        for obj in lookalikes + [_recovered(replace(s.look, geom=to_utm(s.geom)), s.recovery) for s in slumps]:
+            scene.paint(obj, acquisition)
+        _add_cloud(acquisition, scene, extent, to_utm)
+        shift = (0.0, 0.0) if d == 0 else tuple(round(float(v), 3) for v in  # to the mm, as recorded
+                                                acquisition.uniform(-COREGISTRATION_M, COREGISTRATION_M, 2))
+        brightness = acquisition.normal(1.0, 0.04)
+        light = Light(tuple(float(v) for v in brightness * acquisition.normal(1.0, 0.015, 3)),
+                      float(brightness * acquisition.normal(1.0, 0.02)), float(acquisition.normal(0.0, 0.02)))
+        (out / scene_id).mkdir(parents=True)
+        write_sensors(out / scene_id, scene, params, acquisition, wedge=index % 2 == 1, shift=shift, light=light)
+        write_labels(out / scene_id / "rts.gpkg", [translate(to_utm(s.geom), *shift) for s in slumps], UTM_CRS,
+                     [s.id for s in slumps])
+        entries.append(_entry(scene_id, split_of(index, params.scenes), date=date, site=site))
+        shifts.append({"site": site, "date": date, "scene_id": scene_id, "shift_x_m": shift[0], "shift_y_m": shift[1]})
+    return {"scenes": entries, "lineage": history.lineage, "growth": history.growth, "coregistration": shifts}
+
+
+def _recovered(look: _Object, recovery: float) -> _Object:
+    """A slump's look once its floor has revegetated by `recovery` (0..1) towards the tundra's."""
+    if recovery == 0.0:
+        return look
+    return replace(look, rgb=look.rgb + recovery * (TUNDRA_RGB - look.rgb),
+                   ndvi=look.ndvi + recovery * (TUNDRA_NDVI - look.ndvi), nir=look.nir + recovery * (TUNDRA_NIR - look.nir))
+
+
+def write_sensors(scene_dir: Path, canvas: _Canvas, params: WorldParams, rng: np.random.Generator, wedge: bool,
+                  shift: tuple[float, float] = (0.0, 0.0), light: Light | None = None) -> None:
+    """Every modality's GeoTIFF of a painted canvas. `shift` (UTM metres) is a co-registration
+    error: each grid shows the ground that lies `shift` away from where its transform puts it."""
+    x0, y0, extent = canvas.x0, canvas.y0, params.size * RGB_RES
 
     # RGB, the reference grid; a strip-edge wedge of nodata in some scenes.
     rgb_tf = Affine(RGB_RES, 0.0, x0, 0.0, -RGB_RES, y0)
     xs, ys = _grid_coords(rgb_tf, params.size, params.size)
     shade = canvas.sample(canvas.shade, xs, ys)
     rgb = np.stack([canvas.sample(canvas.rgb[b], xs, ys) * shade for b in range(3)])
+    if light is not None:
+        rgb *= np.asarray(light.rgb_gain)[:, None, None]
     rgb += rng.normal(0, 3, rgb.shape)
     rgb = np.clip(np.round(rgb), 1, 255)
-    if index % 2 == 1:
+    if wedge:
         cols, rows = np.meshgrid(np.arange(params.size), np.arange(params.size))
         rgb[:, cols + rows < params.size * rng.uniform(0.15, 0.3)] = 0
-    _write(scene_dir / "rgb.tif", rgb, UTM_CRS, rgb_tf, 0, "uint8")
+    _write(scene_dir / "rgb.tif", rgb, UTM_CRS, Affine.translation(*shift) @ rgb_tf, 0, "uint8")
 
     # NIR and NDVI on their own grid (3 m by default) shifted off the RGB one, as a second
     # sensor's would be.
@@ -488,14 +637,19 @@ def _generate_scene(scene_dir: Path, params: WorldParams, index: int) -> None:
         return canvas.sample(field, xs, ys)
 
     nir = seen(canvas.nir) * seen(canvas.shade)
+    if light is not None:
+        nir *= light.nir_gain
     nir = nir + rng.normal(0, 0.008, nir.shape)
     cloud = canvas.sample(canvas.cloud.astype(float), xs, ys) > 0.5
     nir = np.where(cloud, 0.55, nir)
     nir_dn = np.where(np.isnan(nir), 0, np.clip(np.round(nir * 10000), 1, 65535))
-    _write(scene_dir / "nir.tif", nir_dn[None], UTM_CRS, nir_tf, 0, "uint16")
+    aux_tf = Affine.translation(*shift) @ nir_tf
+    _write(scene_dir / "nir.tif", nir_dn[None], UTM_CRS, aux_tf, 0, "uint16")
     ndvi = seen(canvas.ndvi) + rng.normal(0, 0.015, nir.shape)
+    if light is not None:
+        ndvi += light.ndvi_offset
     ndvi = np.where(cloud, np.nan, np.clip(ndvi, -1, 1))  # clouds are masked out of NDVI
-    _write(scene_dir / "ndvi.tif", ndvi[None], UTM_CRS, nir_tf, np.nan, "float32")
+    _write(scene_dir / "ndvi.tif", ndvi[None], UTM_CRS, aux_tf, np.nan, "float32")
 
     # Relative elevation in polar stereographic at 2 m, covering the scene's footprint.
     to_dem = Transformer.from_crs(UTM_CRS, DEM_CRS, always_xy=True)
@@ -511,9 +665,10 @@ def _generate_scene(scene_dir: Path, params: WorldParams, index: int) -> None:
     relative = _relative_elevation(canvas.elev, 50.0 / TRUTH_RES)
     dem = canvas.sample(relative, ux, uy) + rng.normal(0, 0.05, dx.shape)
     dem = np.where(np.isnan(dem), DEM_NODATA, dem)
+    if shift != (0.0, 0.0):  # the same error on the ground, as a vector in the DEM's CRS
+        (ax, bx), (ay, by) = to_dem.transform([x0, x0 + shift[0]], [y0, y0 + shift[1]])
+        dem_tf = Affine.translation(bx - ax, by - ay) @ dem_tf
     _write(scene_dir / "dem.tif", dem[None], DEM_CRS, dem_tf, DEM_NODATA, "float32")
-
-    write_labels(scene_dir / "rts.gpkg", slumps, UTM_CRS)
 
 
 def split_of(index: int, scenes: int) -> str:
@@ -539,26 +694,22 @@ def generate_world(out: str | os.PathLike, params: WorldParams = WorldParams(), 
                               f"{' (it holds a world: scenes.yaml)' if (out / 'scenes.yaml').exists() else ''}; "
                               "generate into a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    scene_ids = [f"scene_{index:03d}" for index in range(params.scenes)]
-    if workers > 1 and params.scenes > 1:
+    generate = _generate_site if params.dates > 1 else _generate_scene
+    n = params.scenes
+    if workers > 1 and n > 1:
         context = multiprocessing.get_context("spawn")  # no fork of a parent's thread pools
-        with ProcessPoolExecutor(min(workers, params.scenes), mp_context=context) as pool:
-            list(pool.map(_generate_scene, [out / sid for sid in scene_ids], [params] * params.scenes,
-                          range(params.scenes)))
+        with ProcessPoolExecutor(min(workers, n), mp_context=context) as pool:
+            drawn = list(pool.map(generate, [out] * n, [params] * n, range(n)))
     else:
-        for index, scene_id in enumerate(scene_ids):
-            _generate_scene(out / scene_id, params, index)
-    entries = []
-    for index, scene_id in enumerate(scene_ids):
-        entries.append({
-            "id": scene_id,
-            "split": split_of(index, params.scenes),
-            "rasters": {m: f"{scene_id}/{m}.tif" for m in MODALITIES},
-            "labels": f"{scene_id}/rts.gpkg",
-        })
-    scene_list = out / "scenes.yaml"
+        drawn = [generate(out, params, index) for index in range(n)]
+    if params.dates > 1:
+        evolution.write_truth(out, *([row for d in drawn for row in d[table]]
+                                     for table in ("lineage", "growth", "coregistration")))
+    scene_list = out / "scenes.yaml"  # written last: a world with a scene list is complete
+    entries = [entry for d in drawn for entry in d["scenes"]]
     with open(scene_list, "w") as f:
-        yaml.safe_dump({"generator": {**asdict(params), "version": GENERATOR_VERSION}, "scenes": entries}, f, sort_keys=False)
+        yaml.safe_dump({"generator": {**params.described(), "version": GENERATOR_VERSION}, "scenes": entries}, f,
+                       sort_keys=False)
     return scene_list
 
 
@@ -573,11 +724,15 @@ def ensure_world(
     rgb_separability: float | None = None,
     aux_resolution: float | None = None,
     ndvi_separability: float | None = None,
+    dates: int = 1,
+    years_between: float = WorldParams.years_between,
+    first_date: str = WorldParams.first_date,
 ) -> str:
     """Generate the world once under `root/synthetic_<key>` and return its scene list path.
 
     `world` names a preset of `WORLDS`; `rgb_separability`, `ndvi_separability` and
-    `aux_resolution`, where given, replace the preset's value.
+    `aux_resolution`, where given, replace the preset's value. `dates` > 1 makes each scene
+    a site seen at that many dates (`synthetic_evolution`).
 
     Safe when several processes start at once (sweep jobs): each writes to its own
     temporary directory and renames it into place; the loser of the race keeps the
@@ -586,7 +741,8 @@ def ensure_world(
     sensors = {k: float(v) for k, v in (("rgb_separability", rgb_separability), ("aux_resolution", aux_resolution),
                                         ("ndvi_separability", ndvi_separability)) if v is not None}
     params = WorldParams.named(world, scenes=scenes, size=size, seed=seed, rts_per_scene=tuple(rts_per_scene),
-                               distractors_per_scene=tuple(distractors_per_scene), **sensors)
+                               distractors_per_scene=tuple(distractors_per_scene), dates=int(dates),
+                               years_between=float(years_between), first_date=str(first_date), **sensors)
     root = Path(root).expanduser()
     target = root / f"synthetic_{params.key()}"
     scene_list = target / "scenes.yaml"
@@ -616,11 +772,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world", choices=sorted(WORLDS), default="auxiliary_decisive",
                         help="what each sensor can tell on its own (module docstring)")
     parser.add_argument("--workers", type=int, default=1, help="scenes drawn in parallel processes")
+    parser.add_argument("--dates", type=int, default=1,
+                        help="> 1: each scene is a site seen at this many dates, its slumps evolving between "
+                             "them; the truth of it in OUT/lineage.csv and OUT/growth.csv")
+    parser.add_argument("--years-between", type=float, default=WorldParams.years_between,
+                        help="years between a site's dates")
+    parser.add_argument("--first-date", default=WorldParams.first_date, help="the first date (YYYY-MM-DD)")
     parser.add_argument("--coco-chips", help="also export the world as COCO chip folders here")
     parser.add_argument("--challenge", help="also export the world as a challenge-style .npz release here")
     args = parser.parse_args(argv)
     try:
-        params = WorldParams.named(args.world, scenes=args.scenes, size=args.size, seed=args.seed)
+        params = WorldParams.named(args.world, scenes=args.scenes, size=args.size, seed=args.seed, dates=args.dates,
+                                   years_between=args.years_between, first_date=args.first_date)
         scene_list = generate_world(args.out, params, workers=args.workers)
     except (ValueError, FileExistsError) as err:
         parser.error(str(err))

@@ -141,10 +141,10 @@ def map_scenes(model: LoadedModel, scenes_path: str | Path, output_dir: str | Pa
 
     def hand_over(scene: int, tiles, stats) -> None:  # the sink: a scene's tiles are all through
         crs_wkt, transform, shape = grids[scene]
-        scene_id = todo[scene].id
-        finishing[scene_id] = finisher.submit(finish_scene, SceneJob(
-            scene_id, tiles, transform, crs_wkt, shape, output_dir, model.name, model.identity, tiling,
-            tuple(outputs), stats))
+        spec = todo[scene]
+        finishing[spec.id] = finisher.submit(finish_scene, SceneJob(
+            spec.id, tiles, transform, crs_wkt, shape, output_dir, model.name, model.identity, tiling,
+            tuple(outputs), stats, spec.date, spec.site))
 
     try:
         predict_tiles(model.detector, source, tiling, device, hand_over, score_threshold=tiling.score_threshold,

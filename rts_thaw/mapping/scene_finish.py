@@ -38,6 +38,8 @@ class SceneJob:
     tiling: TilingConfig
     extra_outputs: tuple[str, ...] = ()  # beside the GeoPackage (scene_outputs.EXTRA_OUTPUTS)
     stats: GroupStats = field(default_factory=GroupStats)  # what inference already knows
+    date: str | None = None  # the scene's acquisition date (ISO) and site, from the scene list
+    site: str | None = None
 
 
 def finish_scene(job: SceneJob) -> dict:
@@ -52,7 +54,8 @@ def finish_scene(job: SceneJob) -> dict:
     merged = merge_across_seams(instances, job.tiling.min_shared_iou)
     seconds["merge"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
-    layer = scene_layer(merged, job.transform, job.crs_wkt, job.scene_id, job.model_name, job.model_identity)
+    layer = scene_layer(merged, job.transform, job.crs_wkt, job.scene_id, job.model_name, job.model_identity,
+                        job.date, job.site)
     scene = FinishedScene(job.scene_id, layer, merged, job.tiles, job.transform, job.crs_wkt, job.shape)
     write_scene(scene, outputs, job.extra_outputs)
     seconds["write"] = round(time.perf_counter() - start, 3)

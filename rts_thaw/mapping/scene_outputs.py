@@ -61,7 +61,10 @@ class SceneOutputs:
             remove_if_empty(folder)
 
 
-def scene_layer(instances: list[SceneInstance], transform, crs, scene_id: str, model: str, ckpt: str) -> VectorLayer:
+def scene_layer(instances: list[SceneInstance], transform, crs, scene_id: str, model: str, ckpt: str,
+                date: str | None = None, site: str | None = None) -> VectorLayer:
+    """The scene's slumps with their fields; `date` (ISO) and `site` are the scene's, empty
+    when it has none, so that the polygons of one place can be followed through the years."""
     polygons = instance_polygons(instances, transform)
     n = len(polygons)
     crs = crs.to_wkt() if hasattr(crs, "to_wkt") else crs
@@ -70,6 +73,8 @@ def scene_layer(instances: list[SceneInstance], transform, crs, scene_id: str, m
         crs,
         {
             "scene_id": np.array([scene_id] * n, dtype=object),
+            "date": np.array([date or ""] * n, dtype=object),
+            "site": np.array([site or ""] * n, dtype=object),
             "score": np.array([inst.score for inst in instances], dtype=np.float64),
             "area_m2": np.array([area_m2(p, crs) for p in polygons], dtype=np.float64),
             "pixels": np.array([inst.pixels for inst in instances], dtype=np.int64),
