@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> dict:
 
     settings = TrackSettings(tolerance_m=float(cfg.tolerance_m), min_overlap=float(cfg.min_overlap),
                              uncertainty_m=float(cfg.uncertainty_m), align=bool(cfg.align),
-                             min_tie_points=int(cfg.min_tie_points))
+                             min_tie_points=int(cfg.min_tie_points), upslope=str(cfg.upslope))
     maps = OmegaConf.to_container(cfg.maps, resolve=True) if cfg.maps else None
     if isinstance(maps, str):
         maps = [maps]

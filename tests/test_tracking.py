@@ -100,7 +100,7 @@ def test_a_dem_gives_the_upslope_direction(tmp_path):
     dem = write_dem_north_up(tmp_path / "dem.tif", pit=box(20, 0, 40, 30))
     scenes = write_scene_list(tmp_path, [("delta", D0, list(before.values()), None),
                                          ("delta", D1, list(after.values()), None)], dem=dem)
-    track(tmp_path / "with_dem", TrackSettings(), scenes=str(scenes), plots=False)
+    track(tmp_path / "with_dem", TrackSettings(upslope="dem"), scenes=str(scenes), plots=False)
     (row,) = rows(tmp_path / "with_dem" / "growth.csv")
     assert float(row["retreat_m_per_yr"]) == pytest.approx(8 / YEARS, abs=1e-6)
     track(tmp_path / "no_dem", TrackSettings(), maps=two_dates(tmp_path, before, after), plots=False)
@@ -141,6 +141,20 @@ def test_a_six_metre_misregistration_still_matches_and_is_removed(tmp_path):
     links = named_links(out, before, after)
     assert {(a, b) for a, b, _ in links} == {(n, n) for n in before}
     assert ("steady0", "steady0", "continued") in links
+
+
+def test_the_shift_is_found_when_every_slump_grows():
+    """No slump stood still: all grew 8-20 m north (upslope) and the later map is off by (3, -2) m.
+    Centroids would read the growth as shift; containment, taken at its downslope end, does not."""
+    from rts_thaw.tracking.shift import estimate_shift
+
+    before = np.array([box(100 * k, 0, 100 * k + 40, 30) for k in range(6)])
+    grown = np.array([box(100 * k, 0, 100 * k + 40, 38 + 2 * k) for k in range(6)])
+    after = shapely.transform(grown, lambda xy: xy + np.array([3.0, -2.0]))
+    i = j = np.arange(6)
+    shift = estimate_shift(before, after, i, j, tolerance_m=10, min_tie_points=3)
+    assert (shift.dx, shift.dy, shift.tie_points) == (pytest.approx(3.0), pytest.approx(-2.0), 6)
+    assert estimate_shift(before[:2], after[:2], i[:2], j[:2], tolerance_m=10, min_tie_points=3).applied is False
 
 
 def test_inputs_in_other_crss_are_reprojected(tmp_path):

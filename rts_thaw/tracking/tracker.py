@@ -16,19 +16,25 @@ from rts_thaw.tracking.shift import NO_SHIFT, estimate_shift, shifted
 from rts_thaw.tracking.upslope import upslope_directions
 
 
+UPSLOPE_SOURCES = ("growth", "dem")
+
+
 @dataclass
 class TrackSettings:
     tolerance_m: float = 10.0  # misregistration a match survives
     min_overlap: float = 0.3  # a pair is linked when this share of one side overlaps the other (within the tolerance)
     uncertainty_m: float = 5.0  # positional uncertainty of the maps
     align: bool = True  # estimate and remove a global shift between consecutive dates
-    min_tie_points: int = 3  # unchanged slumps needed to estimate that shift
+    min_tie_points: int = 3  # slumps seen at both dates needed to estimate that shift
+    upslope: str = "growth"  # growth | dem: where the headwall's direction comes from (growth.py)
 
     def __post_init__(self):
         problems = [f"{name}={getattr(self, name)} must be >= 0" for name in ("tolerance_m", "uncertainty_m")
                     if getattr(self, name) < 0]
         if not 0 < self.min_overlap <= 1:
             problems.append(f"min_overlap={self.min_overlap} must be in (0, 1]")
+        if self.upslope not in UPSLOPE_SOURCES:
+            problems.append(f"upslope={self.upslope!r} must be one of {list(UPSLOPE_SOURCES)}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -66,8 +72,7 @@ def track_site(site: SiteMaps, settings: TrackSettings) -> SiteTracks:
         i, j = candidate_pairs(before, after, settings.tolerance_m)
         shift = NO_SHIFT
         if settings.align:
-            shift = estimate_shift(before, after, i, j, settings.uncertainty_m, settings.tolerance_m,
-                                   settings.min_tie_points)
+            shift = estimate_shift(before, after, i, j, settings.tolerance_m, settings.min_tie_points)
         aligned = shifted(after, shift)
         overlaps = measure_overlaps(before, aligned, i, j, settings.min_overlap, settings.tolerance_m)
         overlaps = overlaps.subset(overlaps.significant)
@@ -81,7 +86,8 @@ def track_site(site: SiteMaps, settings: TrackSettings) -> SiteTracks:
         new_ids[fresh] = np.arange(next_id, next_id + len(fresh))
         next_id += len(fresh)
 
-        upslope = upslope_directions(previous.dem, before[kept.i[one]], site.crs) if previous.dem else None
+        from_dem = settings.upslope == "dem" and previous.dem
+        upslope = upslope_directions(previous.dem, before[kept.i[one]], site.crs) if from_dem else None
         growth = measure_growth(before[kept.i[one]], aligned[kept.j[one]], upslope, settings.uncertainty_m)
         years = years_between(d0, d1)
         relation = np.where(links.kind == MERGED, "merged", "split").astype(object)
