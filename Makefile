@@ -4,7 +4,7 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: demo test test-fast test-faults venv
+.PHONY: demo track-demo test test-fast test-faults venv
 
 venv: $(VENV)/.installed
 
@@ -16,6 +16,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: venv
 	$(PYTHON) -m rts_thaw.train +experiment=staged_fusion
+
+# Slumps through time: an evolving synthetic world (2 sites at 3 dates, 3 years apart) mapped
+# with the model `make demo` trained (or CKPT=<file.ckpt>), tracked, and the tracking scored
+# against the world's true lineage. Reruns reuse the world and the maps already made.
+CKPT ?= outputs/staged_fusion/base/checkpoints/best.ckpt
+TRACK_DEMO ?= outputs/track_demo
+track-demo: venv
+	@test -f $(CKPT) || { echo "no checkpoint $(CKPT): run make demo first, or give CKPT=<file.ckpt>"; exit 1; }
+	test -f $(TRACK_DEMO)/world/scenes.yaml || $(PYTHON) -m rts_thaw.data.synthetic --out $(TRACK_DEMO)/world \
+		--scenes 2 --dates 3 --years-between 3 --seed 1
+	$(PYTHON) -m rts_thaw.predict ckpt_path=$(CKPT) scenes=$(TRACK_DEMO)/world/scenes.yaml output_dir=$(TRACK_DEMO)/maps
+	$(PYTHON) -m rts_thaw.track 'maps=[$(TRACK_DEMO)/maps/*.gpkg]' output_dir=$(TRACK_DEMO)/tracks
+	$(PYTHON) -m rts_thaw.evaluate tracks=$(TRACK_DEMO)/tracks truth=$(TRACK_DEMO)/world \
+		output=$(TRACK_DEMO)/tracking_scores.json
 
 # Everything, SLURM included where a cluster runs (tests/slurm/start_cluster.sh); what CI runs.
 test: venv
