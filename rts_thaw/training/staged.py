@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rts_thaw.core.checkpoints import checkpoint_run_info
 from rts_thaw.core.json_files import nan_for_null, write_json_atomic
-from rts_thaw.core.scores import SCORE_UNIT
+from rts_thaw.core.scores import SCORE_UNIT, SCORE_UNIT_KEY
 from rts_thaw.eval.results_table import results_row, write_csv
 from rts_thaw.training.ranks import is_global_zero
 from rts_thaw.training.run_identity import config_key, resolved_without_invariants
@@ -138,6 +138,9 @@ def load_stage1(directory: Path, key: str) -> dict[str, Any] | None:
             f"stage-1 entry {directory} is from another configuration (key "
             f"{results.get('stage1_key')}, expected {key}); delete it to retrain"
         )
+    if results.get(SCORE_UNIT_KEY) != SCORE_UNIT:  # the key holds the unit; this names a hand-made mix-up
+        raise Stage1Error(f"stage-1 marker {marker} holds test scores in {results.get(SCORE_UNIT_KEY) or 'fractions'}, "
+                          f"not {SCORE_UNIT} (older rts_thaw); delete {directory} to retrain")
     checkpoint = Path(results.get("checkpoint") or "")
     if not checkpoint.is_absolute():
         checkpoint = directory / checkpoint
