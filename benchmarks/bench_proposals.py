@@ -98,7 +98,7 @@ def main() -> None:
     first = scores[None]
     print(f"checkpoint {args.ckpt}; device {device}; {first['tiles']} tiles of {model.tile_size} px; "
           f"{first['true']} true slumps; score >= {args.score_threshold}; IoU >= {args.iou}; "
-          f"median of {args.repeats} rounds")
+          f"median of {args.repeats} rounds; precision, recall and F1 in %")
     print(f"{'proposals per tile':<26} {'tiles/s':>8} {'speed':>6} {'mapped':>7} {'precision':>9} {'recall':>7} {'F1':>6}")
     base = statistics.median(seconds[None])
     for n in settings:
@@ -106,7 +106,7 @@ def main() -> None:
         s = scores[n]
         label = f"{own} (checkpoint's)" if n is None else str(n)
         print(f"{label:<26} {s['tiles'] / median:>8.2f} {base / median:>5.2f}x {s['mapped']:>7d} "
-              f"{s['precision']:>9.3f} {s['recall']:>7.3f} {s['f1']:>6.3f}")
+              f"{s['precision']:>9.1f} {s['recall']:>7.1f} {s['f1']:>6.1f}")
 
 
 if __name__ == "__main__":

@@ -10,17 +10,20 @@ import statistics
 import sys
 from pathlib import Path
 
+from rts_thaw.reporting.collect import scores_in_percent
+
 
 def main(log_dir: str) -> None:
     rows = []
     for results in sorted(Path(log_dir).glob("speed_*/*/results.json")):
-        r = json.loads(results.read_text())
+        r = scores_in_percent(json.loads(results.read_text()), "test", results)  # percent, older files too
         config = (results.parent / "config.yaml").read_text()
         seed = next(line.split(":")[1].strip() for line in config.splitlines() if line.startswith("seed:"))
         bf16_forward = results.parent / "metrics_bf16_forward.json"
-        forward = json.loads(bf16_forward.read_text())["metrics"] if bf16_forward.exists() else {}
-        rows.append((results.parent.parent.name, seed, 100 * r["test"]["segm_AP50"], 100 * r["test"]["bbox_AP50"],
-                     r.get("perf/train_images_per_s"), 100 * forward["segm_AP50"] if "segm_AP50" in forward else None))
+        forward = (scores_in_percent(json.loads(bf16_forward.read_text()), "metrics", bf16_forward)["metrics"]
+                   if bf16_forward.exists() else {})
+        rows.append((results.parent.parent.name, seed, r["test"]["segm_AP50"], r["test"]["bbox_AP50"],
+                     r.get("perf/train_images_per_s"), forward.get("segm_AP50")))
     print(f"{'run':<20} {'seed':>4} {'mask AP50':>9} {'box AP50':>8} {'train img/s':>11} {'mask AP50, bf16 forward':>24}")
     for name, seed, mask, box, speed, forward in rows:
         print(f"{name:<20} {seed:>4} {mask:>9.1f} {box:>8.1f} {speed or float('nan'):>11.1f} "

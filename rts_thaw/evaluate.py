@@ -15,6 +15,7 @@ from rts_thaw.lightning_logging import log_lightning_through_hydra
 
 def evaluate_checkpoint_mode(cfg: DictConfig) -> dict:
     from rts_thaw.core.json_files import write_json_atomic
+    from rts_thaw.core.scores import SCORE_UNIT, SCORE_UNIT_KEY
     from rts_thaw.training.evaluation import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
@@ -28,10 +29,10 @@ def evaluate_checkpoint_mode(cfg: DictConfig) -> dict:
     )
     output = write_json_atomic(cfg.output, {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split,
                                             "missing_modalities": list(cfg.missing_modalities or []),
-                                            "metrics": metrics}, sort_keys=True)
+                                            SCORE_UNIT_KEY: SCORE_UNIT, "metrics": metrics}, sort_keys=True)
     for name, value in metrics.items():
-        print(f"{name:>12}: {'-' if math.isnan(value) else f'{100 * value:.2f}'}")
-    print(f"metrics written to {output}")
+        print(f"{name:>12}: {'-' if math.isnan(value) else f'{value:.2f}'}")
+    print(f"metrics (in percent) written to {output}")
     return metrics
 
 

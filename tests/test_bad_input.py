@@ -278,7 +278,7 @@ def test_evaluation_refuses_results_that_would_score_wrongly(tmp_path):
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     good = {"image_id": 1, "category_id": 1, "segmentation": mask_to_rle(mask), "score": 0.9}
     (tmp_path / "good.json").write_text(json.dumps([good]))
-    assert evaluate_files(tmp_path / "gt.json", tmp_path / "good.json")["segm_AP50"] == pytest.approx(1.0)
+    assert evaluate_files(tmp_path / "gt.json", tmp_path / "good.json")["segm_AP50"] == pytest.approx(100.0)
     bad = [{**good, "score": 7.0}, {**good, "segmentation": mask_to_rle(np.ones((32, 32), np.uint8))},
            {**good, "image_id": 99}]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
@@ -363,7 +363,7 @@ def test_polygon_scoring_refuses_files_that_would_score_wrongly(tmp_path):
     square = shapely.box(X0 + 40, Y0 - 80, X0 + 80, Y0 - 40)
     truth = write_layer(VectorLayer([square], UTM), tmp_path / "truth.gpkg")
     mapped = write_layer(VectorLayer([square], UTM, {"score": np.array([0.9])}), tmp_path / "mapped.gpkg")
-    assert evaluate_polygon_files(mapped, truth)["f1"] == 1.0  # sound files score
+    assert evaluate_polygon_files(mapped, truth)["f1"] == 100.0  # sound files score (percent)
 
     (tmp_path / "truth.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
         {"type": "Feature", "properties": {}, "geometry": shapely.geometry.mapping(square)}]}))

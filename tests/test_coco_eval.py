@@ -86,7 +86,8 @@ def _pycocotools_direct(gt_path, results_path, iou_type, max_dets, area_ranges):
 
 
 def _reference(gt_path, results_path, iou_type, preset):
-    """pycocotools' own summary numbers for a preset.
+    """pycocotools' own summary numbers for a preset, in percent as rts_thaw reports them
+    (pycocotools: fractions; -1, undefined, is kept).
 
     summarize() takes the headline AP at maxDets=100; the challenge preset ranks at 10.
     The synthetic images have fewer than 10 detections each, so its headline AP equals
@@ -96,7 +97,7 @@ def _reference(gt_path, results_path, iou_type, preset):
     stats = _pycocotools_direct(gt_path, results_path, iou_type, params["max_dets"], params["area_ranges"])
     if preset == "arctic_challenge":
         stats[0] = _pycocotools_direct(gt_path, results_path, iou_type, [1, 5, 100], params["area_ranges"])[0]
-    return stats
+    return [100 * s if s >= 0 else s for s in stats]
 
 
 @pytest.mark.parametrize("preset", ["coco", "arctic_challenge"])
@@ -119,9 +120,9 @@ def test_matches_pycocotools_on_same_files(tmp_path, preset):
             got = ours[f"{iou_type}_{name}"]
             assert got == pytest.approx(expected, nan_ok=True), (iou_type, name)
     # a meaningful, imperfect case: neither 0 nor 1
-    assert 0.05 < ours["segm_AP"] < 1.0
-    assert 0.05 < ours["segm_AP50"] < 1.0
-    assert 0.05 < ours["bbox_AP50"] < 1.0
+    assert 5 < ours["segm_AP"] < 100
+    assert 5 < ours["segm_AP50"] < 100
+    assert 5 < ours["bbox_AP50"] < 100
 
 
 def test_gathered_records_score_like_one_evaluator():
@@ -160,7 +161,7 @@ def test_challenge_preset_ranks_at_ten():
         ev = CocoEvaluator(preset=preset)
         ev.update([pred], [target], [(h, w)])
         metrics[preset] = ev.compute()
-    assert metrics["coco"]["segm_AR"] == pytest.approx(1.0)
+    assert metrics["coco"]["segm_AR"] == pytest.approx(100.0)
     assert metrics["coco"]["segm_AP50"] > 0
     assert metrics["arctic_challenge"]["segm_AR"] == 0.0
     assert metrics["arctic_challenge"]["segm_AP50"] == 0.0
@@ -168,7 +169,7 @@ def test_challenge_preset_ranks_at_ten():
     assert metrics["arctic_challenge"]["segm_APs"] == 0.0
 
 
-def test_perfect_predictions_score_one():
+def test_perfect_predictions_score_100_percent():
     _, targets, sizes = _synthetic_batch(seed=3, n_images=3)
     perfect = [
         {
@@ -183,7 +184,7 @@ def test_perfect_predictions_score_one():
     ev.update(perfect, targets, sizes)
     metrics = ev.compute()
     for key in ("segm_AP", "segm_AP50", "segm_AP75", "segm_AR", "bbox_AP", "bbox_AP50"):
-        assert metrics[key] == pytest.approx(1.0), key
+        assert metrics[key] == pytest.approx(100.0), key
 
 
 def test_ground_truth_without_info_scores_under_pycocotools_that_copies_it(monkeypatch):
@@ -201,7 +202,7 @@ def test_ground_truth_without_info_scores_under_pycocotools_that_copies_it(monke
                 "masks": t["masks"][:, : sizes[0][0], : sizes[0][1]].float()} for t in targets]
     ev = CocoEvaluator()
     ev.update(perfect, targets, sizes)
-    assert ev.compute()["segm_AP50"] == pytest.approx(1.0)
+    assert ev.compute()["segm_AP50"] == pytest.approx(100.0)
 
 
 def test_empty_cases():
@@ -235,7 +236,7 @@ def test_areas_are_recomputed_from_masks():
     results = [{"image_id": 1, "category_id": 1, "segmentation": mask_to_rle(mask), "score": 0.9}]
     metrics = evaluate_coco(gt, results, preset="arctic_challenge")
     # with the file's area (5000 px) it would be "large"; the mask says small
-    assert metrics["segm_APs"] == pytest.approx(1.0)
+    assert metrics["segm_APs"] == pytest.approx(100.0)
     assert math.isnan(metrics["segm_APl"])
 
 
@@ -250,7 +251,7 @@ def test_ground_truth_masks_without_boxes_get_their_masks_boxes():
     box = [float(cols[0]), float(rows[0]), float(cols[-1] + 1 - cols[0]), float(rows[-1] + 1 - rows[0])]
     results = [{"image_id": 1, "category_id": 1, "segmentation": mask_to_rle(mask), "bbox": box, "score": 0.9}]
     metrics = evaluate_coco(gt, results)
-    assert metrics["bbox_AP"] == pytest.approx(1.0) and metrics["segm_AP"] == pytest.approx(1.0)
+    assert metrics["bbox_AP"] == pytest.approx(100.0) and metrics["segm_AP"] == pytest.approx(100.0)
     assert "bbox" not in gt["annotations"][0]  # the caller's dict is left as it was
 
 
@@ -295,8 +296,10 @@ def test_evaluate_command_scores_files_like_pycocotools(tmp_path):
     for name, index in (("AP", 0), ("AP50", 1), ("APs", 3), ("APm", 4), ("APl", 5), ("AR", 8)):
         assert metrics[f"segm_{name}"] == pytest.approx(stats[index] if stats[index] >= 0 else math.nan, nan_ok=True)
     assert math.isnan(metrics["bbox_AP"])  # a segmentation-only results file has no box metrics
-    written = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
-    assert written["segm_AP50"] == pytest.approx(metrics["segm_AP50"])
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["score_unit"] == "percent"
+    assert written["metrics"]["segm_AP50"] == pytest.approx(metrics["segm_AP50"])
+    assert 1 < metrics["segm_AP50"] <= 100  # percent, not a fraction
 
 
 def test_evaluate_command_reports_bad_files(tmp_path):

@@ -193,13 +193,13 @@ def test_evaluation_scores_a_large_chip_whole_merging_an_instance_across_tile_se
     assert output["masks"].shape == (1, 1, 64, 150) and output["boxes"].tolist() == [[27.0, 12.0, 104.0, 53.0]]
 
     # evaluation: one batch holds the chip that fits and the two larger ones; every slump is found
-    # whole, so every AP is 1 (the three fragments of the straddling slump would score far lower)
+    # whole, so every AP is 100 % (the three fragments of the straddling slump would score far lower)
     module = DetectionModule(oracle, run_info={"tile_size": 64}, chip_overlap=16)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     trainer.test(module, dataloaders=dm.test_dataloader(), verbose=False)
-    assert module.test_metrics["segm_AP"] == 1.0 and module.test_metrics["bbox_AP"] == 1.0
-    assert module.test_metrics["segm_AR"] == 1.0 and oracle.largest_input == 64
+    assert module.test_metrics["segm_AP"] == 100.0 and module.test_metrics["bbox_AP"] == 100.0
+    assert module.test_metrics["segm_AR"] == 100.0 and oracle.largest_input == 64
     # an overlap the tiling cannot use is refused when the module is built, not at the first large chip
     with pytest.raises(ValueError, match=r"chip_overlap=64 .* must be at least 0 and smaller than the tile, 64 px"):
         DetectionModule(oracle, run_info={"tile_size": 64}, chip_overlap=64)
@@ -255,7 +255,7 @@ def _evaluate_and_predict(root: Path, checkpoint: str, tmp_path: Path, capsys, *
     file_metrics = evaluate.main.__wrapped__(config(
         "evaluate", f"gt={root / 'test' / 'annotations.json'}", f"predictions={preds}",
         f"output={tmp_path / 'file_metrics.json'}"))
-    assert 0.0 <= file_metrics["segm_AP50"] <= 1.0 and 0.0 <= file_metrics["bbox_AP50"] <= 1.0
+    assert 0.0 <= file_metrics["segm_AP50"] <= 100.0 and 0.0 <= file_metrics["bbox_AP50"] <= 100.0
     return checkpoint_metrics, file_metrics
 
 

@@ -36,12 +36,13 @@ def test_counts_and_rates_overall_and_by_size():
     predicted, truth = _layers()
     report = evaluate_polygons(predicted, truth, iou_threshold=0.5)
     assert report["true_positives"] == 2 and report["false_positives"] == 3 and report["false_negatives"] == 2
-    assert report["precision"] == pytest.approx(2 / 5) and report["recall"] == pytest.approx(2 / 4)
-    assert report["f1"] == pytest.approx(2 * 0.4 * 0.5 / 0.9)
+    # in percent
+    assert report["precision"] == pytest.approx(100 * 2 / 5) and report["recall"] == pytest.approx(100 * 2 / 4)
+    assert report["f1"] == pytest.approx(100 * 2 * 0.4 * 0.5 / 0.9)
     small, medium, large = (report["by_size"][k] for k in ("small", "medium", "large"))
     assert (small["n_true"], small["true_positives"], small["n_predicted"]) == (2, 1, 3)
-    assert small["precision"] == pytest.approx(1 / 3) and small["recall"] == pytest.approx(1 / 2)
-    assert medium["recall"] == 1.0 and medium["precision"] == pytest.approx(1 / 2)
+    assert small["precision"] == pytest.approx(100 / 3) and small["recall"] == pytest.approx(50.0)
+    assert medium["recall"] == 100.0 and medium["precision"] == pytest.approx(50.0)
     assert large["recall"] == 0.0 and math.isnan(large["precision"])  # no prediction that large
     # a looser threshold accepts the half-shifted square
     assert evaluate_polygons(predicted, truth, iou_threshold=0.3)["true_positives"] == 3
@@ -98,6 +99,8 @@ def test_evaluate_command_polygon_mode(tmp_path):
                                              "iou_threshold=0.3", f"output={tmp_path / 'polygons.json'}"])
     report = evaluate.main.__wrapped__(cfg)
     assert report["true_positives"] == 3 and report["iou_threshold"] == 0.3
-    written = json.loads((tmp_path / "polygons.json").read_text())["metrics"]
-    assert written["by_size"]["medium"]["recall"] == 1.0
+    written = json.loads((tmp_path / "polygons.json").read_text())
+    assert written["score_unit"] == "percent"
+    written = written["metrics"]
+    assert written["by_size"]["medium"]["recall"] == 100.0
     assert written["by_size"]["large"]["precision"] is None  # NaN (no prediction that large) -> null

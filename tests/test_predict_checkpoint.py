@@ -313,7 +313,7 @@ def test_challenge_commands_on_the_exported_world(world, checkpoint, tmp_path, c
     # scored like the challenge's local evaluation, against the export's held-back test truth
     metrics = evaluate.main.__wrapped__(evaluate_cfg(f"gt={release / 'metadata' / 'test_ground_truth.json'}",
                                                      f"predictions={submission}", "preset=arctic_challenge"))
-    assert 0.0 <= metrics["segm_AP50"] <= 1.0
+    assert 0.0 <= metrics["segm_AP50"] <= 100.0
 
     entries = json.loads(submission.read_text())
     entries[0]["score"] = 1.7
@@ -349,4 +349,4 @@ def test_predict_on_coco_chips_writes_results_that_evaluate_scores(world, checkp
         cfg = compose("evaluate", overrides=[f"gt={root / 'test' / 'annotations.json'}", f"predictions={preds}",
                                              f"output={tmp_path / 'metrics.json'}"])
     metrics = evaluate.main.__wrapped__(cfg)
-    assert 0.0 <= metrics["segm_AP50"] <= 1.0 and 0.0 <= metrics["bbox_AP50"] <= 1.0
+    assert 0.0 <= metrics["segm_AP50"] <= 100.0 and 0.0 <= metrics["bbox_AP50"] <= 100.0

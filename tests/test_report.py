@@ -27,8 +27,9 @@ TASK = ["+sweep=table2_fusion", "seed=1,2"]
 
 
 def _metrics(ap50: float) -> dict:
+    """Test metrics in percent, as rts_thaw.train writes them."""
     test = {f"{t}_{m}": ap50 / 2 for t in ("segm", "bbox") for m in ("AP", "AP75", "APs", "APm")}
-    test.update(segm_AP50=ap50, bbox_AP50=ap50 + 0.01, segm_APl=float("nan"), bbox_APl=-1.0)
+    test.update(segm_AP50=ap50, bbox_AP50=ap50 + 1.0, segm_APl=float("nan"), bbox_APl=-1.0)
     return test
 
 
@@ -58,15 +59,15 @@ def sweep_dir(tmp_path: Path) -> Path:
     (sweep / "multirun.yaml").write_text(yaml.safe_dump(
         {"hydra": {"overrides": {"task": TASK}, "sweeper": {"params": SWEEP_PARAMS}}, "name": "table2_fusion"}))
     base = ["data.modalities=[rgb,ndvi]", "+sweep=table2_fusion"]
-    for seed, ap50, memory in (("1", 0.40, 900.0), ("2", 0.50, 1100.0)):
+    for seed, ap50, memory in (("1", 40.0, 900.0), ("2", 50.0, 1100.0)):
         _write_job(sweep, f"staged{seed}", ["+fusion_training=concat_conv_staged", *base, f"seed={seed}"],
                    "concat_conv", True, {
-                       "test": _metrics(ap50), "params/trainable": 2_000_000, "params/total": 5_000_000,
+                       "score_unit": "percent", "test": _metrics(ap50), "params/trainable": 2_000_000, "params/total": 5_000_000,
                        "perf/peak_gpu_memory_mb": memory, "perf/wall_s": 60.0 * int(seed),
                        "modalities": ["rgb", "ndvi"]}, job_id=f"7_{seed}")
     _write_job(sweep, "e2e1", ["+fusion_training=residual_cross_attention_end_to_end", *base, "seed=1"],
                "residual_cross_attention", False, {
-                   "test": _metrics(0.30), "params/trainable": 5_000_000, "params/total": 5_000_000,
+                   "score_unit": "percent", "test": _metrics(30.0), "params/trainable": 5_000_000, "params/total": 5_000_000,
                    "perf/peak_gpu_memory_mb": 2000.0, "perf/wall_s": 100.0, "modalities": ["rgb", "ndvi"]},
                job_id="7_3")
     # seed 2 of the end-to-end configuration died: a directory, no results, an error in its log.
@@ -89,9 +90,9 @@ def test_null_metrics_of_strict_json_results_are_undefined(sweep_dir: Path):
     assert "null" in results_file.read_text() and "NaN" not in results_file.read_text()
     staged = {row["fusion"]: row for row in write_report(sweep_dir)["rows"]}["concat_conv"]
     assert staged["seeds"] == 2
-    assert staged["segm_AP50"] == pytest.approx(0.40) and staged["segm_AP50_std"] == 0.0  # seed 1 only
+    assert staged["segm_AP50"] == pytest.approx(40.0) and staged["segm_AP50_std"] == 0.0  # seed 1 only
     assert staged["peak_memory_mb"] == pytest.approx(900.0)
-    assert staged["bbox_AP50"] == pytest.approx(0.46)  # both seeds
+    assert staged["bbox_AP50"] == pytest.approx(46.0)  # both seeds
     assert math.isnan(staged["segm_APl"])
 
 
@@ -102,15 +103,15 @@ def test_report_rows_seed_statistics_and_failures(sweep_dir: Path):
 
     staged = rows["concat_conv"]
     assert (staged["training"], staged["modalities"], staged["seeds"], staged["jobs"]) == ("staged", "rgb+ndvi", 2, 2)
-    assert staged["segm_AP50"] == pytest.approx(0.45)
-    assert staged["segm_AP50_std"] == pytest.approx(statistics.stdev([0.40, 0.50]))
+    assert staged["segm_AP50"] == pytest.approx(45.0)
+    assert staged["segm_AP50_std"] == pytest.approx(statistics.stdev([40.0, 50.0]))
     assert staged["peak_memory_mb"] == pytest.approx(1000.0)
     assert staged["trainable_params"] == 2_000_000 and staged["wall_s"] == pytest.approx(90.0)
     assert math.isnan(staged["segm_APl"]) and math.isnan(staged["bbox_APl"])  # NaN and -1 mean undefined
 
     e2e = rows["residual_cross_attention"]
     assert (e2e["training"], e2e["seeds"], e2e["jobs"]) == ("end_to_end", 1, 2)
-    assert e2e["segm_AP50"] == pytest.approx(0.30) and e2e["segm_AP50_std"] == 0.0
+    assert e2e["segm_AP50"] == pytest.approx(30.0) and e2e["segm_AP50_std"] == 0.0
 
     markdown = (sweep_dir / "report" / "report.md").read_text()
     assert markdown == report["markdown"]
@@ -128,6 +129,35 @@ def test_report_rows_seed_statistics_and_failures(sweep_dir: Path):
     assert statuses == ["failed", "finished", "finished", "finished"]
     for plot in ("ap50_by_fusion.png", "accuracy_vs_memory.png"):
         assert (sweep_dir / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_of_older_code_are_read_as_percent_with_a_note(sweep_dir: Path, caplog):
+    """A results.json without score_unit (older code) holds fractions: converted exactly, x100,
+    with a note naming the file; an undefined value (-1, null) stays undefined."""
+    old_file = sweep_dir / "staged2" / "results.json"
+    results = json.loads(old_file.read_text())
+    del results["score_unit"]
+    results["test"] = {k: v / 100 if isinstance(v, float) and v >= 0 else v for k, v in results["test"].items()}
+    old_file.write_text(json.dumps(results))
+    assert results["test"]["segm_AP50"] == pytest.approx(0.50)
+    with caplog.at_level("WARNING", logger="rts_thaw.reporting.collect"):
+        report = write_report(sweep_dir)
+    assert f"{old_file} has no score_unit" in caplog.text
+    staged = {row["fusion"]: row for row in report["rows"]}["concat_conv"]
+    assert staged["segm_AP50"] == pytest.approx(45.0)  # seeds 40 (new file) and 50 (old file): one unit
+    assert staged["bbox_AP50"] == pytest.approx(46.0)
+    assert math.isnan(staged["segm_APl"]) and math.isnan(staged["bbox_APl"])
+    old_run = next(r for r in report["runs"] if r.run_dir == old_file.parent)
+    assert old_run.results["score_unit"] == "percent" and old_run.results["test"]["bbox_APl"] == -1.0
+
+
+def test_results_in_an_unknown_unit_are_refused(sweep_dir: Path):
+    results_file = sweep_dir / "staged2" / "results.json"
+    results = json.loads(results_file.read_text())
+    results["score_unit"] = "permille"
+    results_file.write_text(json.dumps(results))
+    with pytest.raises(ValueError, match=r"staged2/results.json: scores in unit 'permille'"):
+        write_report(sweep_dir)
 
 
 def test_report_lists_jobs_that_never_started(sweep_dir: Path):

@@ -154,6 +154,23 @@ def test_a_run_does_not_resume_from_another_configurations_checkpoint(tiny_world
     assert fit_and_test(same, tmp_path / "run")["global_step"] == 2
 
 
+def test_a_run_does_not_resume_from_a_checkpoint_that_logged_fractions(tiny_world_config, tmp_path):
+    """Older code logged scores as fractions and chose its best checkpoint by them: continuing
+    such a run in percent would mix the two in its history and its best-checkpoint choice."""
+    overrides = tiny_overrides(tiny_world_config, tmp_path / "cache", experiment="unimodal", epochs=1, logger="none")
+    first = fit_and_test(compose_train(overrides), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["score_unit"] == "percent"
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    assert checkpoint["rts_thaw"]["score_unit"] == "percent"
+    del checkpoint["rts_thaw"]["score_unit"]  # as older code wrote it
+    torch.save(checkpoint, last)
+    with pytest.raises(RuntimeError, match=r"cannot resume: .*last.ckpt was written by an older rts_thaw that logged "
+                                           r"scores as fractions.*training.resume=false"):
+        fit_and_test(compose_train(overrides), tmp_path / "run")
+    assert first["global_step"] == 2
+
+
 def test_an_unreadable_last_checkpoint_is_named(tiny_world_config, tmp_path):
     overrides = tiny_overrides(tiny_world_config, tmp_path / "cache", experiment="unimodal", epochs=1, logger="none")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"

@@ -67,7 +67,11 @@ def test_stage2_keeps_stage1_encoders_frozen_and_writes_the_table(staged_run):
     assert [r["model"] for r in rows] == ["stage1 rgb", "stage1 ndvi", "stage2 rgb+ndvi"]
     assert (staged_run["run_dir"] / "final_table.csv").read_text().count("\n") == 4
     for row in rows:
-        assert row["trainable_params"] > 0 and row["wall_s"] > 0 and 0 <= row["segm_AP50"] <= 1
+        assert row["trainable_params"] > 0 and row["wall_s"] > 0 and 0 <= row["segm_AP50"] <= 100  # percent
+    written = json.loads((staged_run["run_dir"] / "results.json").read_text())  # stage 2's
+    assert written["score_unit"] == "percent"
+    assert written["test"]["segm_AP50"] == pytest.approx(stage2["test"]["segm_AP50"])
+    assert rows[-1]["segm_AP50"] == pytest.approx(stage2["test"]["segm_AP50"])  # the table: the same numbers
 
 
 def test_second_run_reuses_stage1_and_separate_unimodal_job_finds_it(staged_run, tiny_world_config, tmp_path):
@@ -137,6 +141,28 @@ def test_bad_stage1_entries_are_reported_never_used(staged_run, tmp_path):
         staged.load_stage1(entry, key)
 
 
+def test_stage1_entries_of_older_code_are_not_reused(staged_run, tmp_path, monkeypatch):
+    """Older code stored test scores as fractions. The unit is part of the stage-1 key, so such an
+    entry is another entry (trained anew, never mixed into a table in percent), and a marker
+    without the unit is refused where it is found."""
+    cfg = staged.stage1_config(compose_train(staged_run["overrides"]), "rgb")
+    current = Path(staged_run["results"]["stage1"]["rgb"]["checkpoint"]).parents[1]
+    assert staged.stage1_dir(cfg) == current
+    assert json.loads((current / staged.MARKER).read_text())["score_unit"] == "percent"
+    with monkeypatch.context() as m:
+        m.setattr(staged, "SCORE_UNIT", "fraction")
+        assert staged.stage1_dir(cfg) != current and staged.stage1_key(cfg) != staged_run["results"]["stage1"]["rgb"]["stage1_key"]
+
+    entry = tmp_path / current.name  # the current entry, its marker rewritten as older code wrote it
+    shutil.copytree(current, entry)
+    marker = json.loads((entry / staged.MARKER).read_text())
+    del marker["score_unit"]
+    marker["test"] = {k: v / 100 if isinstance(v, float) else v for k, v in marker["test"].items()}
+    (entry / staged.MARKER).write_text(json.dumps(marker))
+    with pytest.raises(staged.Stage1Error, match=r"stage1.json holds test scores in fractions, not percent .*delete"):
+        staged.load_stage1(entry, marker["stage1_key"])
+
+
 def test_evaluate_reproduces_the_test_metrics(staged_run):
     stage2 = staged_run["results"]["stage2"]
     metrics = evaluate_checkpoint(stage2["best_checkpoint"], trainer_kwargs={"accelerator": "cpu",
@@ -156,7 +182,7 @@ def test_evaluate_command_writes_the_metrics(staged_run, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     written = json.loads(output.read_text())
-    assert written["split"] == "test"
+    assert written["split"] == "test" and written["score_unit"] == "percent"
     assert written["metrics"]["segm_AP50"] == pytest.approx(stage2["test"]["segm_AP50"], abs=1e-6)
     assert "segm_AP50" in done.stdout
 
@@ -219,6 +245,12 @@ def test_report_adds_rows_of_fused_models_without_a_modality(staged_run, monkeyp
     monkeypatch.setattr("rts_thaw.training.evaluation.evaluate_checkpoint",
                         lambda *a, **k: pytest.fail("evaluated again"))
     assert missing.missing_modality_runs([run], ["ndvi"])[0].results["test"].keys() == results["test"].keys()
+    assert cached["score_unit"] == "percent"
+    # Kept metrics of older code (fractions, no score_unit) are read in percent.
+    old = {k: v for k, v in cached.items() if k != "score_unit"}
+    old["metrics"] = {k: 0.25 for k in cached["metrics"]}
+    (run_dir / "missing_ndvi.json").write_text(json.dumps(old))
+    assert set(missing.missing_modality_runs([run], ["ndvi"])[0].results["test"].values()) == {25.0}
 
 
 def test_stage1_key_follows_the_generated_world_not_only_its_config(tmp_path, monkeypatch):

@@ -25,13 +25,13 @@ def test_written_submission_validates_and_scores(tmp_path):
     assert validate_submission(path, sizes) == []
     loaded = json.loads(path.read_text())
     assert decode(loaded[0]["segmentation"], 40, 32)[2:10, 3:12].all()
-    # the file scores against a ground truth built from the same masks: AP 1
+    # the file scores against a ground truth built from the same masks: AP 100 %
     gt = {"images": [{"id": i, "height": h, "width": w} for i, (h, w) in sizes.items()],
           "annotations": [{"id": k + 1, "image_id": r["image_id"], "category_id": 1,
                            "segmentation": r["segmentation"], "bbox": [0, 0, 1, 1], "iscrowd": 0}
                           for k, r in enumerate(loaded)],
           "categories": [{"id": 1, "name": "rts"}]}
-    assert evaluate_coco(gt, loaded, "arctic_challenge")["segm_AP"] == pytest.approx(1.0)
+    assert evaluate_coco(gt, loaded, "arctic_challenge")["segm_AP"] == pytest.approx(100.0)
 
 
 def test_every_problem_is_reported(tmp_path):

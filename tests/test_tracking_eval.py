@@ -71,7 +71,7 @@ def test_tracker_output_scores_perfectly_then_a_perturbed_copy_as_expected(tmp_p
     tracks = tmp_path / "tracks"
     track(tracks, TrackSettings(), scenes=str(world / "scenes.yaml"), plots=False)
     report = evaluate_tracking(tracks, world)
-    assert all(report["relations"][r]["f1"] == 1.0 for r in ("continued", "stabilised", "merged", "split", "new",
+    assert all(report["relations"][r]["f1"] == 100.0 for r in ("continued", "stabilised", "merged", "split", "new",
                                                              "disappeared", "all"))
     assert report["polygons"] == {"tracker": 12, "true": 12, "matched": 12}
     assert report["growth"]["matched_intervals"] == 2
@@ -97,17 +97,20 @@ def test_tracker_output_scores_perfectly_then_a_perturbed_copy_as_expected(tmp_p
     report = evaluate.main.__wrapped__(cfg)
     relations = report["relations"]
     assert math.isnan(relations["continued"]["precision"]) and relations["continued"]["recall"] == 0
-    assert (relations["stabilised"]["precision"], relations["stabilised"]["recall"]) == (0.5, 1.0)
-    assert relations["stabilised"]["f1"] == pytest.approx(2 / 3)
+    # scores in percent
+    assert (relations["stabilised"]["precision"], relations["stabilised"]["recall"]) == (50.0, 100.0)
+    assert relations["stabilised"]["f1"] == pytest.approx(200 / 3)
     assert math.isnan(relations["new"]["precision"]) and relations["new"]["recall"] == 0
-    assert (relations["merged"]["f1"], relations["split"]["f1"], relations["disappeared"]["f1"]) == (1, 1, 1)
-    assert relations["all"]["precision"] == pytest.approx(6 / 7) and relations["all"]["recall"] == pytest.approx(6 / 8)
+    assert (relations["merged"]["f1"], relations["split"]["f1"], relations["disappeared"]["f1"]) == (100, 100, 100)
+    assert relations["all"]["precision"] == pytest.approx(600 / 7) and relations["all"]["recall"] == pytest.approx(75.0)
     growth = report["growth"]
     assert growth["retreat_m_per_yr"]["median_abs_error"] == pytest.approx(2.0)
     assert growth["retreat_m_per_yr"]["median_rel_error"] == pytest.approx(2.0 / (8 / YEARS))  # zero truths left out
     assert growth["area_change_m2_per_yr"]["median_abs_error"] == pytest.approx(0, abs=1e-9)
     written = json.loads((tmp_path / "tracking.json").read_text())
     assert written["metrics"]["relations"]["all"]["correct"] == 6 and written["truth"] == str(world)
+    assert written["score_unit"] == "percent"
+    assert written["metrics"]["relations"]["all"]["precision"] == pytest.approx(600 / 7)
 
 
 def test_polygons_are_matched_at_iou_one_half():

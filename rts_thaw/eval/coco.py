@@ -3,7 +3,8 @@
 `CocoEvaluator` collects detector outputs and targets batch by batch (the
 contracts of docs/architecture.md) and scores them with `COCOeval`;
 `evaluate_coco` scores any COCO ground-truth dict against any results list, so
-file-based evaluation and training-time metrics share one code path.
+file-based evaluation and training-time metrics share one code path. Scores are in
+percent (`rts_thaw.core.scores`), turned so here, where pycocotools' fractions come out.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pycocotools.cocoeval import COCOeval
 
 from rts_thaw.core.classes import RTS_CATEGORY, RTS_LABEL
 from rts_thaw.core.rle import mask_area, mask_box, mask_to_rle
+from rts_thaw.core.scores import percent
 
 
 # maxDets is ranked by its last entry (pycocotools reports AP at maxDets[-1]).
@@ -120,7 +122,7 @@ def _run_cocoeval(gt: COCO, dt: COCO, iou_type: str, preset: str) -> dict[str, f
 
 
 def _summary(evaluator: COCOeval, kind: str, iou_thr: float | None, area: str) -> float:
-    """One summary number, as COCOeval.summarize computes it, at the last maxDets.
+    """One summary number, as COCOeval.summarize computes it, at the last maxDets, in percent.
 
     summarize() itself asks for maxDets=100 for the headline AP, which a preset
     ranked at 10 does not have, so the averaging is done here.
@@ -130,14 +132,14 @@ def _summary(evaluator: COCOeval, kind: str, iou_thr: float | None, area: str) -
         values = values[np.isclose(evaluator.params.iouThrs, iou_thr)]
     values = values[..., _AREA_INDEX[area], -1]
     values = values[values > -1]  # -1: undefined (no ground truth)
-    return float(np.mean(values)) if values.size else math.nan
+    return percent(float(np.mean(values))) if values.size else math.nan
 
 
 def evaluate_coco(gt: dict, results: list[dict], preset: str = "coco") -> dict[str, float]:
     """Score a COCO results list against a COCO ground-truth dict.
 
     Box metrics are computed when the results carry `bbox`, mask metrics when they
-    carry `segmentation`; metrics that cannot be computed are NaN.
+    carry `segmentation`; values in percent, NaN for metrics that cannot be computed.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")

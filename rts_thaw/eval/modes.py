@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from rts_thaw.core.json_files import write_json_atomic
+from rts_thaw.core.scores import SCORE_UNIT, SCORE_UNIT_KEY
 
 # Ground truth in one of these is vector truth (polygon mode); .json is COCO.
 VECTOR_SUFFIXES = (".gpkg", ".geojson", ".shp")
@@ -29,16 +30,24 @@ def score_files_mode(cfg: DictConfig) -> dict:
         report = evaluate_polygon_files(predictions, gt, cfg.get("iou_threshold", 0.5))
         rows = {"all": report, **report["by_size"]}
         for name, row in rows.items():
-            print(f"{name:>8}: precision {row['precision']:.3f}  recall {row['recall']:.3f}  f1 {row['f1']:.3f}  "
+            print(f"{name:>8}: precision {_score(row['precision'])}  recall {_score(row['recall'])}  "
+                  f"f1 {_score(row['f1'])}  "
                   f"(TP {row['true_positives']}, FP {row['false_positives']}, FN {row['false_negatives']})")
     else:
         from rts_thaw.eval.coco_files import evaluate_files
 
         report = evaluate_files(gt, predictions, cfg.preset or "coco")
         for name, value in report.items():
-            print(f"{name:>12}: {'-' if math.isnan(value) else f'{100 * value:.2f}'}")
-    print(f"written to {write_json_atomic(cfg.output, {'gt': str(gt), 'predictions': str(predictions), 'metrics': report})}")
+            print(f"{name:>12}: {_score(value)}")
+    output = write_json_atomic(cfg.output, {"gt": str(gt), "predictions": str(predictions),
+                                            SCORE_UNIT_KEY: SCORE_UNIT, "metrics": report})
+    print(f"written to {output} (scores in percent)")
     return report
+
+
+def _score(value: float) -> str:
+    """A score (percent) as printed: two decimals, `-` where undefined."""
+    return "-" if math.isnan(value) else f"{value:.2f}"
 
 
 def validate_submission_mode(cfg: DictConfig) -> list[str]:
@@ -66,9 +75,9 @@ def score_tracks_mode(cfg: DictConfig) -> dict:
     report = evaluate_tracking(cfg.tracks, cfg.truth, cfg.get("iou_threshold", 0.5))
 
     def cell(value: float) -> str:
-        return f"{'-':>9}" if math.isnan(value) else f"{value:9.3f}"
+        return f"{_score(value):>9}"
 
-    print(f"{'relation':>12} {'precision':>9} {'recall':>9} {'f1':>9}  correct/predicted  found/true")
+    print(f"{'relation':>12} {'precision':>9} {'recall':>9} {'f1':>9}  correct/predicted  found/true  (scores in %)")
     for name, row in report["relations"].items():
         print(f"{name:>12} {cell(row['precision'])} {cell(row['recall'])} {cell(row['f1'])}  "
               f"{row['correct']:>7}/{row['predicted']:<9}  {row['found']:>5}/{row['true']}")
@@ -77,6 +86,7 @@ def score_tracks_mode(cfg: DictConfig) -> dict:
     for measure in ("area_change_m2_per_yr", "retreat_m_per_yr"):
         print(f"  {measure}: median abs error {growth[measure]['median_abs_error']:.3g}, "
               f"median rel error {growth[measure]['median_rel_error']:.3g}")
-    output = write_json_atomic(cfg.output, {"tracks": str(cfg.tracks), "truth": str(cfg.truth), "metrics": report})
+    output = write_json_atomic(cfg.output, {"tracks": str(cfg.tracks), "truth": str(cfg.truth),
+                                            SCORE_UNIT_KEY: SCORE_UNIT, "metrics": report})
     print(f"written to {output}")
     return report

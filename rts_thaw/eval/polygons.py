@@ -4,7 +4,8 @@ Each predicted polygon is matched, in order of decreasing score, to the unmatche
 true polygon it overlaps most, if their IoU reaches the threshold (COCO's greedy
 rule, on polygons in map units). Precision, recall and F1 follow, overall and per
 size class: recall per class counts true slumps of that size, precision counts
-predicted slumps of that size.
+predicted slumps of that size. Precision, recall and F1 are in percent (`rts_thaw.core.scores`);
+IoUs (the threshold, the mean IoU of matches) stay fractions.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shapely
 from shapely.strtree import STRtree
 
 from rts_thaw.core.problems import listed
+from rts_thaw.core.scores import percent
 from rts_thaw.core.vectors import VectorLayer, area_m2, crs_problem, read_layer, reproject
 
 # The challenge's pixel size classes ([0, 300], [300, 2000], [2000, inf) px) at 4 m pixels.
@@ -24,7 +26,7 @@ DEFAULT_SIZE_CLASSES_M2 = {"small": (0.0, 4800.0), "medium": (4800.0, 32000.0), 
 
 
 def _ratio(numerator: int, denominator: int) -> float:
-    return numerator / denominator if denominator else math.nan
+    return percent(numerator / denominator) if denominator else math.nan
 
 
 def _f1(precision: float, recall: float) -> float:
@@ -34,7 +36,7 @@ def _f1(precision: float, recall: float) -> float:
 
 
 def precision_recall_f1(matched_predicted: int, n_predicted: int, matched_true: int, n_true: int) -> dict:
-    """Precision, recall and F1 from match counts (NaN where a count it divides by is 0)."""
+    """Precision, recall and F1 in percent from match counts (NaN where a count it divides by is 0)."""
     precision, recall = _ratio(matched_predicted, n_predicted), _ratio(matched_true, n_true)
     return {"precision": precision, "recall": recall, "f1": _f1(precision, recall)}
 

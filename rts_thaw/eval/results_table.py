@@ -22,7 +22,7 @@ RUN_FIGURES = {
 
 
 def results_row(results: dict[str, Any]) -> dict[str, Any]:
-    """The test AP metrics (fractions, NaN where absent) and the run's figures (None where absent)."""
+    """The test AP metrics (percent, NaN where absent) and the run's figures (None where absent)."""
     test = results.get("test") or {}
     row = {key: test.get(key, math.nan) for key in AP_KEYS}
     row.update({column: results.get(key) for key, column in RUN_FIGURES.items()})

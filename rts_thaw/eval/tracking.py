@@ -8,9 +8,10 @@ Per (site, date), each tracker polygon is mapped to the true polygon it overlaps
 `iou_threshold` (0.5: then at most one qualifies; the best is taken). A tracker link is correct
 when its mapped endpoints and its relation equal a true link of the same site and interval (an
 empty end must be empty in the truth too; an unmapped polygon matches nothing). Precision,
-recall and F1 per relation and over all links. Growth: for the tracker's growth rows whose slump
-maps to the same true slump at both dates and has a true growth row, the median absolute error
-and median relative error of area_change_m2_per_yr and retreat_m_per_yr.
+recall and F1, in percent (`rts_thaw.core.scores`), per relation and over all links. Growth:
+for the tracker's growth rows whose slump maps to the same true slump at both dates and has a
+true growth row, the median absolute error and median relative error (a fraction, not a score)
+of area_change_m2_per_yr and retreat_m_per_yr.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pyogrio
 import shapely
 
 from rts_thaw.core.problems import listed
+from rts_thaw.core.scores import percent
 from rts_thaw.core.vectors import crs_problem, read_layer, reproject
 from rts_thaw.data.geotiff import load_scene_list
 from rts_thaw.tracking.tables import GROWTH_COLUMNS, LINEAGE_COLUMNS, RELATIONS, id_or_none, read_csv
@@ -106,9 +108,9 @@ def _links(path: Path) -> list[tuple]:
 
 
 def _scores(correct: int, found: int, predicted: int, true: int) -> dict:
-    """Scores of `correct` of `predicted` tracker links, which found `found` of `true` true links."""
-    precision = correct / predicted if predicted else float("nan")
-    recall = found / true if true else float("nan")
+    """Scores (percent) of `correct` of `predicted` tracker links, which found `found` of `true` true links."""
+    precision = percent(correct / predicted) if predicted else float("nan")
+    recall = percent(found / true) if true else float("nan")
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else (
         0.0 if predicted and true else float("nan"))
     return {"precision": precision, "recall": recall, "f1": f1, "correct": correct, "predicted": predicted,

@@ -3,11 +3,16 @@
 A job's directory is Hydra's (it holds `.hydra/`); a finished job has the
 `results.json` that `rts_thaw.train` writes last. Expected jobs come from the
 sweep's own `multirun.yaml`, so a job that never started is listed too.
+
+Scores are read in percent. A results file without `score_unit` was written by older code,
+which wrote COCO fractions (0-1) and nothing else: they are converted exactly (x100), with a
+logged note, rather than refused, since the only other way out is retraining the sweep.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,7 +22,11 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
+from rts_thaw.core.scores import SCORE_UNIT, SCORE_UNIT_KEY, percent
+from rts_thaw.eval.coco import METRIC_KEYS
 from rts_thaw.reporting.jobs import configuration_overrides, expand_jobs, override_key
+
+log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 
@@ -92,7 +101,7 @@ def read_run(run_dir: Path, sweep_dir: Path) -> Run:
     results_file = run_dir / RESULTS_FILE
     if results_file.is_file():
         try:
-            run.results = json.loads(results_file.read_text())
+            run.results = scores_in_percent(json.loads(results_file.read_text()), "test", results_file)
             run.status = "finished"
         except (OSError, json.JSONDecodeError) as error:
             run.status, run.error = "failed", f"{results_file}: unreadable ({error})"
@@ -100,6 +109,25 @@ def read_run(run_dir: Path, sweep_dir: Path) -> Run:
         run.error = _job_error(sweep_dir, run.slurm_job_id)
         run.status = "failed" if run.error else "unfinished"
     return run
+
+
+def scores_in_percent(data: dict[str, Any], metrics_key: str, path: Path) -> dict[str, Any]:
+    """`data`, the content of a results or metrics file, with its COCO scores (under
+    `metrics_key`) in percent: fractions of a file without `score_unit` (older code) are
+    multiplied by 100, a negative value (undefined, as logged) is kept; another unit is refused."""
+    unit = data.get(SCORE_UNIT_KEY)
+    if unit == SCORE_UNIT:
+        return data
+    if unit is not None:
+        raise ValueError(f"{path}: scores in unit {unit!r}, which this rts_thaw does not read (it writes "
+                         f"{SCORE_UNIT!r}); rerun the job with this version")
+    metrics = data.get(metrics_key)
+    if not isinstance(metrics, dict):
+        return {**data, SCORE_UNIT_KEY: SCORE_UNIT}  # no scores to convert
+    log.warning("%s has no %s: written by an older rts_thaw, its scores are fractions; read as percent (x100)",
+                path, SCORE_UNIT_KEY)
+    converted = {k: percent(v) if k in METRIC_KEYS and is_number(v) and v >= 0 else v for k, v in metrics.items()}
+    return {**data, metrics_key: converted, SCORE_UNIT_KEY: SCORE_UNIT}
 
 
 def _job_error(sweep_dir: Path, job_id: str | None) -> str | None:

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from rts_thaw.core.json_files import nan_for_null, write_json_atomic
-from rts_thaw.reporting.collect import Run
+from rts_thaw.core.scores import SCORE_UNIT, SCORE_UNIT_KEY
+from rts_thaw.reporting.collect import Run, scores_in_percent
 
 # The fusions whose detector leaves a missing modality's term out (`skips_missing`).
 SKIPPING_FUSIONS = ("residual_cross_attention", "gated_local_attention")
@@ -27,13 +28,13 @@ def _metrics_without(run: Run, modality: str) -> dict[str, float]:
                                 f"without {modality}")
     cached = Path(run.run_dir) / f"missing_{modality}.json"
     if cached.is_file() and cached.stat().st_mtime >= checkpoint.stat().st_mtime:
-        return nan_for_null(json.loads(cached.read_text())["metrics"])
+        return nan_for_null(scores_in_percent(json.loads(cached.read_text()), "metrics", cached)["metrics"])
     from rts_thaw.training.evaluation import evaluate_checkpoint  # Lightning: only when needed
 
     metrics = evaluate_checkpoint(checkpoint, missing_modalities=[modality],
                                   trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False})
     write_json_atomic(cached, {"checkpoint": str(checkpoint), "missing_modalities": [modality],
-                               "metrics": metrics}, sort_keys=True)
+                               SCORE_UNIT_KEY: SCORE_UNIT, "metrics": metrics}, sort_keys=True)
     return metrics
 
 

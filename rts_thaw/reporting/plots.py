@@ -31,8 +31,8 @@ def plot_ap50_by_fusion(rows: list[dict[str, Any]], path: Path) -> Path:
             match = [r for r in rows if r["modalities"] == modalities and _label(r) == strategy]
             if match and not math.isnan(match[0][METRIC]):
                 xs.append(j - 0.4 + width * (i + 0.5))
-                heights.append(100 * match[0][METRIC])
-                errors.append(100 * match[0][f"{METRIC}_std"])
+                heights.append(match[0][METRIC])  # percent, as computed
+                errors.append(match[0][f"{METRIC}_std"])
         ax.bar(xs, heights, width, yerr=errors, capsize=3, label=strategy)
     ax.set_xticks(range(len(modality_sets)), modality_sets)
     ax.set_xlabel("modalities")
@@ -54,11 +54,11 @@ def plot_accuracy_vs_memory(rows: list[dict[str, Any]], path: Path) -> Path:
                   and not math.isnan(r["peak_memory_mb"]) and not math.isnan(r[METRIC])]
         if not points:
             continue
-        ax.errorbar([r["peak_memory_mb"] for r in points], [100 * r[METRIC] for r in points],
-                    yerr=[100 * r[f"{METRIC}_std"] for r in points], fmt=marker, capsize=3,
+        ax.errorbar([r["peak_memory_mb"] for r in points], [r[METRIC] for r in points],
+                    yerr=[r[f"{METRIC}_std"] for r in points], fmt=marker, capsize=3,
                     label=training)
         for r in points:
-            ax.annotate(f"{r['fusion']} {r['modalities']}", (r["peak_memory_mb"], 100 * r[METRIC]),
+            ax.annotate(f"{r['fusion']} {r['modalities']}", (r["peak_memory_mb"], r[METRIC]),
                         fontsize="x-small", xytext=(3, 3), textcoords="offset points")
         plotted += len(points)
     if plotted:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 
+from rts_thaw.core.scores import SCORE_UNIT, SCORE_UNIT_KEY
 from rts_thaw.models.summary import parameter_counts
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,9 @@ log = logging.getLogger(__name__)
 
 class RunIdentityCheck(pl.Callback):
     """Refuses to resume from a checkpoint that another configuration wrote: its weights and
-    optimiser state would silently continue a different run."""
+    optimiser state would silently continue a different run. Refuses one whose scores were
+    fractions (older code) too: its best-checkpoint choice and logged history would be compared
+    with, and continued by, scores in percent."""
 
     def __init__(self, key: str):
         self.key = key
@@ -33,6 +36,13 @@ class RunIdentityCheck(pl.Callback):
                 f"cannot resume: {trainer.ckpt_path} was written by another configuration (key {stored}, "
                 f"this run {self.key}); use another run directory (hydra.run.dir=...) or pass "
                 "training.resume=false")
+        unit = checkpoint.get("rts_thaw", {}).get(SCORE_UNIT_KEY)
+        if unit != SCORE_UNIT:
+            raise RuntimeError(
+                f"cannot resume: {trainer.ckpt_path} was written by an older rts_thaw that logged scores as "
+                f"fractions (0-1), while this one logs them in {SCORE_UNIT}; its best checkpoint and logged "
+                "history would mix the two. Start the run afresh: training.resume=false, or another run "
+                "directory (hydra.run.dir=...)")
         log.info("resuming from %s", trainer.ckpt_path)
 
 

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rts_thaw.core.checkpoints import read_checkpoint
 from rts_thaw.core.json_files import write_json_atomic
+from rts_thaw.core.scores import SCORE_UNIT, SCORE_UNIT_KEY
 from rts_thaw.models.speed import apply_speed
 from rts_thaw.training.callbacks import RunIdentityCheck, RunStats
 from rts_thaw.training.module import DetectionModule
@@ -137,7 +138,8 @@ def fit_and_test(
     extra_info: dict | None = None,
     identity: str | None = None,
 ) -> dict[str, Any]:
-    """Train the run of `cfg` in `run_dir`, test its best checkpoint and write `results.json`.
+    """Train the run of `cfg` in `run_dir`, test its best checkpoint and write `results.json`
+(scores in percent, marked by its `score_unit`).
 
     Re-running with the same config in the same directory resumes from
     `checkpoints/last.ckpt` (unless training.resume is false); `identity` replaces the config's
@@ -165,6 +167,8 @@ def fit_and_test(
         "tile_size": int(cfg.data.tile_size),
         "config": resolved_config(cfg),
         "run_key": key,
+        # a resumed run must have logged (and picked its best checkpoint by) scores in this unit too
+        SCORE_UNIT_KEY: SCORE_UNIT,
         **(extra_info or {}),
     }
     if is_global_zero():  # every rank of a multi-process run gets here; one writes
@@ -209,6 +213,7 @@ def fit_and_test(
     trainer.test(module, datamodule=datamodule, ckpt_path=test_from, verbose=False)
 
     results = {
+        SCORE_UNIT_KEY: SCORE_UNIT,  # of "test"; readers refuse or convert files without it (older code: fractions)
         "test": module.test_metrics,
         **stats.stats,
         "perf/wall_s": time.perf_counter() - start,

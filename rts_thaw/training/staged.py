@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rts_thaw.core.checkpoints import checkpoint_run_info
 from rts_thaw.core.json_files import nan_for_null, write_json_atomic
+from rts_thaw.core.scores import SCORE_UNIT, SCORE_UNIT_KEY
 from rts_thaw.eval.results_table import results_row, write_csv
 from rts_thaw.training.ranks import is_global_zero
 from rts_thaw.training.run_identity import config_key, resolved_without_invariants
@@ -93,6 +94,10 @@ def stage1_key(stage1: DictConfig) -> str:
         "training": {k: training.get(k) for k in ("optimizer", "scheduler", "monitor", "coco_preset")},
         "trainer": resolved_without_invariants(stage1.trainer, "trainer."),
         "seed": stage1.seed,
+        # The unit of the test scores the entry's marker holds (and of the logged metric its best
+        # checkpoint was chosen by): entries of older code, which held fractions, are other keys,
+        # so they are trained anew rather than mixed into a final table in percent.
+        "score_unit": SCORE_UNIT,
     }
     return config_key(relevant)
 
@@ -133,6 +138,9 @@ def load_stage1(directory: Path, key: str) -> dict[str, Any] | None:
             f"stage-1 entry {directory} is from another configuration (key "
             f"{results.get('stage1_key')}, expected {key}); delete it to retrain"
         )
+    if results.get(SCORE_UNIT_KEY) != SCORE_UNIT:  # the key holds the unit; this names a hand-made mix-up
+        raise Stage1Error(f"stage-1 marker {marker} holds test scores in {results.get(SCORE_UNIT_KEY) or 'fractions'}, "
+                          f"not {SCORE_UNIT} (older rts_thaw); delete {directory} to retrain")
     checkpoint = Path(results.get("checkpoint") or "")
     if not checkpoint.is_absolute():
         checkpoint = directory / checkpoint
@@ -244,7 +252,7 @@ def write_table(rows: list[dict], run_dir: Path) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The table as fixed-width text; AP values in percent."""
+    """The table as fixed-width text; AP values in percent (as computed)."""
     header = ["model", "mask AP", "AP50", "AP75", "APs", "APm", "APl", "box AP", "AP50",
               "trainable", "total", "peak MB", "img/s", "wall s"]
     lines = []
@@ -264,7 +272,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _percent(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) or value < 0 else f"{100 * value:.1f}"
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) or value < 0 else f"{value:.1f}"
 
 
 def _millions(value) -> str:
