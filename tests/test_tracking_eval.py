@@ -107,6 +107,8 @@ def test_tracker_output_scores_perfectly_then_a_perturbed_copy_as_expected(tmp_p
     assert growth["retreat_m_per_yr"]["median_abs_error"] == pytest.approx(2.0)
     assert growth["retreat_m_per_yr"]["median_rel_error"] == pytest.approx(2.0 / (8 / YEARS))  # zero truths left out
     assert growth["area_change_m2_per_yr"]["median_abs_error"] == pytest.approx(0, abs=1e-9)
+    assert growth["retreat_m_per_yr"]["within_5_percent"] == 0  # the one growing slump, 25% off
+    assert growth["area_change_m2_per_yr"]["within_5_percent"] == 100
     written = json.loads((tmp_path / "tracking.json").read_text())
     assert written["metrics"]["relations"]["all"]["correct"] == 6 and written["truth"] == str(world)
     assert written["score_unit"] == "percent"

@@ -85,7 +85,8 @@ def score_tracks_mode(cfg: DictConfig) -> dict:
     print(f"growth over {growth['matched_intervals']} of {growth['true_intervals']} true slump-intervals:")
     for measure in ("area_change_m2_per_yr", "retreat_m_per_yr"):
         print(f"  {measure}: median abs error {growth[measure]['median_abs_error']:.3g}, "
-              f"median rel error {growth[measure]['median_rel_error']:.3g}")
+              f"median rel error {growth[measure]['median_rel_error']:.3g}, "
+              f"within 5% of the truth {growth[measure]['within_5_percent']:.1f}% of them")
     output = write_json_atomic(cfg.output, {"tracks": str(cfg.tracks), "truth": str(cfg.truth),
                                             SCORE_UNIT_KEY: SCORE_UNIT, "metrics": report})
     print(f"written to {output}")

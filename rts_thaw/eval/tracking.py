@@ -11,7 +11,8 @@ empty end must be empty in the truth too; an unmapped polygon matches nothing). 
 recall and F1, in percent (`rts_thaw.core.scores`), per relation and over all links. Growth:
 for the tracker's growth rows whose slump maps to the same true slump at both dates and has a
 true growth row, the median absolute error and median relative error (a fraction, not a score)
-of area_change_m2_per_yr and retreat_m_per_yr.
+of area_change_m2_per_yr and retreat_m_per_yr, and the share of them within 5% of the truth (a
+score: percent).
 """
 
 from __future__ import annotations
@@ -138,7 +139,10 @@ def _growth_errors(tracks_dir: Path, truth_dir: Path, ids: dict) -> dict:
     report = {"matched_intervals": pairs, "true_intervals": len(true_rows)}
     for measure, (absolute, relative) in errors.items():
         report[measure] = {"median_abs_error": float(np.median(absolute)) if absolute else float("nan"),
-                           "median_rel_error": float(np.median(relative)) if relative else float("nan")}
+                           "median_rel_error": float(np.median(relative)) if relative else float("nan"),
+                           # a share of intervals, so a score: in percent
+                           "within_5_percent": percent(np.mean(np.asarray(relative) <= 0.05)) if relative
+                           else float("nan")}
     return report
 
 
