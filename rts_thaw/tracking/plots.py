@@ -36,10 +36,7 @@ def plot_areas(sites: list[SiteTracks], path: Path) -> Path:
         ax.set_title(f"site {site.site or '(none)'}: {len(starts)} slump ids")
         ax.set_xlabel("year")
         ax.set_ylabel("area (m²)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _saved(fig, path)
 
 
 def plot_map_sheet(site: SiteTracks, path: Path) -> Path:
@@ -64,6 +61,10 @@ def plot_map_sheet(site: SiteTracks, path: Path) -> Path:
     ax.set_title(f"site {site.site or '(none)'} ({site.crs.name})")
     ax.set_xlabel("easting (m)")
     ax.set_ylabel("northing (m)")
+    return _saved(fig, path)
+
+
+def _saved(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
