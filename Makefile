@@ -18,12 +18,13 @@ demo: venv
 	$(PYTHON) -m rts_thaw.train +experiment=staged_fusion
 
 # Slumps through time: an evolving synthetic world (2 sites at 3 dates, 3 years apart) mapped
-# with the model `make demo` trained (or CKPT=<file.ckpt>), tracked, and the tracking scored
+# with the model `make demo` trained last (or CKPT=<file.ckpt>), tracked, and the tracking scored
 # against the world's true lineage. Reruns reuse the world and the maps already made.
-CKPT ?= outputs/staged_fusion/base/checkpoints/best.ckpt
-TRACK_DEMO ?= outputs/track_demo
+LOGS := $(or $(RTS_THAW_LOG_DIR),outputs)
+CKPT ?= $(shell ls -t $(LOGS)/staged_fusion/*/checkpoints/best.ckpt 2>/dev/null | head -1)
+TRACK_DEMO ?= $(LOGS)/track_demo
 track-demo: venv
-	@test -f $(CKPT) || { echo "no checkpoint $(CKPT): run make demo first, or give CKPT=<file.ckpt>"; exit 1; }
+	@test -n "$(CKPT)" -a -f "$(CKPT)" || { echo "no checkpoint of make demo in $(LOGS)/staged_fusion: run make demo first, or give CKPT=<file.ckpt>"; exit 1; }
 	test -f $(TRACK_DEMO)/world/scenes.yaml || $(PYTHON) -m rts_thaw.data.synthetic --out $(TRACK_DEMO)/world \
 		--scenes 2 --dates 3 --years-between 3 --seed 1
 	$(PYTHON) -m rts_thaw.predict ckpt_path=$(CKPT) scenes=$(TRACK_DEMO)/world/scenes.yaml output_dir=$(TRACK_DEMO)/maps
