@@ -148,15 +148,20 @@ class DetectionModule(pl.LightningModule):
             h, w = sizes[i]
             samples.append({"image": {m: x[i, :, :h, :w].cpu() for m, x in batch["image"].items()},
                             "valid": batch["valid"][i, :h, :w].cpu()})
-        # the engine's forward in the run's arithmetic: bfloat16 autocast or float32
-        precision = "bf16-mixed" if self._trainer is not None and self.trainer.precision == "bf16-mixed" else "32"
-        outputs = dict(zip(large, whole_chip_outputs(self.detector, samples, tiling, self.device, precision)))
+        outputs = dict(zip(large, whole_chip_outputs(self.detector, samples, tiling, self.device, self._precision())))
         fits = [i for i in range(len(sizes)) if i not in outputs]
         if fits:
             height, width = padded_size([sizes[i] for i in fits])
             images = {m: x[fits, :, :height, :width] for m, x in batch["image"].items()}
             outputs.update(zip(fits, self.detector(images, [sizes[i] for i in fits])))
         return [outputs[i] for i in range(len(sizes))]
+
+    def _precision(self) -> str:
+        """The run's arithmetic for the engine's forward: bfloat16 autocast or float32."""
+        try:
+            return "bf16-mixed" if self.trainer.precision == "bf16-mixed" else "32"
+        except RuntimeError:  # not attached to a Trainer: called on its own
+            return "32"
 
     def _evaluate_batch(self, batch: dict, metric: CocoMetric) -> list[dict]:
         predictions = self._predictions(batch)
