@@ -157,26 +157,27 @@ def test_the_shift_is_found_when_every_slump_grows():
     assert estimate_shift(before[:2], after[:2], i[:2], j[:2], tolerance_m=10, min_tie_points=3).applied is False
 
 
+def _tracked_site(out, maps):
+    """The one site's tracking.json entry, and its growth rows from the least to the most growth."""
+    track(out, TrackSettings(), maps=maps, plots=False)
+    site = json.loads((out / "tracking.json").read_text())["sites"][0]
+    return site, sorted(rows(out / "growth.csv"), key=lambda r: float(r["area_change_m2"]))
+
+
 def test_inputs_in_other_crss_are_reprojected(tmp_path):
     """One date in UTM, the other in polar stereographic: tracked in the first's UTM. A first date
     in longitude/latitude: tracked in the UTM zone of the site (said in tracking.json)."""
     utm_then_polar = [str(write_map(tmp_path / "a.gpkg", list(BEFORE.values()), date=D0)),
                       str(write_in(tmp_path / "b.gpkg", list(AFTER.values()), "EPSG:3413", date=D1))]
-    out = tmp_path / "out1"
-    track(out, TrackSettings(), maps=utm_then_polar, plots=False)
-    site = json.loads((out / "tracking.json").read_text())["sites"][0]
+    site, growth = _tracked_site(tmp_path / "out1", utm_then_polar)
     assert site["crs"] == UTM and "first input" in site["crs_reason"]
-    growth = sorted(rows(out / "growth.csv"), key=lambda r: float(r["area_change_m2"]))
     assert float(growth[1]["area_change_m2"]) == pytest.approx(320, abs=0.5)
-    assert {r["relation"] for r in rows(out / "lineage.csv")} == {r for _, _, r in EXPECTED}
+    assert {r["relation"] for r in rows(tmp_path / "out1" / "lineage.csv")} == {r for _, _, r in EXPECTED}
 
     lonlat_then_polar = [str(write_in(tmp_path / "c.gpkg", list(BEFORE.values()), "EPSG:4326", date=D0)),
                          str(write_in(tmp_path / "d.gpkg", list(AFTER.values()), "EPSG:3413", date=D1))]
-    out = tmp_path / "out2"
-    track(out, TrackSettings(), maps=lonlat_then_polar, plots=False)
-    site = json.loads((out / "tracking.json").read_text())["sites"][0]
+    site, growth = _tracked_site(tmp_path / "out2", lonlat_then_polar)
     assert site["crs"] == UTM and "UTM zone" in site["crs_reason"]
-    growth = sorted(rows(out / "growth.csv"), key=lambda r: float(r["area_change_m2"]))
     assert float(growth[1]["area_change_m2"]) == pytest.approx(320, abs=1.0)
     assert float(growth[1]["retreat_m_per_yr"]) == pytest.approx(8 / YEARS, abs=0.05)
 
