@@ -21,7 +21,8 @@ from shapely.affinity import translate
 from rts_thaw.core.vectors import read_layer
 from rts_thaw.data.geotiff import SceneReader, load_scene_list
 from rts_thaw.data.synthetic import WorldParams, ensure_world, generate_world
-from rts_thaw.data.synthetic_evolution import GROWTH_COLUMNS, LINEAGE_COLUMNS, RETREAT_M_PER_YR, sweep
+from rts_thaw.core.lineage import GROWTH_COLUMNS, LINEAGE_COLUMNS
+from rts_thaw.data.synthetic_evolution import RETREAT_M_PER_YR, sweep
 
 # 2 sites x 3 dates of 1 km, 3 years apart: every relation of the contract occurs (~2 s)
 EVOLVING = WorldParams(scenes=2, size=256, seed=0, dates=3, years_between=3.0)

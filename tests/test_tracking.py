@@ -19,7 +19,7 @@ from rts_thaw.core.vectors import read_layer
 from rts_thaw.tracking.inputs import TrackingInputError
 from rts_thaw.tracking.relations import MERGED, ONE_TO_ONE, relate
 from rts_thaw.tracking.run import track
-from rts_thaw.tracking.tables import DAYS_PER_YEAR, GROWTH_TRACKER_COLUMNS, LINEAGE_TRACKER_COLUMNS
+from rts_thaw.core.lineage import DAYS_PER_YEAR, GROWTH_TRACKER_COLUMNS, LINEAGE_TRACKER_COLUMNS
 from rts_thaw.tracking.tracker import TrackSettings
 from tracking_worlds import AFTER, BEFORE, UTM, box, write_dem_north_up, write_in, write_map, write_scene_list
 

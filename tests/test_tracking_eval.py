@@ -15,7 +15,7 @@ import shapely
 
 from rts_thaw.eval.tracking import evaluate_tracking, match_ids
 from rts_thaw.tracking.run import track
-from rts_thaw.tracking.tables import GROWTH_COLUMNS, LINEAGE_COLUMNS, write_csv
+from rts_thaw.core.lineage import GROWTH_COLUMNS, LINEAGE_COLUMNS, write_csv
 from rts_thaw.tracking.tracker import TrackSettings
 from tracking_worlds import AFTER, BEFORE, write_scene_list
 

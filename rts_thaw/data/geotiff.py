@@ -8,7 +8,6 @@ dtype. Tiles are windowed reads; a whole scene is never loaded to make one.
 
 from __future__ import annotations
 
-import datetime
 import difflib
 import logging
 import math
@@ -32,6 +31,7 @@ from rasterio.transform import array_bounds
 from rasterio.windows import Window
 from torch.utils.data import Dataset
 
+from rts_thaw.core.lineage import iso_date
 from rts_thaw.core.problems import listed
 from rts_thaw.core.vectors import crs_problem, read_layer, reproject
 from rts_thaw.data.sample import make_sample
@@ -77,17 +77,6 @@ class SceneSpec:
 
 SCENE_KEYS = ("id", "split", "rasters", "labels", "resampling", "date", "site")
 
-
-def iso_date(value) -> str | None:
-    """A date given as YAML date or text, as YYYY-MM-DD; None when it is not one."""
-    if isinstance(value, datetime.datetime):
-        return value.date().isoformat()
-    if isinstance(value, datetime.date):
-        return value.isoformat()
-    try:
-        return datetime.date.fromisoformat(str(value)).isoformat()
-    except ValueError:
-        return None
 LABELLED_SPLITS = ("train", "val", "test")
 
 

@@ -62,6 +62,7 @@ from scipy import ndimage
 from shapely.affinity import rotate, scale, translate
 from shapely.geometry import LineString, Point, Polygon
 
+from rts_thaw.core.lineage import iso_date
 from rts_thaw.core.vectors import VectorLayer, write_layer
 from rts_thaw.data import synthetic_evolution as evolution
 
@@ -129,7 +130,7 @@ class WorldParams:
             raise ValueError(f"a synthetic world needs at least 1 date, got dates={self.dates}")
         if self.years_between <= 0:
             raise ValueError(f"years_between must be positive, got {self.years_between}")
-        if not evolution.is_iso_date(self.first_date):
+        if iso_date(self.first_date) != self.first_date:
             raise ValueError(f"first_date must be an ISO date (YYYY-MM-DD), got {self.first_date!r}")
 
     @classmethod

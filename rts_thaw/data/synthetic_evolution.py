@@ -21,7 +21,6 @@ renderer (`synthetic.py`) paints each date's slumps; the shapes are in its local
 
 from __future__ import annotations
 
-import csv
 import datetime
 import math
 from collections.abc import Callable
@@ -33,6 +32,9 @@ import numpy as np
 import shapely
 from shapely.affinity import translate
 from shapely.geometry import LineString, Polygon
+
+from rts_thaw.core.lineage import (DAYS_PER_YEAR, GROWTH_COLUMNS, LINEAGE_COLUMNS, write_csv,
+                                  years_between)
 
 RETREAT_M_PER_YR = (5.0, 15.0)  # headwall retreat of growing slumps
 STOP_PER_INTERVAL = 0.2
@@ -46,9 +48,6 @@ NEW_PER_YEAR = 0.3
 ID_BLOCK = 10000  # site k's slump ids are k * ID_BLOCK + 1, 2, ...: unique in the world
 DATE_JITTER_DAYS = 20  # acquisitions fall on different summer days
 
-LINEAGE_COLUMNS = ("site", "from_date", "to_date", "from_id", "to_id", "relation")
-GROWTH_COLUMNS = ("site", "slump_id", "from_date", "to_date", "area_from_m2", "area_to_m2", "area_change_m2",
-                  "area_change_m2_per_yr", "retreat_m_per_yr")
 COREGISTRATION_COLUMNS = ("site", "date", "scene_id", "shift_x_m", "shift_y_m")
 
 
@@ -83,23 +82,11 @@ def acquisition_dates(rng: np.random.Generator, first: str, years_between: float
     """`count` ISO dates from `first`, about `years_between` years apart, each later one on a
     different day of the season (strictly increasing)."""
     start = datetime.date.fromisoformat(first)
-    step = years_between * 365.25
+    step = years_between * DAYS_PER_YEAR
     jitter = int(min(DATE_JITTER_DAYS, step / 4))
     days = [0] + [round(k * step) + int(rng.integers(-jitter, jitter, endpoint=True)) for k in range(1, count)]
     return [(start + datetime.timedelta(days=d)).isoformat() for d in days]
 
-
-def is_iso_date(text) -> bool:
-    """Whether `text` is a date written YYYY-MM-DD (without importing the scene-list reader,
-    and torch with it, into every generating process)."""
-    try:
-        return datetime.date.fromisoformat(str(text)).isoformat() == text
-    except ValueError:
-        return False
-
-
-def years_between_dates(a: str, b: str) -> float:
-    return (datetime.date.fromisoformat(b) - datetime.date.fromisoformat(a)).days / 365.25
 
 
 def sweep(geom, dx: float, dy: float):
@@ -187,7 +174,7 @@ def evolve_site(rng: np.random.Generator, site: str, site_index: int, dates: lis
     history = SiteHistory(dates, [current], [], [])
     inside = shapely.box(0, 0, extent, extent).buffer(-2.0)
     for before, after in zip(dates, dates[1:]):
-        years = years_between_dates(before, after)
+        years = years_between(before, after)
         link = lambda a, b, relation: history.lineage.append(  # noqa: E731
             {"site": site, "from_date": before, "to_date": after, "from_id": a, "to_id": b, "relation": relation})
         moved = []
@@ -258,16 +245,9 @@ def initial_slump(rng: np.random.Generator, geom: Polygon, upslope: tuple[float,
 def write_truth(out: Path, lineage: list[dict], growth: list[dict], coregistration: list[dict]) -> None:
     """`lineage.csv` and `growth.csv` (the tracking contract's truth columns; an empty cell is
     no id), and `coregistration.csv`: each scene's co-registration error (UTM metres, east and
-    north; its rasters and labels show the ground displaced by it)."""
+    north; its rasters and labels show the ground displaced by it). Measures to the millimetre."""
     tables = (("lineage.csv", LINEAGE_COLUMNS, lineage), ("growth.csv", GROWTH_COLUMNS, growth),
               ("coregistration.csv", COREGISTRATION_COLUMNS, coregistration))
     for name, columns, rows in tables:
-        with open(out / name, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(columns)
-            for row in rows:
-                writer.writerow(["" if row[c] is None else _cell(row[c]) for c in columns])
-
-
-def _cell(value):
-    return f"{value:.3f}" if isinstance(value, float) else value
+        write_csv(out / name, columns, [{k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+                                        for row in rows])

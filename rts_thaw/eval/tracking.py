@@ -28,7 +28,7 @@ from rts_thaw.core.problems import listed
 from rts_thaw.core.scores import percent
 from rts_thaw.core.vectors import crs_problem, read_layer, reproject
 from rts_thaw.data.geotiff import load_scene_list
-from rts_thaw.tracking.tables import GROWTH_COLUMNS, LINEAGE_COLUMNS, RELATIONS, id_or_none, read_csv
+from rts_thaw.core.lineage import GROWTH_COLUMNS, LINEAGE_COLUMNS, RELATIONS, id_or_none, read_csv
 
 UNMATCHED = "unmatched"  # a tracker polygon with no true counterpart: equal to no true id, nor to an empty end
 GROWTH_MEASURES = ("area_change_m2_per_yr", "retreat_m_per_yr")

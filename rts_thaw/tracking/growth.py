@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import shapely
 
-from rts_thaw.tracking.tables import DAYS_PER_YEAR
 
 
 @dataclass
@@ -35,10 +34,6 @@ class Growth:
     def area_change(self) -> np.ndarray:
         return self.area_to - self.area_from
 
-
-def years_between(from_date: str, to_date: str) -> float:
-    days = (np.datetime64(to_date) - np.datetime64(from_date)).astype(int)
-    return float(days) / DAYS_PER_YEAR
 
 
 def growth_directions(before: np.ndarray, after: np.ndarray) -> np.ndarray:

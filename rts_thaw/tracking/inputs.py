@@ -21,7 +21,8 @@ import shapely
 
 from rts_thaw.core.problems import listed
 from rts_thaw.core.vectors import crs_problem, read_layer, reproject
-from rts_thaw.data.geotiff import iso_date, load_scene_list
+from rts_thaw.core.lineage import iso_date
+from rts_thaw.data.geotiff import load_scene_list
 from rts_thaw.tracking.metric_crs import metric_crs_for
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import shapely
 from rts_thaw.core.json_files import write_json_atomic
 from rts_thaw.core.vectors import remove_if_empty, reproject, temporary_path
 from rts_thaw.tracking.summary import summarise
-from rts_thaw.tracking.tables import (GROWTH_TRACKER_COLUMNS, LINEAGE_TRACKER_COLUMNS, SUMMARY_COLUMNS,
+from rts_thaw.core.lineage import (GROWTH_TRACKER_COLUMNS, LINEAGE_TRACKER_COLUMNS, SUMMARY_COLUMNS,
                                       write_csv)
 from rts_thaw.tracking.tracker import SiteTracks
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rts_thaw.tracking.growth import measure_growth, years_between
+from rts_thaw.core.lineage import years_between
+from rts_thaw.tracking.growth import measure_growth
 from rts_thaw.tracking.inputs import SiteMaps
 from rts_thaw.tracking.matching import candidate_pairs, measure_overlaps
 from rts_thaw.tracking.relations import MERGED, ONE_TO_ONE, relate

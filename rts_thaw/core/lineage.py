@@ -1,12 +1,14 @@
-"""The tracker's tables as the contract fixes them (issue 18): relation names, the columns of
-lineage.csv and growth.csv in their order, and reading/writing them as CSV.
+"""Slump lineage tables, as tracking and the evolving synthetic world's truth share them:
+relation names, the columns of lineage.csv and growth.csv in their order, reading and writing
+them as CSV, and the dates they carry (ISO strings; years between two of them).
 
-An empty id is a missing one (an empty CSV cell); dates are ISO strings.
+An empty id is a missing one (an empty CSV cell).
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
 import math
 import os
 from pathlib import Path
@@ -21,6 +23,23 @@ GROWTH_TRACKER_COLUMNS = GROWTH_COLUMNS + ("within_uncertainty",)
 SUMMARY_COLUMNS = ("site", "year", "date", "count", "total_area_m2", "new", "continued", "stabilised", "merged",
                    "split", "disappeared")
 DAYS_PER_YEAR = 365.25
+
+
+def iso_date(value) -> str | None:
+    """A date given as a date or as text, as YYYY-MM-DD; None when it is not one."""
+    if isinstance(value, datetime.datetime):
+        return value.date().isoformat()
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    try:
+        return datetime.date.fromisoformat(str(value)).isoformat()
+    except ValueError:
+        return None
+
+
+def years_between(from_date: str, to_date: str) -> float:
+    """Years (days / 365.25) from one ISO date to another."""
+    return (datetime.date.fromisoformat(to_date) - datetime.date.fromisoformat(from_date)).days / DAYS_PER_YEAR
 
 
 def _cell(value) -> str:
