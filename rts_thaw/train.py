@@ -45,12 +45,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.training.staged:
         return staged.run_staged(cfg, run_dir)
     if cfg.training.stage1_cache:
-        if len(cfg.data.modalities) != 1:
+        encoders = staged.stage1_encoders(cfg)
+        if len(encoders) != 1:
             raise ValueError(
-                "training.stage1_cache=true stores a unimodal (stage-1) model: set one modality, "
-                f"e.g. data.modalities=[rgb]; got {list(cfg.data.modalities)}"
+                "training.stage1_cache=true stores a stage-1 model, one encoder: set one modality "
+                f"(e.g. data.modalities=[rgb]) or model/fusion=data_level; got {list(cfg.data.modalities)} "
+                f"with encoders {encoders}"
             )
-        stage1 = staged.stage1_config(cfg, cfg.data.modalities[0])
+        stage1 = staged.stage1_config(cfg, encoders[0])
         results = staged.ensure_stage1(stage1)
         if is_global_zero():
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -91,12 +91,13 @@ def check_train_and_eval_contract(detector, losses_expected):
 
 @pytest.mark.parametrize("model,losses", [("cascade_mvit", LOSSES_CASCADE), ("maskrcnn_mvit", LOSSES_MASKRCNN)])
 @pytest.mark.parametrize("fusion", ["none", "data_level", "concat_conv", "cross_attention", "residual_cross_attention",
-                                    "gated_local_attention"])
+                                    "gated_local_attention", "stacked_gated_local_attention"])
 def test_every_fusion_with_both_head_types_follows_the_output_contract(model, losses, fusion):
     modalities = ("rgb",) if fusion == "none" else ("rgb", "ndvi", "nir")
     detector = build(model, fusion, modalities)
     assert detector.modalities == list(modalities)
-    assert list(detector.encoders) == (["stacked"] if fusion == "data_level" else list(modalities))
+    encoders = {"data_level": ["stacked"], "stacked_gated_local_attention": ["stacked", "ndvi", "nir"]}
+    assert list(detector.encoders) == encoders.get(fusion, list(modalities))
     check_train_and_eval_contract(detector, losses)
 
 
@@ -188,6 +189,41 @@ def test_stage2_model_starts_as_the_stage1_rgb_model(tmp_path, fusion):
               f"model.encoder.weights={hydra_dict({**weights, 'nir': rgb_ckpt})}")
     with pytest.raises(FileNotFoundError, match="init_from checkpoint not found"):
         build("cascade_mvit", "none", ("rgb",), f"model.init_from='{tmp_path / 'missing.ckpt'}'")
+
+
+def test_stacked_query_stage2_starts_as_the_data_level_model(tmp_path):
+    """The stacked encoder and heads from the data_level stage-1 model, the auxiliary encoders from
+    their unimodal ones, the fusion at identity: the same detections as the data_level model."""
+    modalities = ("rgb", "ndvi", "nir")
+    stacked_model = build("cascade_mvit", "data_level", modalities)
+    stacked_ckpt = lightning_checkpoint(stacked_model, tmp_path / "stacked.ckpt")
+    weights = {"stacked": stacked_ckpt}
+    for m in ("ndvi", "nir"):
+        weights[m] = lightning_checkpoint(build("cascade_mvit", "none", (m,)), tmp_path / f"{m}.ckpt")
+    fused = build("cascade_mvit", "stacked_gated_local_attention", modalities, "model.encoder.frozen=true",
+                  f"model.encoder.weights={hydra_dict(weights)}", f"model.init_from='{stacked_ckpt}'")
+    assert fused.encoders["stacked"].out_channels == stacked_model.encoders["stacked"].out_channels
+    images, _ = make_tiles(n=2)
+    stacked_model.eval(), fused.eval()
+    with torch.no_grad():
+        expected = stacked_model(images, [(SIZE, SIZE)] * 2)
+        got = fused(images, [(SIZE, SIZE)] * 2)
+    assert sum(len(e["boxes"]) for e in expected) > 0
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g["boxes"], e["boxes"])
+        torch.testing.assert_close(g["scores"], e["scores"])
+
+
+def test_a_stacked_query_needs_every_modality():
+    """Its encoder reads every modality stacked: it cannot leave one out, so it refuses to."""
+    detector = build("cascade_mvit", "stacked_gated_local_attention", ("rgb", "ndvi", "nir")).eval()
+    assert detector.optional_modalities == []
+    images, _ = make_tiles(n=2)
+    with pytest.raises(ValueError, match=r"the batch lacks \['ndvi'\].*cannot map without any of them"):
+        detector({"rgb": images["rgb"], "nir": images["nir"]}, [(SIZE, SIZE)] * 2)
+    with pytest.raises(ValueError, match=r"the batch lacks \['nir'\]"):
+        detector(images, [(SIZE, SIZE)] * 2, available={"nir": torch.tensor([True, False])})
+    assert build("cascade_mvit", "gated_local_attention", ("rgb", "ndvi", "nir")).optional_modalities == ["ndvi", "nir"]
 
 
 @pytest.mark.slow  # a long end-to-end run: `make test` runs it, `make test-fast` does not

@@ -124,7 +124,8 @@ def test_modality_dropout_withholds_auxiliary_modalities_at_its_rate():
     drawn = torch.stack([torch.stack(list(module._dropped(batch).values())) for _ in range(500)])
     assert abs(1 - drawn.float().mean().item() - 0.3) < 0.03
     assert DetectionModule(detector("gated_local_attention"))._dropped(batch) is None  # off by default
-    with pytest.raises(ValueError, match="modality_dropout=0.3 needs a fusion that runs without"):
-        DetectionModule(detector("concat_conv"), modality_dropout=0.3)
+    for refused in ("concat_conv", "stacked_gated_local_attention"):  # the stacked query reads every modality
+        with pytest.raises(ValueError, match="modality_dropout=0.3 needs a model that runs without"):
+            DetectionModule(detector(refused), modality_dropout=0.3)
     with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
         DetectionModule(detector("gated_local_attention"), modality_dropout=1.0)

@@ -59,13 +59,22 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(world, tmp_path_factory):
     """A Lightning checkpoint of the real detector after a short real fit."""
+    return fit_checkpoint(world, tmp_path_factory.mktemp("ckpt"), "residual_cross_attention")
+
+
+@pytest.fixture(scope="module")
+def stacked_checkpoint(world, tmp_path_factory):
+    """The same with the stacked input as the fusion's query."""
+    return fit_checkpoint(world, tmp_path_factory.mktemp("stacked_ckpt"), "stacked_gated_local_attention")
+
+
+def fit_checkpoint(world, root: Path, fusion: str) -> Path:
     pl.seed_everything(0)
-    root = tmp_path_factory.mktemp("ckpt")
     datamodule = RTSDataModule(source="geotiff", path=world, modalities=MODALITIES, tile_size=TILE, batch_size=2,
                                stats_cache_dir=root / "stats")
     datamodule.setup("fit")
     with initialize_config_module("rts_thaw.conf", version_base="1.3"):
-        cfg = compose(None, overrides=["+model=cascade_mvit", "model/fusion=residual_cross_attention",
+        cfg = compose(None, overrides=["+model=cascade_mvit", f"model/fusion={fusion}",
                                        f"+data.tile_size={TILE}", "+name=predict_test"])
     detector = instantiate(cfg.model)(modality_channels=datamodule.modality_channels)
     run_info = {"norm_stats": datamodule.norm_stats.to_dict(), "modalities": MODALITIES,
@@ -171,6 +180,26 @@ def test_scenes_missing_an_auxiliary_modality_are_mapped_without_it(world, check
     assert used[listing["scenes"][0]["id"]] == {"rgb"}
     assert used[listing["scenes"][1]["id"]] == {"rgb"}
     assert used[listing["scenes"][2]["id"]] == {"rgb,ndvi"}
+
+
+def test_a_stacked_query_refuses_a_scene_without_a_modality_before_any_work(world, stacked_checkpoint, tmp_path):
+    """The stacked input's encoder reads NDVI too: without it that encoder would see made-up
+    values, so such a scene is an error naming it, and nothing is written."""
+    import yaml
+
+    listing = yaml.safe_load(Path(world).read_text())
+    base = Path(world).parent
+    for entry in listing["scenes"]:
+        entry["rasters"] = {m: str(base / p) for m, p in entry["rasters"].items()}
+        entry["labels"] = str(base / entry["labels"])
+    del listing["scenes"][1]["rasters"]["ndvi"]
+    scenes = tmp_path / "scenes.yaml"
+    scenes.write_text(yaml.safe_dump(listing))
+    out = tmp_path / "maps"
+    with pytest.raises(ValueError, match=rf"{listing['scenes'][1]['id']} lacks \['ndvi'\]"):
+        predict.main.__wrapped__(_predict_cfg(f"ckpt_path={stacked_checkpoint}", f"scenes={scenes}",
+                                              f"output_dir={out}", *TILING))
+    assert not list(out.glob("*.gpkg")) if out.exists() else True
 
 
 def test_proposals_per_tile_limit_what_the_heads_see(world, checkpoint, tmp_path):

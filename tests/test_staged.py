@@ -273,3 +273,38 @@ def test_stage2_freezes_the_encoders_unless_asked_to_fine_tune_them(tmp_path):
     assert frozen.model.encoder.frozen is True and frozen.model.init_from == "rgb.ckpt"
     tuned = staged.stage2_config(compose_train([*overrides, "training.stage2.freeze_encoders=false"]), checkpoints)
     assert tuned.model.encoder.frozen is False and dict(tuned.model.encoder.weights) == checkpoints
+
+
+def test_stacked_query_stages_the_data_level_model_and_the_auxiliary_ones(tiny_world_config, tmp_path):
+    """stacked_gated_local_attention: stage 1 trains the data_level model ("stacked") and one model
+    per auxiliary modality, never an RGB one; a data_level job with the cache on finds the stacked
+    entry; stage 2 starts from the data_level model's heads and keeps every encoder frozen."""
+    cache = tmp_path / "cache"
+    overrides = tiny_overrides(tiny_world_config, cache, experiment="staged_fusion", modalities=["rgb", "ndvi"],
+                               epochs=1) + ["model/fusion=stacked_gated_local_attention"]
+    results = train(compose_train(overrides), tmp_path / "run")
+    stage1 = results["stage1"]
+    assert list(stage1) == ["stacked", "ndvi"]
+    stacked_dir = Path(stage1["stacked"]["checkpoint"]).parents[1]
+    assert stacked_dir.name == f"stacked-{stage1['stacked']['stage1_key']}"
+    assert torch.load(stage1["stacked"]["checkpoint"], weights_only=False)["rts_thaw"]["modalities"] == ["rgb", "ndvi"]
+    for key in ("stacked", "ndvi"):
+        before = encoder_state(stage1[key]["checkpoint"], key)
+        after = encoder_state(results["stage2"]["best_checkpoint"], key)
+        assert before and all(torch.equal(before[k], after[k]) for k in before), key
+    rows = json.loads((tmp_path / "run" / "final_table.json").read_text())
+    assert [r["model"] for r in rows] == ["stage1 stacked", "stage1 ndvi", "stage2 rgb+ndvi"]
+    config = compose_train(overrides)
+    assert staged.stage2_config(config, {"stacked": "s.ckpt", "ndvi": "n.ckpt"}).model.init_from == "s.ckpt"
+
+    marker = stacked_dir / staged.MARKER
+    mtime = marker.stat().st_mtime_ns
+    data_level = tiny_overrides(tiny_world_config, cache, experiment="data_level_fusion", modalities=["rgb", "ndvi"],
+                                epochs=1) + ["training.stage1_cache=true", "name=stacked_job"]
+    reused = train(compose_train(data_level), tmp_path / "data_level_job")
+    assert reused["reused"] and reused["stage1_key"] == stage1["stacked"]["stage1_key"]
+    assert marker.stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match=r"stores a stage-1 model, one encoder.*encoders \['rgb', 'ndvi'\]"):
+        train(compose_train(tiny_overrides(tiny_world_config, cache, experiment="end_to_end_fusion",
+                                           modalities=["rgb", "ndvi"], epochs=1) + ["training.stage1_cache=true"]),
+              tmp_path / "refused")

@@ -120,17 +120,19 @@ def test_fusion_table_grid(hydra_conf):
         cfg = composed(tuple(job))
         assert cfg.data.path.world == "paper_like" and cfg.data.path.scenes == 20
         modalities = tuple(cfg.data.modalities)
-        if cfg.hydra.runtime.choices["model/fusion"] == "none":  # the single rows fill the stage-1 cache
-            assert len(modalities) == 1 and cfg.training.stage1_cache and not cfg.training.staged
+        if cfg.hydra.runtime.choices["model/fusion"] in ("none", "data_level"):  # they fill the stage-1 cache
+            assert cfg.training.stage1_cache and not cfg.training.staged
+            assert len(modalities) == 1 or modalities == ("rgb", "ndvi", "nir")
         else:
             assert modalities == ("rgb", "ndvi", "nir")
         seen.append((cfg.hydra.runtime.choices["model/fusion"], bool(cfg.training.staged), modalities,
                      cfg.training.modality_dropout))
-    assert seen[:3] == [("none", False, (m,), 0.0) for m in ("rgb", "ndvi", "nir")]  # first: stage 2 reuses them
+    assert seen[:4] == [("none", False, (m,), 0.0) for m in ("rgb", "ndvi", "nir")] + [  # first: stage 2 reuses them
+        ("data_level", False, ("rgb", "ndvi", "nir"), 0.0)]
     fusions = ("concat_conv", "cross_attention", "residual_cross_attention", "gated_local_attention")
     assert {(f, s) for f, s, _, d in seen if f in fusions and not d} == {(f, s) for f in fusions for s in (True, False)}
     assert ("gated_local_attention", True, ("rgb", "ndvi", "nir"), 0.25) in seen
-    assert ("data_level", False, ("rgb", "ndvi", "nir"), 0.0) in seen
+    assert ("stacked_gated_local_attention", True, ("rgb", "ndvi", "nir"), 0.0) in seen
 
 
 def test_seeds_repeat_any_sweep(hydra_conf):

@@ -24,7 +24,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from rts_thaw.core.checkpoints import read_checkpoint
 from rts_thaw.models.cascade import CascadeRoIHeads
 from rts_thaw.models.encoders import check_tile_size
-from rts_thaw.models.fusion import STACKED, single_modality, stacked_input
+from rts_thaw.models.fusion import RGB, STACKED, single_modality, stacked_input
 from rts_thaw.models.heads import BoxHead, BoxPredictor, Float32RPNHead, MaskHead
 from rts_thaw.models.summary import parameter_summary
 
@@ -42,7 +42,6 @@ class MultiModalDetector(nn.Module):
         self.rpn = rpn
         self.roi_heads = roi_heads
         self.modality_channels = dict(modality_channels)
-        self.stacked_input = STACKED in encoders
 
     @property
     def modalities(self) -> list[str]:
@@ -50,8 +49,10 @@ class MultiModalDetector(nn.Module):
 
     @property
     def optional_modalities(self) -> list[str]:
-        """The auxiliary modalities this model can map without (its fusion leaves them out)."""
-        if not getattr(self.fusion, "skips_missing", False):
+        """The auxiliary modalities this model can map without: those whose term the fusion leaves
+        out. None when an encoder reads all modalities stacked: without one, it would see made-up
+        values (mean-filled NDVI took the stacked query from 79 to 13 mask AP50; docs/fusion.md)."""
+        if not getattr(self.fusion, "skips_missing", False) or STACKED in self.encoders:
             return []
         return [m for m in self.modalities if m != self.fusion.reference]
 
@@ -77,12 +78,13 @@ class MultiModalDetector(nn.Module):
         missing = sorted(set(absent) | set(flagged))
         if not missing:
             return images, None
-        reference = getattr(self.fusion, "reference", None)
-        if not getattr(self.fusion, "skips_missing", False) or reference in missing:
+        optional = self.optional_modalities
+        if not set(missing) <= set(optional):
+            can = f"can map without {optional}" if optional else "cannot map without any of them"
             raise ValueError(f"detector needs modalities {self.modalities}; the batch lacks {missing} for some "
-                             f"images (it has {list(images)}). Only a residual fusion (residual_cross_attention, "
-                             f"gated_local_attention) runs without an auxiliary modality, never without "
-                             f"'{reference or self.modalities[0]}'")
+                             f"images (it has {list(images)}). This model {can}: only a residual fusion with the "
+                             f"RGB query (residual_cross_attention, gated_local_attention) runs without an "
+                             f"auxiliary modality")
         present = next(iter(images.values()))
         batch, (height, width) = present.shape[0], present.shape[-2:]
         images = dict(images)
@@ -96,11 +98,9 @@ class MultiModalDetector(nn.Module):
                          available: Mapping[str, torch.Tensor] | None = None) -> "OrderedDict[str, torch.Tensor]":
         """Encode every modality, fuse, and build the FPN pyramid."""
         images, available = self._complete(images, available)
-        if self.stacked_input:
-            inputs = {STACKED: torch.cat([images[m] for m in self.modalities], dim=1)}
-        else:
-            inputs = {m: images[m] for m in self.modalities}
-        features = {key: self.encoders[key](x) for key, x in inputs.items()}
+        features = {key: encoder(torch.cat([images[m] for m in self.modalities], dim=1) if key == STACKED
+                                 else images[key])
+                    for key, encoder in self.encoders.items()}
         fused = self.fusion(features, available)
         return self.neck(OrderedDict((str(i), f) for i, f in enumerate(fused)))
 
@@ -132,20 +132,31 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-def build_encoders(modality_channels: Mapping[str, int], encoder: Callable[..., nn.Module], stacked: bool,
+def encoder_keys(modalities: Sequence[str], fusion: Callable[..., nn.Module]) -> list[str]:
+    """Which encoders a fusion reads: one per modality; one over all of them stacked as input
+    channels (`data_level`); or, for a fusion whose query is the stacked input
+    (`stacked_gated_local_attention`), that one plus one per auxiliary modality, every
+    modality but RGB (whose bands only the stacked encoder needs)."""
+    if getattr(fusion, "func", fusion) is stacked_input:
+        return [STACKED]
+    if dict(getattr(fusion, "keywords", {})).get("reference") == STACKED:
+        return [STACKED] + [m for m in modalities if m != RGB]
+    return list(modalities)
+
+
+def build_encoders(modality_channels: Mapping[str, int], encoder: Callable[..., nn.Module], keys: Sequence[str],
                    img_size: int) -> nn.ModuleDict:
-    """One encoder per modality (one for the stacked input of data-level fusion), each from the
-    `model/encoder` partial completed with its channels; `weights` maps modalities to files."""
+    """The encoders `keys` names (`encoder_keys`), each from the `model/encoder` partial
+    completed with its channels (all modalities' for "stacked"); `weights` maps keys to files."""
     options = dict(getattr(encoder, "keywords", {}))
     weights = dict(options.get("weights") or {})
-    keys = [STACKED] if stacked else list(modality_channels)
     unknown = [m for m in weights if m not in keys]
     if unknown:
         raise ValueError(f"encoder weights given for unknown modality {unknown}; this model's encoders are {keys}")
     if options.get("frozen") and not weights and not options.get("pretrained") and not options.get("pretrained_file"):
         warnings.warn("frozen encoders with random weights: give encoder.weights (stage-1 checkpoints), "
                       "pretrained: true or pretrained_file", stacklevel=3)
-    channels = {STACKED: sum(modality_channels.values())} if stacked else dict(modality_channels)
+    channels = {**modality_channels, STACKED: sum(modality_channels.values())}
     return nn.ModuleDict({key: encoder(in_chans=channels[key], img_size=img_size, modality=key,
                                        weights=weights.get(key))
                           for key in keys})
@@ -242,8 +253,8 @@ def build_detector(modality_channels: Mapping[str, int], encoder: Callable[..., 
         raise ValueError(f"modality_channels must map names to positive channel counts, got {bad}")
     fusion = fusion or single_modality
     check_tile_size(img_size, dict(getattr(encoder, "keywords", {})), img_size)  # a known encoder, a usable size
-    stacked = getattr(fusion, "func", fusion) is stacked_input
-    encoders = build_encoders(modality_channels, encoder, stacked, img_size)
+    keys = encoder_keys(list(modality_channels), fusion)
+    encoders = build_encoders(modality_channels, encoder, keys, img_size)
     try:
         fusion_module = fusion(feature_channels={k: e.out_channels for k, e in encoders.items()})
     except TypeError as err:  # a parameter the fusion does not have

@@ -13,7 +13,9 @@ its encoders' `feature_channels`:
 - `cross_attention`: RGB tokens attend to each auxiliary modality's tokens;
 - `residual_cross_attention`: the same, added back to the RGB features, projected;
 - `gated_local_attention`: RGB tokens attend to the auxiliary tokens of their own
-  window at full resolution, through a learned gate (`local_fusion.py`).
+  window at full resolution, through a learned gate (`local_fusion.py`);
+- `stacked_gated_local_attention`: the same, with the stacked input's encoder (the
+  `data_level` model) as the query and each auxiliary modality's own encoder as keys.
 
 `forward` also takes `available` ({modality: BoolTensor[B]}, optional): which images
 have each auxiliary modality. Fusions with `skips_missing` leave a missing modality's
@@ -28,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-STACKED = "stacked"
+STACKED = "stacked"  # the encoder key of all modalities stacked as input channels
+RGB = "rgb"  # the base modality: the query of the paper's fusion and of staged training
 
 
 def check_fusion_inputs(kind: str, reference: str, feature_channels: Mapping[str, Sequence[int]],

@@ -45,13 +45,12 @@ class DetectionModule(pl.LightningModule):
         self.detector = detector
         if not 0.0 <= modality_dropout < 1.0:
             raise ValueError(f"training.modality_dropout must be in [0, 1), got {modality_dropout}")
-        reference = getattr(detector.fusion, "reference", None)
-        if modality_dropout and not getattr(detector.fusion, "skips_missing", False):
-            raise ValueError(f"training.modality_dropout={modality_dropout} needs a fusion that runs without an "
-                             f"auxiliary modality (residual_cross_attention, gated_local_attention), not "
-                             f"{type(detector.fusion).__name__}")
+        if modality_dropout and not detector.optional_modalities:
+            raise ValueError(f"training.modality_dropout={modality_dropout} needs a model that runs without an "
+                             f"auxiliary modality (residual_cross_attention or gated_local_attention fusion), not "
+                             f"this {type(detector.fusion).__name__} over encoders {list(detector.encoders)}")
         self.modality_dropout = modality_dropout
-        self.droppable = [m for m in detector.modalities if m != reference] if modality_dropout else []
+        self.droppable = detector.optional_modalities if modality_dropout else []  # never the query
         self.optimizer_cfg = dict(optimizer or {"lr": 1e-3, "weight_decay": 0.05})
         self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_steps": 0})
         self.coco_preset = coco_preset

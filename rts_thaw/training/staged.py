@@ -1,18 +1,20 @@
 """Staged training (the paper's method) and the shared stage-1 checkpoint cache.
 
-Stage 1 trains one unimodal detector per modality. Each is stored under
-`${paths.stage1_dir}/<modality>-<key>/`, where the key hashes every stage-1 setting
-(data source and its parameters, the modality, encoder and heads, schedule, seed).
-A complete entry (its `stage1.json` marker, written atomically after testing) is
-reused by any later run with the same settings, whether that run is a staged fusion
-job or a separate unimodal job (`+experiment=unimodal data.modalities=[nir]
-training.stage1_cache=true`); a changed setting gives another key and trains anew.
-A lock file serialises jobs that want the same entry at the same time, and an
-interrupted entry resumes from its own last checkpoint.
+Stage 1 trains one detector per encoder that the fusion reads: a unimodal detector per
+modality, or, for a fusion whose query is the stacked input, the `data_level` detector
+over all modalities stacked. Each is stored under `${paths.stage1_dir}/<key name>-<key>/`
+(`rgb-...`, `stacked-...`), where the key hashes every stage-1 setting (data source and
+its parameters, the modalities, encoder and heads, schedule, seed). A complete entry (its
+`stage1.json` marker, written atomically after testing) is reused by any later run with
+the same settings, whether that run is a staged fusion job or a separate job with the
+cache on (`+experiment=unimodal data.modalities=[nir] training.stage1_cache=true`, or
+`+experiment=data_level_fusion training.stage1_cache=true`); a changed setting gives
+another key and trains anew. A lock file serialises jobs that want the same entry at the
+same time, and an interrupted entry resumes from its own last checkpoint.
 
 Stage 2 builds the fusion detector with every encoder loaded from its stage-1
-checkpoint and frozen, optionally starts FPN, RPN and heads from the RGB stage-1
-detector, and trains the rest.
+checkpoint and frozen, optionally starts FPN, RPN and heads from the stage-1 detector of
+the fusion's query (RGB, or the stacked input), and trains the rest.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from rts_thaw.core.checkpoints import checkpoint_run_info
 from rts_thaw.core.json_files import nan_for_null, write_json_atomic
 from rts_thaw.core.scores import SCORE_UNIT, SCORE_UNIT_KEY
 from rts_thaw.eval.results_table import results_row, write_csv
+from rts_thaw.models.detector import encoder_keys
+from rts_thaw.models.fusion import STACKED
 from rts_thaw.training.ranks import is_global_zero
 from rts_thaw.training.run_identity import config_key, resolved_without_invariants
 from rts_thaw.training.single_run import fit_and_test
@@ -45,26 +49,36 @@ class Stage1Error(RuntimeError):
 
 
 # ---- the stage-1 configuration and its key -----------------------------------------
-def stage1_config(cfg: DictConfig, modality: str) -> DictConfig:
-    """The unimodal run that stage 1 trains for `modality`, derived from any run config."""
+def stage1_config(cfg: DictConfig, encoder: str) -> DictConfig:
+    """The run that stage 1 trains for one encoder of the fusion, derived from any run config:
+    the unimodal detector of a modality, or the `data_level` detector of all of them (STACKED)."""
     stage1 = copy.deepcopy(cfg)
     with open_dict(stage1):
-        stage1.data.modalities = [modality]
-        stage1.model.fusion = _fusion_none()
+        if encoder == STACKED:
+            stage1.model.fusion = _fusion_option("data_level")
+        else:
+            stage1.data.modalities = [encoder]
+            stage1.model.fusion = _fusion_option("none")
         stage1.model.init_from = None
         stage1.model.encoder.weights = None
         stage1.model.encoder.frozen = False
         stage1.training.staged = False
         stage1.training.stage1_cache = True
-        stage1.training.modality_dropout = 0.0  # one modality: nothing to withhold
+        stage1.training.modality_dropout = 0.0  # no fusion term to withhold
     return stage1
 
 
-def _fusion_none() -> DictConfig:
-    """The `model/fusion=none` option, read from the config package so that it stays the one place."""
+def _fusion_option(name: str) -> DictConfig:
+    """A `model/fusion` option, read from the config package so that it stays the one place."""
     from importlib.resources import files
 
-    return OmegaConf.load(str(files("rts_thaw.conf") / "model" / "fusion" / "none.yaml"))
+    return OmegaConf.load(str(files("rts_thaw.conf") / "model" / "fusion" / f"{name}.yaml"))
+
+
+def stage1_encoders(cfg: DictConfig) -> list[str]:
+    """The encoders of this run's fusion, each one stage-1 model: the modalities, or the stacked
+    input and the auxiliary modalities (`models.detector.encoder_keys`)."""
+    return encoder_keys(list(cfg.data.modalities), instantiate(cfg.model.fusion))
 
 
 def _data_identity(data_cfg: DictConfig) -> Any:
@@ -102,9 +116,14 @@ def stage1_key(stage1: DictConfig) -> str:
     return config_key(relevant)
 
 
+def stage1_name(stage1: DictConfig) -> str:
+    """The one encoder a stage-1 config trains: its modality, or STACKED (`stage1_config`)."""
+    (name,) = stage1_encoders(stage1)
+    return name
+
+
 def stage1_dir(stage1: DictConfig) -> Path:
-    (modality,) = stage1.data.modalities
-    return Path(stage1.paths.stage1_dir) / f"{modality}-{stage1_key(stage1)}"
+    return Path(stage1.paths.stage1_dir) / f"{stage1_name(stage1)}-{stage1_key(stage1)}"
 
 
 # ---- the cache ----------------------------------------------------------------------
@@ -175,15 +194,14 @@ def ensure_stage1(stage1: DictConfig, smoke_dir: Path | None = None) -> dict[str
     if stage1.trainer.get("fast_dev_run"):
         if smoke_dir is None:
             raise ValueError("a fast_dev_run stage 1 needs a scratch directory outside the cache")
-        (modality,) = stage1.data.modalities
-        results = fit_and_test(stage1, Path(smoke_dir) / modality, extra_info={"stage1_key": key})
+        results = fit_and_test(stage1, Path(smoke_dir) / stage1_name(stage1), extra_info={"stage1_key": key})
         return {**results, "stage1_key": key, "checkpoint": results["last_checkpoint"], "reused": False}
     directory = stage1_dir(stage1)
     # The other ranks of a multi-process run train with rank 0, which holds the lock and stores the entry.
     with _locked(directory) if is_global_zero() else contextlib.nullcontext():
         cached = load_stage1(directory, key)
         if cached is not None:
-            log.info("stage 1 (%s): reusing %s", stage1.data.modalities[0], directory)
+            log.info("stage 1 (%s): reusing %s", stage1_name(stage1), directory)
             return {**cached, "reused": True}
         # The entry is this model whichever run asks for it (staged, or unimodal with the cache on,
         # whose other settings differ): an interrupted entry resumes under its own key.
@@ -202,14 +220,14 @@ def ensure_stage1(stage1: DictConfig, smoke_dir: Path | None = None) -> dict[str
 def stage2_config(cfg: DictConfig, checkpoints: dict[str, str]) -> DictConfig:
     """The fusion run: every encoder from its stage-1 checkpoint and frozen (the paper's
     method; `freeze_encoders: false` fine-tunes them too); FPN, RPN and heads optionally
-    from the RGB stage-1 detector."""
+    from the stage-1 detector of the fusion's query (`reference`)."""
     stage2 = copy.deepcopy(cfg)
     settings = cfg.training.stage2
     with open_dict(stage2):
         stage2.model.encoder.weights = dict(checkpoints)
         stage2.model.encoder.frozen = bool(settings.get("freeze_encoders", True))
-        if settings.init_from_rgb:
-            stage2.model.init_from = checkpoints["rgb"]
+        if settings.init_from_reference:
+            stage2.model.init_from = checkpoints[cfg.model.fusion.reference]
         if settings.get("max_epochs") is not None:
             stage2.trainer.max_epochs = settings.max_epochs
         if settings.get("lr") is not None:
@@ -218,14 +236,16 @@ def stage2_config(cfg: DictConfig, checkpoints: dict[str, str]) -> DictConfig:
 
 
 def run_staged(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Stage 1 for each modality (cached), then stage 2; writes and prints the final table."""
+    """Stage 1 for each encoder of the fusion (cached), then stage 2; writes and prints the final table."""
     modalities = list(cfg.data.modalities)
-    if "rgb" not in modalities:
-        raise ValueError(f"staged training needs the rgb modality (the fusion query); got {modalities}")
+    reference = cfg.model.fusion.get("reference")
+    if reference is None or (reference != STACKED and reference not in modalities):
+        raise ValueError(f"staged training needs a fusion with a query modality among {modalities} (or "
+                         f"'{STACKED}'); model.fusion.reference is {reference}")
     stage1_results = {}
-    for modality in modalities:
-        log.info("stage 1: %s", modality)
-        stage1_results[modality] = ensure_stage1(stage1_config(cfg, modality), run_dir / "stage1_fast_dev_run")
+    for encoder in stage1_encoders(cfg):
+        log.info("stage 1: %s", encoder)
+        stage1_results[encoder] = ensure_stage1(stage1_config(cfg, encoder), run_dir / "stage1_fast_dev_run")
 
     checkpoints = {m: r["checkpoint"] for m, r in stage1_results.items()}
     log.info("stage 2: fusion of %s, encoders %s", modalities,
