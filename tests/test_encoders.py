@@ -176,7 +176,8 @@ def test_a_pretrained_file_initialises_every_modality_offline(tmp_path):
     path = tmp_path / "imagenet.pth"
     torch.save(source.state_dict(), path)
     partial = functools.partial(build_encoder, name="mvitv2_micro", pretrained_file=str(path))
-    encoders = build_encoders({"rgb": 3, "ndvi": 1, "sar": 2, "multi": 4}, partial, stacked=False, img_size=SIZE)
+    encoders = build_encoders({"rgb": 3, "ndvi": 1, "sar": 2, "multi": 4}, partial,
+                              keys=["rgb", "ndvi", "sar", "multi"], img_size=SIZE)
     rgb_weight = source.patch_embed.proj.weight
     for modality, channels in {"rgb": 3, "ndvi": 1, "sar": 2, "multi": 4}.items():
         got = encoders[modality].body.model.patch_embed.proj.weight
