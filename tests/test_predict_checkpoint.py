@@ -17,6 +17,7 @@ import pytest
 import rasterio
 import shapely
 import torch
+import yaml
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -152,16 +153,20 @@ def test_bf16_autocast_prediction(world, checkpoint, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
-def test_scenes_missing_an_auxiliary_modality_are_mapped_without_it(world, checkpoint, tmp_path):
-    """The fused checkpoint reads rgb + ndvi. One scene has no NDVI raster, one an all-NaN NDVI
-    (a cloud): both are mapped from RGB alone, and each polygon records what the model had."""
-    import yaml
-
+def absolute_listing(world) -> dict:
+    """The world's scene list with absolute paths, to be edited and written elsewhere."""
     listing = yaml.safe_load(Path(world).read_text())
     base = Path(world).parent
     for entry in listing["scenes"]:
         entry["rasters"] = {m: str(base / p) for m, p in entry["rasters"].items()}
         entry["labels"] = str(base / entry["labels"])
+    return listing
+
+
+def test_scenes_missing_an_auxiliary_modality_are_mapped_without_it(world, checkpoint, tmp_path):
+    """The fused checkpoint reads rgb + ndvi. One scene has no NDVI raster, one an all-NaN NDVI
+    (a cloud): both are mapped from RGB alone, and each polygon records what the model had."""
+    listing = absolute_listing(world)
     del listing["scenes"][0]["rasters"]["ndvi"]
     with rasterio.open(listing["scenes"][1]["rasters"]["ndvi"]) as src:
         profile, shape = src.profile, src.shape
@@ -185,13 +190,7 @@ def test_scenes_missing_an_auxiliary_modality_are_mapped_without_it(world, check
 def test_a_stacked_query_refuses_a_scene_without_a_modality_before_any_work(world, stacked_checkpoint, tmp_path):
     """The stacked input's encoder reads NDVI too: without it that encoder would see made-up
     values, so such a scene is an error naming it, and nothing is written."""
-    import yaml
-
-    listing = yaml.safe_load(Path(world).read_text())
-    base = Path(world).parent
-    for entry in listing["scenes"]:
-        entry["rasters"] = {m: str(base / p) for m, p in entry["rasters"].items()}
-        entry["labels"] = str(base / entry["labels"])
+    listing = absolute_listing(world)
     del listing["scenes"][1]["rasters"]["ndvi"]
     scenes = tmp_path / "scenes.yaml"
     scenes.write_text(yaml.safe_dump(listing))
