@@ -226,6 +226,30 @@ def test_a_stacked_query_needs_every_modality():
     assert build("cascade_mvit", "gated_local_attention", ("rgb", "ndvi", "nir")).optional_modalities == ["ndvi", "nir"]
 
 
+@pytest.mark.parametrize("fusion", ["data_level", "stacked_gated_local_attention"])
+def test_a_stacked_encoder_trained_with_modality_dropout_maps_without_a_modality(fusion):
+    """Trained so (`learned_missing`), the stacked encoder may run without an auxiliary modality:
+    an image without NDVI is encoded exactly as one whose NDVI channels are the normalised mean."""
+    modalities = ("rgb", "ndvi", "nir")
+    torch.manual_seed(0)
+    detector = instantiate(model_cfg("cascade_mvit", fusion).model)(
+        modality_channels={m: CHANNELS[m] for m in modalities}, learned_missing=True).eval()
+    assert detector.optional_modalities == ["ndvi", "nir"]
+    images, _ = make_tiles(n=2)
+    mean_filled = {**images, "ndvi": images["ndvi"].clone()}
+    mean_filled["ndvi"][1] = 0.0
+    with torch.no_grad():
+        flagged = detector._stacked(images, {"ndvi": torch.tensor([True, False])})
+        torch.testing.assert_close(flagged, detector._stacked(mean_filled, None))
+        without = detector.extract_features(images, {"ndvi": torch.tensor([True, False])})
+        full = detector.extract_features(images)
+        absent = detector({"rgb": images["rgb"], "nir": images["nir"]}, [(SIZE, SIZE)] * 2)
+    for level in full:  # image 0 has NDVI: untouched; image 1 does not: other features
+        torch.testing.assert_close(without[level][0], full[level][0])
+        assert not torch.allclose(without[level][1], full[level][1])
+    assert len(absent) == 2
+
+
 @pytest.mark.slow  # a long end-to-end run: `make test` runs it, `make test-fast` does not
 @pytest.mark.parametrize("model,fusion,modalities", [
     ("cascade_mvit", "residual_cross_attention", ("rgb", "ndvi", "nir")),  # the paper's model

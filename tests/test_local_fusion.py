@@ -124,8 +124,9 @@ def test_modality_dropout_withholds_auxiliary_modalities_at_its_rate():
     drawn = torch.stack([torch.stack(list(module._dropped(batch).values())) for _ in range(500)])
     assert abs(1 - drawn.float().mean().item() - 0.3) < 0.03
     assert DetectionModule(detector("gated_local_attention"))._dropped(batch) is None  # off by default
-    for refused in ("concat_conv", "stacked_gated_local_attention"):  # the stacked query reads every modality
-        with pytest.raises(ValueError, match="modality_dropout=0.3 needs a model that runs without"):
-            DetectionModule(detector(refused), modality_dropout=0.3)
+    for stacked in ("data_level", "stacked_gated_local_attention"):  # their stacked encoder learns the gap
+        assert DetectionModule(detector(stacked), modality_dropout=0.3).droppable == ["ndvi", "nir"]
+    with pytest.raises(ValueError, match="modality_dropout=0.3 needs a model that can learn to run without"):
+        DetectionModule(detector("concat_conv"), modality_dropout=0.3)
     with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
         DetectionModule(detector("gated_local_attention"), modality_dropout=1.0)

@@ -30,6 +30,7 @@ from rts_thaw.eval.submission import validate_submission
 from rts_thaw.mapping.challenge import predict_challenge
 from rts_thaw.mapping.map_scenes import load_model
 from rts_thaw.mapping.engine import TilingConfig
+from rts_thaw.models.detector import trained_with_modality_dropout
 from rts_thaw.core.vectors import read_layer
 from rts_thaw.training.module import DetectionModule
 
@@ -69,19 +70,22 @@ def stacked_checkpoint(world, tmp_path_factory):
     return fit_checkpoint(world, tmp_path_factory.mktemp("stacked_ckpt"), "stacked_gated_local_attention")
 
 
-def fit_checkpoint(world, root: Path, fusion: str) -> Path:
+def fit_checkpoint(world, root: Path, fusion: str, modality_dropout: float = 0.0) -> Path:
     pl.seed_everything(0)
     datamodule = RTSDataModule(source="geotiff", path=world, modalities=MODALITIES, tile_size=TILE, batch_size=2,
                                stats_cache_dir=root / "stats")
     datamodule.setup("fit")
     with initialize_config_module("rts_thaw.conf", version_base="1.3"):
         cfg = compose(None, overrides=["+model=cascade_mvit", f"model/fusion={fusion}",
-                                       f"+data.tile_size={TILE}", "+name=predict_test"])
-    detector = instantiate(cfg.model)(modality_channels=datamodule.modality_channels)
+                                       f"+data.tile_size={TILE}", "+name=predict_test",
+                                       f"+training.modality_dropout={modality_dropout}"])
+    detector = instantiate(cfg.model)(modality_channels=datamodule.modality_channels,
+                                      learned_missing=trained_with_modality_dropout(cfg))
     run_info = {"norm_stats": datamodule.norm_stats.to_dict(), "modalities": MODALITIES,
                 "modality_channels": dict(datamodule.modality_channels), "tile_size": TILE,
                 "config": OmegaConf.to_container(cfg, resolve=True)}
-    module = DetectionModule(detector, optimizer={"lr": 1e-3, "weight_decay": 0.0}, run_info=run_info)
+    module = DetectionModule(detector, optimizer={"lr": 1e-3, "weight_decay": 0.0}, run_info=run_info,
+                             modality_dropout=modality_dropout)
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, datamodule.train_dataloader())
@@ -199,6 +203,24 @@ def test_a_stacked_query_refuses_a_scene_without_a_modality_before_any_work(worl
         predict.main.__wrapped__(_predict_cfg(f"ckpt_path={stacked_checkpoint}", f"scenes={scenes}",
                                               f"output_dir={out}", *TILING))
     assert not out.exists() or not list(out.glob("*.gpkg"))  # refused before any map was written
+
+
+def test_a_stacked_query_trained_with_modality_dropout_maps_a_scene_without_a_modality(world, tmp_path):
+    """Trained with modality dropout, its stacked encoder has met NDVI's channels mean-filled:
+    the checkpoint says so, and a scene without NDVI is mapped from the rest."""
+    dropout_checkpoint = fit_checkpoint(world, tmp_path / "ckpt", "stacked_gated_local_attention", 0.5)
+    listing = absolute_listing(world)
+    del listing["scenes"][1]["rasters"]["ndvi"]
+    scenes = tmp_path / "scenes.yaml"
+    scenes.write_text(yaml.safe_dump(listing))
+    out = tmp_path / "maps"
+    predict.main.__wrapped__(_predict_cfg(f"ckpt_path={dropout_checkpoint}", f"scenes={scenes}",
+                                          f"output_dir={out}", *TILING))
+    assert (out / f"{listing['scenes'][1]['id']}.gpkg").is_file()
+    used = {entry["id"]: set(read_layer(out / f"{entry['id']}.gpkg").columns["modalities"])
+            for entry in listing["scenes"]}
+    assert used[listing["scenes"][1]["id"]] == {"rgb"}
+    assert used[listing["scenes"][0]["id"]] == {"rgb,ndvi"}
 
 
 def test_proposals_per_tile_limit_what_the_heads_see(world, checkpoint, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from rts_thaw.train import train
 from rts_thaw.training import staged
@@ -233,7 +234,11 @@ def test_report_adds_rows_of_fused_models_without_a_modality(staged_run, monkeyp
               results=results, choices={"model/fusion": "residual_cross_attention", "model": "cascade_mvit"})
     single = Run(overrides=("+experiment=unimodal", "seed=0"), run_dir=run_dir, status="finished",
                  results=results, choices={"model/fusion": "none", "model": "cascade_mvit"})
-    extra = missing.missing_modality_runs([run, single], ["ndvi", "nir"])  # no nir in this run: no row
+    # A stacked model trained without modality dropout cannot map without NDVI: no row either.
+    stacked = Run(overrides=("+experiment=data_level_fusion", "seed=0"), run_dir=run_dir, status="finished",
+                  results=results, choices={"model/fusion": "data_level", "model": "cascade_mvit"},
+                  config=OmegaConf.create({"training": {"modality_dropout": 0.0}}))
+    extra = missing.missing_modality_runs([run, single, stacked], ["ndvi", "nir"])  # no nir in this run: no row
     assert [r.overrides[-1] for r in extra] == ["missing_at_test=ndvi"]
     assert extra[0].results["modalities"] == ["rgb"]
     cached = json.loads((run_dir / "missing_ndvi.json").read_text())
@@ -264,6 +269,20 @@ def test_stage1_key_follows_the_generated_world_not_only_its_config(tmp_path, mo
     assert key == staged.stage1_key(staged.stage1_config(compose_train(overrides), "rgb"))  # stable
     monkeypatch.setitem(synthetic.WORLDS, "paper_like", {**synthetic.WORLDS["paper_like"], "rgb_separability": 0.5})
     assert staged.stage1_key(staged.stage1_config(compose_train(overrides), "rgb")) != key
+
+
+def test_the_stacked_stage1_model_learns_modality_dropout_the_unimodal_ones_do_not(tmp_path):
+    """With modality dropout, the data_level model of a stacked query is trained with it too (its
+    encoder must meet mean-filled channels), under another key; a unimodal model has nothing to
+    withhold and keeps the key of the entry trained without it."""
+    overrides = ["+experiment=staged_fusion", f"paths.cache_dir={tmp_path}", "model/fusion=stacked_gated_local_attention"]
+    plain, dropout = compose_train(overrides), compose_train([*overrides, "training.modality_dropout=0.25"])
+    stacked = staged.stage1_config(dropout, "stacked")
+    assert stacked.training.modality_dropout == 0.25
+    assert staged.stage1_key(stacked) != staged.stage1_key(staged.stage1_config(plain, "stacked"))
+    assert staged.stage1_config(dropout, "ndvi").training.modality_dropout == 0.0
+    assert staged.stage1_key(staged.stage1_config(dropout, "ndvi")) == staged.stage1_key(
+        staged.stage1_config(plain, "ndvi"))
 
 
 def test_stage2_freezes_the_encoders_unless_asked_to_fine_tune_them(tmp_path):

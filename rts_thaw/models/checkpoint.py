@@ -9,6 +9,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from rts_thaw.models.detector import trained_with_modality_dropout
+
 # Checkpoints written before the model's parts became Hydra targets named their fusion; the
 # target each name now is (with what the name implied).
 LEGACY_FUSIONS = {
@@ -32,7 +34,8 @@ def detector_from_checkpoint(checkpoint: dict[str, Any]) -> torch.nn.Module:
         model_cfg.encoder.pretrained = False
         model_cfg.encoder.frozen = False
         model_cfg.init_from = None
-    detector = instantiate(upgraded_model_config(model_cfg))(modality_channels=dict(info["modality_channels"]))
+    detector = instantiate(upgraded_model_config(model_cfg))(
+        modality_channels=dict(info["modality_channels"]), learned_missing=trained_with_modality_dropout(info["config"]))
     state = {k[len("detector."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("detector.")}
     detector.load_state_dict(state)
     return detector

@@ -24,7 +24,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from rts_thaw.core.checkpoints import read_checkpoint
 from rts_thaw.models.cascade import CascadeRoIHeads
 from rts_thaw.models.encoders import check_tile_size
-from rts_thaw.models.fusion import RGB, STACKED, single_modality, stacked_input
+from rts_thaw.models.fusion import RGB, STACKED, PassThrough, single_modality, stacked_input
 from rts_thaw.models.heads import BoxHead, BoxPredictor, Float32RPNHead, MaskHead
 from rts_thaw.models.summary import parameter_summary
 
@@ -34,7 +34,7 @@ PARTS = ("encoders", "fusion", "neck", "rpn", "roi_heads")
 
 class MultiModalDetector(nn.Module):
     def __init__(self, encoders: nn.ModuleDict, fusion: nn.Module, neck: nn.Module, rpn: nn.Module,
-                 roi_heads: CascadeRoIHeads, modality_channels: Mapping[str, int]):
+                 roi_heads: CascadeRoIHeads, modality_channels: Mapping[str, int], learned_missing: bool = False):
         super().__init__()
         self.encoders = encoders
         self.fusion = fusion
@@ -42,19 +42,32 @@ class MultiModalDetector(nn.Module):
         self.rpn = rpn
         self.roi_heads = roi_heads
         self.modality_channels = dict(modality_channels)
+        self.learned_missing = bool(learned_missing)  # trained with modality dropout (`build_detector`)
 
     @property
     def modalities(self) -> list[str]:
         return list(self.modality_channels)
 
     @property
-    def optional_modalities(self) -> list[str]:
-        """The auxiliary modalities this model can map without: those whose term the fusion leaves
-        out. None when an encoder reads all modalities stacked: without one, it would see made-up
-        values (mean-filled NDVI took the stacked query from 79 to 13 mask AP50; docs/fusion.md)."""
-        if not getattr(self.fusion, "skips_missing", False) or STACKED in self.encoders:
+    def droppable_modalities(self) -> list[str]:
+        """The auxiliary modalities that modality dropout may withhold in training (never the
+        query, never RGB): those whose term the fusion leaves out, and for an encoder over all
+        modalities stacked, every auxiliary one, whose channels it then sees mean-filled."""
+        fusion_skips = getattr(self.fusion, "skips_missing", False) or isinstance(self.fusion, PassThrough)
+        if not fusion_skips:
             return []
-        return [m for m in self.modalities if m != self.fusion.reference]
+        base = RGB if STACKED in self.encoders else self.fusion.reference
+        return [m for m in self.modalities if m != base]
+
+    @property
+    def optional_modalities(self) -> list[str]:
+        """The auxiliary modalities this model can map without. An encoder that reads all
+        modalities stacked sees a missing one's channels mean-filled: it can map without it only
+        if it met such input in training (`learned_missing`); untrained, mean-filled NDVI took the
+        stacked query from 79 to 13 mask AP50 (docs/fusion.md)."""
+        if STACKED in self.encoders and not self.learned_missing:
+            return []
+        return self.droppable_modalities
 
     def summary(self) -> dict[str, dict[str, int]]:
         return parameter_summary(self, PARTS)
@@ -82,9 +95,10 @@ class MultiModalDetector(nn.Module):
         if not set(missing) <= set(optional):
             can = f"can map without {optional}" if optional else "cannot map without any of them"
             raise ValueError(f"detector needs modalities {self.modalities}; the batch lacks {missing} for some "
-                             f"images (it has {list(images)}). This model {can}: only a residual fusion with the "
-                             f"RGB query (residual_cross_attention, gated_local_attention) runs without an "
-                             f"auxiliary modality")
+                             f"images (it has {list(images)}). This model {can}: only a residual fusion "
+                             f"(residual_cross_attention, gated_local_attention) runs without an auxiliary "
+                             f"modality, and a model over stacked modalities (data_level, "
+                             f"stacked_gated_local_attention) only if trained with training.modality_dropout")
         present = next(iter(images.values()))
         batch, (height, width) = present.shape[0], present.shape[-2:]
         images = dict(images)
@@ -98,11 +112,21 @@ class MultiModalDetector(nn.Module):
                          available: Mapping[str, torch.Tensor] | None = None) -> "OrderedDict[str, torch.Tensor]":
         """Encode every modality, fuse, and build the FPN pyramid."""
         images, available = self._complete(images, available)
-        features = {key: encoder(torch.cat([images[m] for m in self.modalities], dim=1) if key == STACKED
-                                 else images[key])
+        features = {key: encoder(self._stacked(images, available) if key == STACKED else images[key])
                     for key, encoder in self.encoders.items()}
         fused = self.fusion(features, available)
         return self.neck(OrderedDict((str(i), f) for i, f in enumerate(fused)))
+
+    def _stacked(self, images: Mapping[str, torch.Tensor], available: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+        """All modalities as the channels of one input. A modality an image lacks is zeros there
+        (the normalised mean), as in a scene without it, also when modality dropout withheld it."""
+        channels = []
+        for m in self.modalities:
+            x = images[m]
+            if available is not None and m in available:
+                x = torch.where(available[m].view(-1, 1, 1, 1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+            channels.append(x)
+        return torch.cat(channels, dim=1)
 
     def forward(self, images: Mapping[str, torch.Tensor], image_sizes, targets=None, paste_masks: bool = True,
                 available: Mapping[str, torch.Tensor] | None = None):
@@ -239,12 +263,20 @@ def build_heads(in_channels: Sequence[int], neck_channels: int, anchor_sizes: Se
     return neck, build_rpn(neck_channels, heads), build_roi_heads(neck_channels, heads)
 
 
+def trained_with_modality_dropout(config: Mapping[str, Any]) -> bool:
+    """Whether the run `config` describes (a run config, or a checkpoint's) trained its model
+    with modality dropout, so that its weights have met inputs without an auxiliary modality."""
+    return bool((_plain(config.get("training")) or {}).get("modality_dropout"))
+
+
 def build_detector(modality_channels: Mapping[str, int], encoder: Callable[..., nn.Module],
                    fusion: Callable[..., nn.Module] | None, heads: Callable[..., tuple], img_size: int,
-                   init_from: str | None = None) -> MultiModalDetector:
+                   init_from: str | None = None, learned_missing: bool = False) -> MultiModalDetector:
     """Build the detector for the given modalities ({name: channels}). Hydra's `instantiate` of
     the `model` config makes the parts' partials (`model/encoder`, `model/fusion`,
-    `model/heads`, each a `_target_`), which are completed here in the data's order."""
+    `model/heads`, each a `_target_`), which are completed here in the data's order.
+    `learned_missing`: the weights were trained with modality dropout (a run's training
+    setting, not the model's: `trained_with_modality_dropout` reads it)."""
     modality_channels = _plain(modality_channels)
     if not modality_channels:
         raise ValueError("build_detector needs at least one modality in modality_channels")
@@ -260,10 +292,10 @@ def build_detector(modality_channels: Mapping[str, int], encoder: Callable[..., 
     except TypeError as err:  # a parameter the fusion does not have
         raise ValueError(f"bad parameter for fusion {getattr(fusion, 'func', fusion).__name__}: {err}") from err
     neck, rpn, roi_heads = heads(in_channels=fusion_module.out_channels)
-    detector = MultiModalDetector(encoders, fusion_module, neck, rpn, roi_heads, modality_channels)
+    detector = MultiModalDetector(encoders, fusion_module, neck, rpn, roi_heads, modality_channels, learned_missing)
     if init_from:
         load_heads_from_checkpoint(detector, init_from)
     return detector
 
 
-__all__ = ["MultiModalDetector", "build_detector"]
+__all__ = ["MultiModalDetector", "build_detector", "trained_with_modality_dropout"]

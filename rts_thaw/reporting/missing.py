@@ -16,8 +16,11 @@ from rts_thaw.core.json_files import nan_for_null, write_json_atomic
 from rts_thaw.core.scores import SCORE_UNIT, SCORE_UNIT_KEY
 from rts_thaw.reporting.collect import Run, scores_in_percent
 
-# The fusions whose detector leaves a missing modality's term out (`skips_missing`).
+# The fusions whose detector leaves a missing modality's term out (`skips_missing`), and those
+# whose encoder reads the modalities stacked: these run without one only if trained with
+# modality dropout (`MultiModalDetector.optional_modalities`).
 SKIPPING_FUSIONS = ("residual_cross_attention", "gated_local_attention")
+STACKED_FUSIONS = ("data_level", "stacked_gated_local_attention")
 KEY = "missing_at_test"
 
 
@@ -43,7 +46,7 @@ def missing_modality_runs(runs: list[Run], modalities: list[str]) -> list[Run]:
     without it: its overrides gain `missing_at_test=<modality>`, its modalities lose it."""
     extra = []
     for run in runs:
-        if run.status != "finished" or run.choices.get("model/fusion") not in SKIPPING_FUSIONS:
+        if run.status != "finished" or not _runs_without_a_modality(run):
             continue
         for modality in modalities:
             used = list(run.results.get("modalities") or [])
@@ -54,3 +57,11 @@ def missing_modality_runs(runs: list[Run], modalities: list[str]) -> list[Run]:
             extra.append(dataclasses.replace(run, overrides=run.overrides + (f"{KEY}={modality}",),
                                              results=results))
     return extra
+
+
+def _runs_without_a_modality(run: Run) -> bool:
+    from rts_thaw.models.detector import trained_with_modality_dropout  # torch: only when rows are asked for
+
+    fusion = run.choices.get("model/fusion")
+    return fusion in SKIPPING_FUSIONS or (fusion in STACKED_FUSIONS and run.config is not None
+                                          and trained_with_modality_dropout(run.config))

@@ -45,12 +45,13 @@ class DetectionModule(pl.LightningModule):
         self.detector = detector
         if not 0.0 <= modality_dropout < 1.0:
             raise ValueError(f"training.modality_dropout must be in [0, 1), got {modality_dropout}")
-        if modality_dropout and not detector.optional_modalities:
-            raise ValueError(f"training.modality_dropout={modality_dropout} needs a model that runs without an "
-                             f"auxiliary modality (residual_cross_attention or gated_local_attention fusion), not "
-                             f"this {type(detector.fusion).__name__} over encoders {list(detector.encoders)}")
+        if modality_dropout and not detector.droppable_modalities:
+            raise ValueError(f"training.modality_dropout={modality_dropout} needs a model that can learn to run "
+                             f"without an auxiliary modality (residual_cross_attention, gated_local_attention, "
+                             f"data_level or stacked_gated_local_attention fusion), not this "
+                             f"{type(detector.fusion).__name__} over encoders {list(detector.encoders)}")
         self.modality_dropout = modality_dropout
-        self.droppable = detector.optional_modalities if modality_dropout else []  # never the query
+        self.droppable = detector.droppable_modalities if modality_dropout else []  # never the query
         self.optimizer_cfg = dict(optimizer or {"lr": 1e-3, "weight_decay": 0.05})
         self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_steps": 0})
         self.coco_preset = coco_preset

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rts_thaw.core.checkpoints import read_checkpoint
 from rts_thaw.core.json_files import write_json_atomic
 from rts_thaw.core.scores import SCORE_UNIT, SCORE_UNIT_KEY
+from rts_thaw.models.detector import trained_with_modality_dropout
 from rts_thaw.models.speed import apply_speed
 from rts_thaw.training.callbacks import RunIdentityCheck, RunStats
 from rts_thaw.training.module import DetectionModule
@@ -45,7 +46,8 @@ def build_datamodule(cfg: DictConfig):
 
 def build_detector(cfg: DictConfig, datamodule) -> torch.nn.Module:
     """The detector of `cfg.model` for the datamodule's modalities (the entry point has checked the tile size)."""
-    return instantiate(cfg.model)(modality_channels=dict(datamodule.modality_channels))
+    return instantiate(cfg.model)(modality_channels=dict(datamodule.modality_channels),
+                                  learned_missing=trained_with_modality_dropout(cfg))
 
 
 def build_callbacks(cfg: DictConfig) -> dict[str, pl.Callback]:

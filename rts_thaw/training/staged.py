@@ -4,7 +4,9 @@ Stage 1 trains one detector per encoder that the fusion reads: a unimodal detect
 modality, or, for a fusion whose query is the stacked input, the `data_level` detector
 over all modalities stacked. Each is stored under `${paths.stage1_dir}/<key name>-<key>/`
 (`rgb-...`, `stacked-...`), where the key hashes every stage-1 setting (data source and
-its parameters, the modalities, encoder and heads, schedule, seed). A complete entry (its
+its parameters, the modalities, encoder and heads, schedule, seed, and the stacked model's
+modality dropout, which it keeps from the run so that it learns to map without a modality,
+as the fusion it serves does). A complete entry (its
 `stage1.json` marker, written atomically after testing) is reused by any later run with
 the same settings, whether that run is a staged fusion job or a separate job with the
 cache on (`+experiment=unimodal data.modalities=[nir] training.stage1_cache=true`, or
@@ -64,7 +66,8 @@ def stage1_config(cfg: DictConfig, encoder: str) -> DictConfig:
         stage1.model.encoder.frozen = False
         stage1.training.staged = False
         stage1.training.stage1_cache = True
-        stage1.training.modality_dropout = 0.0  # no fusion term to withhold
+        if encoder != STACKED:  # a unimodal model has no other modality to learn to do without
+            stage1.training.modality_dropout = 0.0
     return stage1
 
 
@@ -105,7 +108,9 @@ def stage1_key(stage1: DictConfig) -> str:
     relevant = {
         "data": data,
         "model": model,
-        "training": {k: training.get(k) for k in ("optimizer", "scheduler", "monitor", "coco_preset")},
+        "training": {k: training.get(k) for k in ("optimizer", "scheduler", "monitor", "coco_preset")
+                     # keyed only when on, so that the entries trained without it keep their keys
+                     + (("modality_dropout",) if training.get("modality_dropout") else ())},
         "trainer": resolved_without_invariants(stage1.trainer, "trainer."),
         "seed": stage1.seed,
         # The unit of the test scores the entry's marker holds (and of the logged metric its best
