@@ -38,7 +38,7 @@ def test_two_rank_staged_run_writes_once_and_its_metrics_equal_one_process(tiny_
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in second_rank  # the second process trained with the first
     assert run.stdout.count("stage2 rgb+ndvi") == 1  # the final table, printed by one rank
     entries = sorted((tmp_path / "cache" / "stage1").iterdir())
-    assert [e.name.split("-")[0] for e in entries] == ["ndvi", "rgb"]
+    assert [e.name.split("-")[0] for e in entries] == ["ndvi", "stacked"]  # the default's stacked query
     assert all((e / "stage1.json").is_file() and not list(e.glob(".*.tmp")) for e in entries)
 
     results = json.loads((run_dir / "results.json").read_text())

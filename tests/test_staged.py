@@ -27,10 +27,11 @@ def encoder_state(checkpoint_path, modality):
 
 @pytest.fixture(scope="module")
 def staged_run(tiny_world_config, tmp_path_factory):
-    """One staged run (stage 1 for rgb and ndvi, then stage 2), shared by the tests below."""
+    """One staged run of the RGB-query fusion (stage 1 for rgb and ndvi, then stage 2), shared by
+    the tests below; the default's stacked query is staged in its own test."""
     cache = tmp_path_factory.mktemp("cache")
     overrides = tiny_overrides(tiny_world_config, cache, experiment="staged_fusion", modalities=["rgb", "ndvi"],
-                               epochs=1)
+                               epochs=1) + ["model/fusion=gated_local_attention", "training.modality_dropout=0"]
     run_dir = tmp_path_factory.mktemp("staged_run")
     results = train(compose_train(overrides), run_dir)
     return {"overrides": overrides, "cache": cache, "run_dir": run_dir, "results": results}
@@ -275,8 +276,8 @@ def test_the_stacked_stage1_model_learns_modality_dropout_the_unimodal_ones_do_n
     """With modality dropout, the data_level model of a stacked query is trained with it too (its
     encoder must meet mean-filled channels), under another key; a unimodal model has nothing to
     withhold and keeps the key of the entry trained without it."""
-    overrides = ["+experiment=staged_fusion", f"paths.cache_dir={tmp_path}", "model/fusion=stacked_gated_local_attention"]
-    plain, dropout = compose_train(overrides), compose_train([*overrides, "training.modality_dropout=0.25"])
+    overrides = ["+experiment=staged_fusion", f"paths.cache_dir={tmp_path}"]  # the default: the stacked query
+    plain, dropout = compose_train([*overrides, "training.modality_dropout=0"]), compose_train(overrides)
     stacked = staged.stage1_config(dropout, "stacked")
     assert stacked.training.modality_dropout == 0.25
     assert staged.stage1_key(stacked) != staged.stage1_key(staged.stage1_config(plain, "stacked"))
@@ -286,7 +287,7 @@ def test_the_stacked_stage1_model_learns_modality_dropout_the_unimodal_ones_do_n
 
 
 def test_stage2_freezes_the_encoders_unless_asked_to_fine_tune_them(tmp_path):
-    overrides = ["+experiment=staged_fusion", f"paths.cache_dir={tmp_path}"]
+    overrides = ["+experiment=staged_fusion", f"paths.cache_dir={tmp_path}", "model/fusion=gated_local_attention"]
     checkpoints = {"rgb": "rgb.ckpt", "ndvi": "ndvi.ckpt", "nir": "nir.ckpt"}
     frozen = staged.stage2_config(compose_train(overrides), checkpoints)
     assert frozen.model.encoder.frozen is True and frozen.model.init_from == "rgb.ckpt"
@@ -295,12 +296,17 @@ def test_stage2_freezes_the_encoders_unless_asked_to_fine_tune_them(tmp_path):
 
 
 def test_stacked_query_stages_the_data_level_model_and_the_auxiliary_ones(tiny_world_config, tmp_path):
-    """stacked_gated_local_attention: stage 1 trains the data_level model ("stacked") and one model
-    per auxiliary modality, never an RGB one; a data_level job with the cache on finds the stacked
-    entry; stage 2 starts from the data_level model's heads and keeps every encoder frozen."""
+    """The default, stacked_gated_local_attention with modality dropout: stage 1 trains the
+    data_level model ("stacked", with the dropout) and one model per auxiliary modality, never an
+    RGB one; a data_level job with the same dropout and the cache on finds the stacked entry;
+    stage 2 starts from the data_level model's heads, keeps every encoder frozen, and maps
+    without NDVI."""
+    from rts_thaw.core.checkpoints import load_checkpoint
+    from rts_thaw.models.checkpoint import detector_from_checkpoint
+
     cache = tmp_path / "cache"
     overrides = tiny_overrides(tiny_world_config, cache, experiment="staged_fusion", modalities=["rgb", "ndvi"],
-                               epochs=1) + ["model/fusion=stacked_gated_local_attention"]
+                               epochs=1)
     results = train(compose_train(overrides), tmp_path / "run")
     stage1 = results["stage1"]
     assert list(stage1) == ["stacked", "ndvi"]
@@ -315,15 +321,20 @@ def test_stacked_query_stages_the_data_level_model_and_the_auxiliary_ones(tiny_w
     assert [r["model"] for r in rows] == ["stage1 stacked", "stage1 ndvi", "stage2 rgb+ndvi"]
     config = compose_train(overrides)
     assert staged.stage2_config(config, {"stacked": "s.ckpt", "ndvi": "n.ckpt"}).model.init_from == "s.ckpt"
+    stacked_info = torch.load(stage1["stacked"]["checkpoint"], weights_only=False)["rts_thaw"]
+    assert stacked_info["config"]["training"]["modality_dropout"] == 0.25
+    fused = detector_from_checkpoint(load_checkpoint(results["stage2"]["best_checkpoint"]))
+    assert fused.learned_missing and fused.optional_modalities == ["ndvi"]
 
     marker = stacked_dir / staged.MARKER
     mtime = marker.stat().st_mtime_ns
     data_level = tiny_overrides(tiny_world_config, cache, experiment="data_level_fusion", modalities=["rgb", "ndvi"],
-                                epochs=1) + ["training.stage1_cache=true", "name=stacked_job"]
+                                epochs=1) + ["training.stage1_cache=true", "training.modality_dropout=0.25",
+                                             "name=stacked_job"]
     reused = train(compose_train(data_level), tmp_path / "data_level_job")
     assert reused["reused"] and reused["stage1_key"] == stage1["stacked"]["stage1_key"]
     assert marker.stat().st_mtime_ns == mtime
-    with pytest.raises(ValueError, match=r"stores a stage-1 model, one encoder.*encoders \['rgb', 'ndvi'\]"):
+    with pytest.raises(ValueError, match=r"stores a stage-1 model, one encoder.*encoders \['stacked', 'ndvi'\]"):
         train(compose_train(tiny_overrides(tiny_world_config, cache, experiment="end_to_end_fusion",
                                            modalities=["rgb", "ndvi"], epochs=1) + ["training.stage1_cache=true"]),
               tmp_path / "refused")
