@@ -99,7 +99,7 @@ def test_entry_point_finds_configs_outside_the_repository(tmp_path):
     cfg = OmegaConf.create(out.stdout)
     assert cfg.name == "staged_fusion" and cfg.training.staged is True
     assert cfg.model.fusion._target_ == "rts_thaw.models.local_fusion.GatedLocalFusion"
-    assert cfg.model.fusion.reference == "stacked" and cfg.training.modality_dropout == 0.25
+    assert cfg.model.fusion.reference == "stacked" and cfg.training.modality_dropout == 0.5
 
 
 @pytest.mark.parametrize("experiment", ["paper_rgb", "paper_fusion"])
