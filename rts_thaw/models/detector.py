@@ -24,7 +24,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from rts_thaw.core.checkpoints import read_checkpoint
 from rts_thaw.models.cascade import CascadeRoIHeads
 from rts_thaw.models.encoders import check_tile_size
-from rts_thaw.models.fusion import RGB, STACKED, PassThrough, single_modality, stacked_input
+from rts_thaw.models.fusion import RGB, STACKED, single_modality, stacked_input
 from rts_thaw.models.heads import BoxHead, BoxPredictor, Float32RPNHead, MaskHead
 from rts_thaw.models.summary import parameter_summary
 
@@ -53,8 +53,7 @@ class MultiModalDetector(nn.Module):
         """The auxiliary modalities that modality dropout may withhold in training (never the
         query, never RGB): those whose term the fusion leaves out, and for an encoder over all
         modalities stacked, every auxiliary one, whose channels it then sees mean-filled."""
-        fusion_skips = getattr(self.fusion, "skips_missing", False) or isinstance(self.fusion, PassThrough)
-        if not fusion_skips:
+        if not getattr(self.fusion, "skips_missing", False):
             return []
         base = RGB if STACKED in self.encoders else self.fusion.reference
         return [m for m in self.modalities if m != base]
@@ -82,8 +81,8 @@ class MultiModalDetector(nn.Module):
         """Every modality's input and, per auxiliary modality, which images have it.
 
         A modality absent from `images` is unavailable for the whole batch; its encoder
-        sees zeros (the normalised mean) and the fusion leaves its term out. Only a fusion
-        that `skips_missing` can do that: the others, and the reference, are refused.
+        sees zeros (the normalised mean) and the fusion leaves its term out. Only the
+        `optional_modalities` may be missing: the others, and the reference, are refused.
         """
         self._check_images(images)
         absent = [m for m in self.modalities if m not in images]

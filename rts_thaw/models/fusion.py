@@ -19,7 +19,8 @@ its encoders' `feature_channels`:
 
 `forward` also takes `available` ({modality: BoolTensor[B]}, optional): which images
 have each auxiliary modality. Fusions with `skips_missing` leave a missing modality's
-term out; the others cannot run without one, and the detector refuses such a batch.
+term out; the others cannot run without one, and the detector refuses such a batch (as it
+does for a stacked encoder not trained with modality dropout: `optional_modalities`).
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def stacked_input(feature_channels: Mapping[str, Sequence[int]]) -> "PassThrough
 class PassThrough(nn.Module):
     """`none` and `data_level`: a single feature set goes through unchanged."""
 
-    skips_missing = False
+    skips_missing = True  # no other modality's term to leave out (a stacked encoder must learn the gap)
 
     def __init__(self, modality: str, channels: Sequence[int]):
         super().__init__()
