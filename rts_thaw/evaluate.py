@@ -26,9 +26,11 @@ def evaluate_checkpoint_mode(cfg: DictConfig) -> dict:
         trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True),
         missing_modalities=list(cfg.missing_modalities or []),
         chip_overlap=cfg.get("chip_overlap"),
+        data_overrides=list(cfg.get("data_overrides") or []),
     )
     output = write_json_atomic(cfg.output, {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split,
                                             "missing_modalities": list(cfg.missing_modalities or []),
+                                            "data_overrides": list(cfg.get("data_overrides") or []),
                                             SCORE_UNIT_KEY: SCORE_UNIT, "metrics": metrics}, sort_keys=True)
     for name, value in metrics.items():
         print(f"{name:>12}: {'-' if math.isnan(value) else f'{value:.2f}'}")

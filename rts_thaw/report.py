@@ -7,6 +7,9 @@ Writes into `<sweep dir>/report/` (or `--out`):
   runs.csv           every job on its own row, with its status and directory
   ap50_by_fusion.png, accuracy_vs_memory.png
 and prints report.md. Exit status 1 when no run of the sweep finished.
+`--missing ndvi nir` adds rows of the fused models scored without a modality;
+`--test-data path.seed=1 path.scenes=100` scores every run on the test split of its data so
+changed (a larger world of the same kind, unseen in training) instead of its own.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from rts_thaw.eval.results_table import write_csv
 from rts_thaw.reporting.collect import Run, collect_runs, wandb_groups
 from rts_thaw.reporting.missing import missing_modality_runs
 from rts_thaw.reporting.plots import plot_accuracy_vs_memory, plot_ap50_by_fusion
+from rts_thaw.reporting.rescore import runs_scored_on
 from rts_thaw.reporting.tables import configuration_rows, markdown_table, run_rows
 
 
@@ -35,13 +39,15 @@ def _problem_list(runs: list[Run]) -> str:
 
 
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
-                 missing: list[str] | None = None) -> dict:
+                 missing: list[str] | None = None, test_data: list[str] | None = None) -> dict:
     """Collect the sweep's runs and write the tables and plots; returns what was written.
-    `missing` adds, per modality, rows of the fused models evaluated without it."""
+    `missing` adds, per modality, rows of the fused models evaluated without it; `test_data`
+    (dotted keys inside the data config) scores every run on its data so changed."""
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir) if out_dir else sweep_dir / "report"
-    runs = collect_runs(sweep_dir)
-    runs += missing_modality_runs(runs, list(missing or []))
+    test_data = tuple(test_data or ())
+    runs = runs_scored_on(collect_runs(sweep_dir), test_data)
+    runs += missing_modality_runs(runs, list(missing or []), test_data)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = configuration_rows(runs)
     groups = wandb_groups(runs)
@@ -55,7 +61,9 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
     sections = [
         f"# Sweep report: `{sweep_dir}`",
         f"{finished} of {len(runs)} jobs finished; {len(rows)} configurations. "
-        "Test-split COCO metrics in percent, mean ± std over seeds; `seeds` = finished / launched.",
+        "Test-split COCO metrics in percent, mean ± std over seeds; `seeds` = finished / launched."
+        + (f" Every run scored on the test split of its data with `{' '.join(test_data)}`, not its own."
+           if test_data else ""),
         markdown_table(rows),
         "## Failed or unfinished runs\n\n" + _problem_list(runs),
         "## Weights & Biases\n\n" + (
@@ -76,9 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default: <sweep_dir>/report)")
     parser.add_argument("--missing", nargs="*", default=[], metavar="MODALITY",
                         help="also score each fused model with this modality withheld at test time")
+    parser.add_argument("--test-data", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="score every run on the test split of its data config changed so "
+                             "(keys inside it, e.g. path.seed=1 path.scenes=100: a larger unseen world)")
     args = parser.parse_args(argv)
     try:
-        report = write_report(args.sweep_dir, args.out, args.missing)
+        report = write_report(args.sweep_dir, args.out, args.missing, args.test_data)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -131,6 +131,24 @@ def test_report_rows_seed_statistics_and_failures(sweep_dir: Path):
         assert (sweep_dir / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_runs_whose_config_changed_between_them_are_not_averaged(sweep_dir: Path, caplog):
+    """A sweep option edited between seeds: the same overrides, other settings. One row for
+    both would average two different models silently; each version gets its own row."""
+    base = ["+fusion_training=concat_conv_staged", "data.modalities=[rgb,ndvi]", "+sweep=table2_fusion"]
+    later = _write_job(sweep_dir, "staged3", [*base, "seed=3"], "concat_conv", True, {
+        "score_unit": "percent", "test": _metrics(90.0), "modalities": ["rgb", "ndvi"]}, job_id="7_5")
+    config = yaml.safe_load((later / ".hydra" / "config.yaml").read_text())
+    config["training"]["modality_dropout"] = 0.5
+    config["seed"] = 3  # the seed alone never tells runs apart
+    (later / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = {row["configuration"]: row for row in write_report(sweep_dir)["rows"]}
+    before = rows["+fusion_training=concat_conv_staged [training.modality_dropout=(unset)]"]
+    after = rows["+fusion_training=concat_conv_staged [training.modality_dropout=0.5]"]
+    assert (before["seeds"], before["segm_AP50"]) == (2, 45.0) and (after["seeds"], after["segm_AP50"]) == (1, 90.0)
+    assert "+fusion_training=residual_cross_attention_end_to_end" in rows  # the other configuration is whole
+    assert "different configs (training.modality_dropout)" in caplog.text
+
+
 def test_results_of_older_code_are_read_as_percent_with_a_note(sweep_dir: Path, caplog):
     """A results.json without score_unit (older code) holds fractions: converted exactly, x100,
     with a note naming the file; an undefined value (-1, null) stays undefined."""

@@ -174,17 +174,20 @@ def test_evaluate_reproduces_the_test_metrics(staged_run):
         assert (math.isnan(value) and math.isnan(metrics[name])) or metrics[name] == pytest.approx(value, abs=1e-6), name
 
 
-def test_evaluate_command_writes_the_metrics(staged_run, tmp_path):
+def test_evaluate_command_writes_the_metrics(staged_run, tiny_world_config, tmp_path):
     stage2 = staged_run["results"]["stage2"]
     output = tmp_path / "metrics.json"
+    same_world = f"path={tiny_world_config['path']}"  # a data override that changes nothing
     done = subprocess.run(
         [sys.executable, "-m", "rts_thaw.evaluate", f"ckpt_path={stage2['best_checkpoint']}", f"output={output}",
-         "trainer.accelerator=cpu", "+trainer.limit_test_batches=1", f"paths.log_dir={tmp_path}/outputs"],
+         "trainer.accelerator=cpu", "+trainer.limit_test_batches=1", f"paths.log_dir={tmp_path}/outputs",
+         f"data_overrides=['{same_world}']"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     written = json.loads(output.read_text())
     assert written["split"] == "test" and written["score_unit"] == "percent"
+    assert written["data_overrides"] == [same_world]
     assert written["metrics"]["segm_AP50"] == pytest.approx(stage2["test"]["segm_AP50"], abs=1e-6)
     assert "segm_AP50" in done.stdout
 
@@ -257,6 +260,56 @@ def test_report_adds_rows_of_fused_models_without_a_modality(staged_run, monkeyp
     old["metrics"] = {k: 0.25 for k in cached["metrics"]}
     (run_dir / "missing_ndvi.json").write_text(json.dumps(old))
     assert set(missing.missing_modality_runs([run], ["ndvi"])[0].results["test"].values()) == {25.0}
+
+
+def test_report_scores_every_run_on_other_test_data(staged_run, tmp_path, monkeypatch):
+    """`report --test-data`: every finished run's checkpoint is scored on the test split of its
+    data so changed (here another world), once, and so are the rows without a modality."""
+    from rts_thaw.data.synthetic import ensure_world
+    from rts_thaw.reporting import missing, rescore
+    from rts_thaw.reporting.collect import Run
+
+    other_world = ensure_world(tmp_path, scenes=4, size=256, seed=8)  # the tiny world's kind, other scenes
+    test_data = (f"path={other_world}",)
+    run_dir = staged_run["run_dir"]
+    results = json.loads((run_dir / "results.json").read_text())
+    run = Run(overrides=("+experiment=staged_fusion", "seed=0"), run_dir=run_dir, status="finished",
+              results=results, choices={"model/fusion": "gated_local_attention", "model": "cascade_mvit"})
+    unfinished = Run(overrides=("+experiment=staged_fusion", "seed=1"))
+    scored, still_unfinished = rescore.runs_scored_on([run, unfinished], test_data)
+    assert still_unfinished is unfinished
+    expected = evaluate_checkpoint(results["best_checkpoint"], data_overrides=list(test_data),
+                                   trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False})
+    assert scored.results["test"] == pytest.approx(expected, nan_ok=True)
+    assert scored.results["test"] != pytest.approx(results["test"], nan_ok=True), "scored on its own test split"
+    kept = json.loads(rescore.kept_scores_file(run_dir, None, test_data).read_text())
+    assert kept["data_overrides"] == list(test_data) and kept["missing_modalities"] == []
+
+    [without] = missing.missing_modality_runs([scored], ["ndvi"], test_data)
+    kept_without = rescore.kept_scores_file(run_dir, "ndvi", test_data)
+    assert kept_without.name == f"test_on_{rescore.test_data_key(test_data)}_missing_ndvi.json"
+    assert json.loads(kept_without.read_text())["missing_modalities"] == ["ndvi"]
+    # Kept: a second report evaluates nothing.
+    monkeypatch.setattr("rts_thaw.training.evaluation.evaluate_checkpoint",
+                        lambda *a, **k: pytest.fail("evaluated again"))
+    assert rescore.runs_scored_on([run], test_data)[0].results["test"] == pytest.approx(expected, nan_ok=True)
+    assert missing.missing_modality_runs([scored], ["ndvi"], test_data)[0].results["test"] == without.results["test"]
+
+
+def test_data_overrides_change_the_checkpoints_data_config_and_refuse_unknown_keys():
+    from rts_thaw.training.evaluation import data_config_for
+
+    checkpoint = {"rts_thaw": {"modalities": ["rgb", "ndvi"], "tile_size": 128, "config": {"data": {
+        "path": {"_target_": "rts_thaw.data.synthetic.ensure_world", "seed": 0, "scenes": 20}, "modalities": ["rgb"]}}}}
+    data = data_config_for(checkpoint, None, ["ndvi"], ["path.seed=1", "path.scenes=100"])
+    assert (data.path.seed, data.path.scenes, list(data.modalities), data.tile_size) == (1, 100, ["rgb"], 128)
+    assert checkpoint["rts_thaw"]["config"]["data"]["path"]["seed"] == 0, "the checkpoint's config is not changed"
+    with pytest.raises(ValueError, match=r"'path.sed=1'.*the data config has no 'path.sed'"):
+        data_config_for(checkpoint, None, overrides=["path.sed=1"])
+    with pytest.raises(ValueError, match=r"'data.path.seed=1'.*key inside the data config"):
+        data_config_for(checkpoint, None, overrides=["data.path.seed=1"])
+    with pytest.raises(ValueError, match=r"'path.seed'.*expected key=value"):
+        data_config_for(checkpoint, None, overrides=["path.seed"])
 
 
 def test_stage1_key_follows_the_generated_world_not_only_its_config(tmp_path, monkeypatch):

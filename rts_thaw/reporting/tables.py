@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import statistics
 from typing import Any
@@ -11,7 +13,10 @@ from omegaconf import OmegaConf
 from rts_thaw.eval.coco import AP_KEYS
 from rts_thaw.eval.results_table import RUN_FIGURES
 from rts_thaw.reporting.collect import Run, is_number
-from rts_thaw.reporting.jobs import override_key
+from rts_thaw.reporting.jobs import REPEAT_KEYS, override_key
+from rts_thaw.training.run_identity import without_invariants
+
+log = logging.getLogger(__name__)
 
 METRICS = AP_KEYS + list(RUN_FIGURES.values())
 DESCRIPTION = ["model", "fusion", "modalities", "training"]
@@ -70,27 +75,72 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def configuration_rows(runs: list[Run]) -> list[dict[str, Any]]:
-    """One row per configuration (every seed of it averaged); unfinished runs count as missing."""
+    """One row per configuration (every seed of it averaged); unfinished runs count as missing.
+    Runs of the same overrides whose composed configs differ (a config file was edited between
+    them) are not averaged together: each version gets its own row, labelled with the settings
+    that tell them apart."""
     keys = varying_keys(runs)
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         groups.setdefault(tuple(sorted(run.configuration)), []).append(run)
     rows = []
-    for configuration, members in groups.items():
-        finished = [r for r in members if r.status == "finished"]
-        reference = finished[0] if finished else next((r for r in members if r.config is not None), members[0])
-        row: dict[str, Any] = {"configuration": " ".join(
-            o for o in configuration if override_key(o) in keys) or "(base)"}
-        row.update(describe(reference))
-        row["seeds"] = len(finished)
-        row["jobs"] = len(members)
-        per_run = [run_values(r) for r in finished]
-        for metric in METRICS:
-            mean, std = _mean_std([v[metric] for v in per_run])
-            row[metric] = mean
-            row[f"{metric}_std"] = std
-        rows.append(row)
+    for configuration, versions in ((c, _split_by_settings(m)) for c, m in groups.items()):
+        for settings, members in versions:
+            label = " ".join(o for o in configuration if override_key(o) in keys) or "(base)"
+            rows.append(_row(label + (f" [{settings}]" if settings else ""), members))
     return rows
+
+
+def _split_by_settings(members: list[Run]) -> list[tuple[str, list[Run]]]:
+    """`members` (one configuration's runs) by what their composed configs set, seed aside:
+    [("", members)] when they agree; runs without a config (never started) join the first."""
+    flat = {id(r): _settings(r.config) for r in members if r.config is not None}
+    versions: dict[str, list[Run]] = {}
+    for run in members:
+        if id(run) in flat:
+            versions.setdefault(json.dumps(flat[id(run)], sort_keys=True, default=str), []).append(run)
+    if len(versions) < 2:
+        return [("", members)]
+    differing = sorted(k for k in set().union(*flat.values()) if len({json.dumps(f.get(k), default=str)
+                                                                       for f in flat.values()}) > 1)
+    split = [(", ".join(f"{k}={flat[id(group[0])].get(k, '(unset)')}" for k in differing), group)
+             for group in versions.values()]
+    split[0][1].extend(r for r in members if r.config is None)
+    log.warning("runs of the same overrides with different configs (%s), reported as separate rows: %s",
+                ", ".join(differing), "; ".join(label for label, _ in split))
+    return split
+
+
+def _settings(config: Any) -> dict[str, Any]:
+    """A run's composed config as flat dotted keys, without the seed and the settings that do
+    not change a result (RUN_INVARIANT), unresolved (some resolve only inside Hydra)."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(without_invariants(OmegaConf.to_container(config, resolve=False)), "")
+    return {k: v for k, v in flat.items() if k not in REPEAT_KEYS}
+
+
+def _row(label: str, members: list[Run]) -> dict[str, Any]:
+    """One row of the table: the mean and spread of `members`' finished runs."""
+    finished = [r for r in members if r.status == "finished"]
+    reference = finished[0] if finished else next((r for r in members if r.config is not None), members[0])
+    row: dict[str, Any] = {"configuration": label}
+    row.update(describe(reference))
+    row["seeds"] = len(finished)
+    row["jobs"] = len(members)
+    per_run = [run_values(r) for r in finished]
+    for metric in METRICS:
+        mean, std = _mean_std([v[metric] for v in per_run])
+        row[metric] = mean
+        row[f"{metric}_std"] = std
+    return row
 
 
 def _cell(row: dict, metric: str, scale: float, fmt: str) -> str:

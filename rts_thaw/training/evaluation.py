@@ -14,18 +14,29 @@ from rts_thaw.core.checkpoints import load_checkpoint
 from rts_thaw.models.checkpoint import detector_from_checkpoint
 from rts_thaw.training.module import DetectionModule
 
+_ABSENT = object()
+
 
 def data_config_for(checkpoint: dict[str, Any], data_cfg: DictConfig | None,
-                    missing: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The data config to evaluate on: the given one (or the training one) with the
-    checkpoint's modalities (less `missing`) and tile size, so that the model gets the
-    inputs it knows."""
+                    missing: list[str] | tuple[str, ...] = (),
+                    overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The data config to evaluate on: the given one (or the training one), changed by the
+    dotted `overrides` (`path.seed=1`: another world of the same kind), with the checkpoint's
+    modalities (less `missing`) and tile size, so that the model gets the inputs it knows."""
     info = checkpoint["rts_thaw"]
     unknown = [m for m in missing if m not in info["modalities"]]
     if unknown:
         raise ValueError(f"missing_modalities {unknown} are not modalities of this checkpoint "
                          f"({info['modalities']})")
     data_cfg = copy.deepcopy(data_cfg) if data_cfg is not None else OmegaConf.create(info["config"]["data"])
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if not sep or not key or key.startswith("data."):
+            raise ValueError(f"data override {override!r}: expected key=value with the key inside the data "
+                             "config, e.g. path.seed=1")
+        if OmegaConf.select(data_cfg, key, default=_ABSENT) is _ABSENT:
+            raise ValueError(f"data override {override!r}: the data config has no {key!r}")
+        OmegaConf.update(data_cfg, key, OmegaConf.select(OmegaConf.from_dotlist([override]), key), merge=False)
     with open_dict(data_cfg):
         data_cfg.modalities = [m for m in info["modalities"] if m not in missing]
         data_cfg.tile_size = int(info["tile_size"])
@@ -40,15 +51,17 @@ def evaluate_checkpoint(
     trainer_kwargs: dict | None = None,
     missing_modalities: list[str] | tuple[str, ...] = (),
     chip_overlap: int | None = None,
+    data_overrides: list[str] | tuple[str, ...] = (),
 ) -> dict[str, float]:
-    """COCO box and mask metrics of a checkpoint on `split` (test | val) of a dataset;
+    """COCO box and mask metrics of a checkpoint on `split` (test | val) of a dataset (the
+    training one unless `data_cfg`, changed by the dotted `data_overrides`);
     `missing_modalities` are withheld from the model, as if the scenes had no such raster.
     Chips larger than the checkpoint's tile are scored whole, tiled with `chip_overlap` px of
     overlap (None: the run's `training.chip_overlap`) and merged across seams."""
     checkpoint = load_checkpoint(ckpt_path)
     info = checkpoint["rts_thaw"]
     # The training statistics, not ones computed on this dataset: the model knows those.
-    datamodule = instantiate(data_config_for(checkpoint, data_cfg, list(missing_modalities)),
+    datamodule = instantiate(data_config_for(checkpoint, data_cfg, list(missing_modalities), list(data_overrides)),
                              norm_stats=info["norm_stats"])
     datamodule.setup()
     preset = preset or info["config"].get("training", {}).get("coco_preset", "coco")
