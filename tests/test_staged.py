@@ -3,9 +3,11 @@ encoders through stage 2, the final table, and evaluate reproducing the test met
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -295,21 +297,48 @@ def test_report_scores_every_run_on_other_test_data(staged_run, tmp_path, monkey
     assert rescore.runs_scored_on([run], test_data)[0].results["test"] == pytest.approx(expected, nan_ok=True)
     assert missing.missing_modality_runs([scored], ["ndvi"], test_data)[0].results["test"] == without.results["test"]
 
+    # Scored anew when the data it was scored on is not what would be read now: another world
+    # in its place (a changed generator names another folder) or its scene list rewritten.
+    calls = []
+    monkeypatch.setattr("rts_thaw.training.evaluation.evaluate_checkpoint",
+                        lambda *a, **k: calls.append(k["data_overrides"]) or expected)
+    kept_file = rescore.kept_scores_file(run_dir, None, test_data)
+    kept_file.write_text(json.dumps({**kept, "test_data": str(tmp_path / "synthetic_old" / "scenes.yaml")}))
+    rescore.runs_scored_on([run], test_data)
+    assert calls == [list(test_data)] and json.loads(kept_file.read_text())["test_data"] == str(other_world)
+    later = time.time() + 60
+    os.utime(other_world, (later, later))
+    rescore.runs_scored_on([run], test_data)
+    assert len(calls) == 2
+
 
 def test_data_overrides_change_the_checkpoints_data_config_and_refuse_unknown_keys():
     from rts_thaw.training.evaluation import data_config_for
 
-    checkpoint = {"rts_thaw": {"modalities": ["rgb", "ndvi"], "tile_size": 128, "config": {"data": {
-        "path": {"_target_": "rts_thaw.data.synthetic.ensure_world", "seed": 0, "scenes": 20}, "modalities": ["rgb"]}}}}
-    data = data_config_for(checkpoint, None, ["ndvi"], ["path.seed=1", "path.scenes=100"])
+    info = {"modalities": ["rgb", "ndvi"], "tile_size": 128, "config": {"data": {
+        "path": {"_target_": "rts_thaw.data.synthetic.ensure_world", "seed": 0, "scenes": 20}, "modalities": ["rgb"]}}}
+    data = data_config_for(info, None, ["ndvi"], ["path.seed=1", "path.scenes=100"])
     assert (data.path.seed, data.path.scenes, list(data.modalities), data.tile_size) == (1, 100, ["rgb"], 128)
-    assert checkpoint["rts_thaw"]["config"]["data"]["path"]["seed"] == 0, "the checkpoint's config is not changed"
+    assert info["config"]["data"]["path"]["seed"] == 0, "the checkpoint's config is not changed"
     with pytest.raises(ValueError, match=r"'path.sed=1'.*the data config has no 'path.sed'"):
-        data_config_for(checkpoint, None, overrides=["path.sed=1"])
+        data_config_for(info, None, overrides=["path.sed=1"])
     with pytest.raises(ValueError, match=r"'data.path.seed=1'.*key inside the data config"):
-        data_config_for(checkpoint, None, overrides=["data.path.seed=1"])
+        data_config_for(info, None, overrides=["data.path.seed=1"])
     with pytest.raises(ValueError, match=r"'path.seed'.*expected key=value"):
-        data_config_for(checkpoint, None, overrides=["path.seed"])
+        data_config_for(info, None, overrides=["path.seed"])
+
+
+def test_the_data_path_of_a_generated_world_names_the_generator(tmp_path, monkeypatch):
+    from rts_thaw.data import synthetic
+    from rts_thaw.data.scene_sources import data_path
+
+    cfg = OmegaConf.create({"path": {"_target_": "rts_thaw.data.synthetic.ensure_world", "root": str(tmp_path),
+                                     "scenes": 1, "size": 96}})
+    first = data_path(cfg)
+    assert Path(first).is_file() and data_path(cfg) == first
+    monkeypatch.setattr(synthetic, "GENERATOR_VERSION", synthetic.GENERATOR_VERSION + 1)
+    assert data_path(cfg) != first
+    assert data_path(OmegaConf.create({"path": first})) == first
 
 
 def test_stage1_key_follows_the_generated_world_not_only_its_config(tmp_path, monkeypatch):

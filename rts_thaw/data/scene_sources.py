@@ -7,6 +7,9 @@ import difflib
 from collections.abc import Mapping
 from pathlib import Path
 
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
 from rts_thaw.data.geotiff import SceneError, SceneSpec, load_scene_list
 from rts_thaw.data.stac import STAC_SETTINGS, is_stac_file, load_stac_scenes
 
@@ -28,3 +31,13 @@ def load_scenes(path: str | Path, labelled: bool = False, on_error: str = "raise
         raise SceneError(f"{path}: a STAC file needs stac.assets, the asset key of each modality "
                          "(e.g. data=stac data.stac.assets={rgb: visual}; predict: stac.assets={rgb: visual})")
     return load_stac_scenes(path, labelled=labelled, on_error=on_error, **settings)
+
+
+def data_path(data_cfg: DictConfig) -> str:
+    """The path a data config reads: its `path`, or the one its path's `_target_` makes (a
+    generated world, made if absent, whose folder names every parameter of the world and the
+    generator's version)."""
+    path = data_cfg.get("path")
+    if OmegaConf.is_config(path) and "_target_" in path:
+        return str(instantiate(path))
+    return str(path)

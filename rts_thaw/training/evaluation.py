@@ -17,13 +17,13 @@ from rts_thaw.training.module import DetectionModule
 _ABSENT = object()
 
 
-def data_config_for(checkpoint: dict[str, Any], data_cfg: DictConfig | None,
+def data_config_for(info: dict[str, Any], data_cfg: DictConfig | None,
                     missing: list[str] | tuple[str, ...] = (),
                     overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The data config to evaluate on: the given one (or the training one), changed by the
-    dotted `overrides` (`path.seed=1`: another world of the same kind), with the checkpoint's
-    modalities (less `missing`) and tile size, so that the model gets the inputs it knows."""
-    info = checkpoint["rts_thaw"]
+    """The data config to evaluate a checkpoint on (`info`: its run information): the given one
+    (or the training one), changed by the dotted `overrides` (`path.seed=1`: another world of the
+    same kind), with the checkpoint's modalities (less `missing`) and tile size, so that the
+    model gets the inputs it knows."""
     unknown = [m for m in missing if m not in info["modalities"]]
     if unknown:
         raise ValueError(f"missing_modalities {unknown} are not modalities of this checkpoint "
@@ -61,7 +61,7 @@ def evaluate_checkpoint(
     checkpoint = load_checkpoint(ckpt_path)
     info = checkpoint["rts_thaw"]
     # The training statistics, not ones computed on this dataset: the model knows those.
-    datamodule = instantiate(data_config_for(checkpoint, data_cfg, list(missing_modalities), list(data_overrides)),
+    datamodule = instantiate(data_config_for(info, data_cfg, list(missing_modalities), list(data_overrides)),
                              norm_stats=info["norm_stats"])
     datamodule.setup()
     preset = preset or info["config"].get("training", {}).get("coco_preset", "coco")

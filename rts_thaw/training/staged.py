@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rts_thaw.core.checkpoints import checkpoint_run_info
 from rts_thaw.core.json_files import nan_for_null, write_json_atomic
 from rts_thaw.core.scores import SCORE_UNIT, SCORE_UNIT_KEY
+from rts_thaw.data.scene_sources import data_path
 from rts_thaw.eval.results_table import results_row, write_csv
 from rts_thaw.models.detector import encoder_keys
 from rts_thaw.models.fusion import STACKED
@@ -85,12 +86,12 @@ def stage1_encoders(cfg: DictConfig) -> list[str]:
 
 
 def _data_identity(data_cfg: DictConfig) -> Any:
-    """The data source as the key sees it. A path that a function makes (a generated world,
-    `ensure_world`) is called: its folder names every parameter of the world, so a changed
-    preset or generator never reuses models trained on the old data."""
+    """The data source as the key sees it. A path that a function makes (a generated world) is
+    its folder and file name, which name every parameter of the world, so a changed preset or
+    generator never reuses models trained on the old data."""
     path = data_cfg.get("path")
     if OmegaConf.is_config(path) and "_target_" in path:
-        made = Path(instantiate(path))
+        made = Path(data_path(data_cfg))
         return f"{made.parent.name}/{made.name}"
     return OmegaConf.to_container(path, resolve=True) if OmegaConf.is_config(path) else path
 
