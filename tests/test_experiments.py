@@ -100,6 +100,8 @@ def test_entry_point_finds_configs_outside_the_repository(tmp_path):
     assert cfg.name == "staged_fusion" and cfg.training.staged is True
     assert cfg.model.fusion._target_ == "rts_thaw.models.local_fusion.GatedLocalFusion"
     assert cfg.model.fusion.reference == "stacked" and cfg.training.modality_dropout == 0.5
+    # a 12-epoch stage 1 (the stacked encoder trained with dropout needs it), a 6-epoch stage 2
+    assert (cfg.trainer.max_epochs, cfg.training.stage2.max_epochs) == (12, 6)
 
 
 @pytest.mark.parametrize("experiment", ["paper_rgb", "paper_fusion"])

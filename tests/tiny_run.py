@@ -19,8 +19,8 @@ def tiny_overrides(world: dict, cache_dir, *, experiment: str, modalities: list[
     if epochs is None:  # a single step
         overrides.append("trainer.fast_dev_run=true")
     else:
-        overrides += [f"trainer.max_epochs={epochs}", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-                      "trainer.limit_test_batches=1"]
+        overrides += [f"trainer.max_epochs={epochs}", "training.stage2.max_epochs=null", "trainer.limit_train_batches=2",
+                      "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
     if logger is not None:
         overrides.append(f"logger={logger}")
     return overrides
