@@ -99,9 +99,32 @@ def test_entry_point_finds_configs_outside_the_repository(tmp_path):
     cfg = OmegaConf.create(out.stdout)
     assert cfg.name == "staged_fusion" and cfg.training.staged is True
     assert cfg.model.fusion._target_ == "rts_thaw.models.local_fusion.GatedLocalFusion"
-    assert cfg.model.fusion.reference == "stacked" and cfg.training.modality_dropout == 0.5
+    assert cfg.model.fusion.reference == "stacked" and cfg.training.modality_dropout == 0.25
     # a 12-epoch stage 1 (the stacked encoder trained with dropout needs it), a 6-epoch stage 2
     assert (cfg.trainer.max_epochs, cfg.training.stage2.max_epochs) == (12, 6)
+
+
+# README: stage-1 models trained as separate jobs (one SLURM task each) with these overrides
+STAGE1_JOBS = {"ndvi": ["+experiment=unimodal", "data.modalities=[ndvi]"],
+               "nir": ["+experiment=unimodal", "data.modalities=[nir]"],
+               "stacked": ["+experiment=data_level_fusion", "training.modality_dropout=0.25"]}
+
+
+def test_stage1_jobs_run_apart_are_the_ones_staged_fusion_looks_for(tmp_path):
+    """The README's separate stage-1 jobs must store what `staged_fusion` reuses, not a model it
+    would train again (a 6-epoch job misses the 12-epoch key)."""
+    from rts_thaw.training import staged
+
+    fused = compose_train(["+experiment=staged_fusion", f"paths.cache_dir={tmp_path}"])
+    wanted = {e: staged.stage1_key(staged.stage1_config(fused, e)) for e in staged.stage1_encoders(fused)}
+    assert sorted(wanted) == sorted(STAGE1_JOBS)
+    for encoder, overrides in STAGE1_JOBS.items():
+        job = compose_train(overrides + ["trainer.max_epochs=12", "training.stage1_cache=true",
+                                         f"paths.cache_dir={tmp_path}"])
+        assert staged.stage1_encoders(job) == [encoder]
+        assert staged.stage1_key(staged.stage1_config(job, encoder)) == wanted[encoder], encoder
+        too_short = compose_train(overrides + ["training.stage1_cache=true", f"paths.cache_dir={tmp_path}"])
+        assert staged.stage1_key(staged.stage1_config(too_short, encoder)) != wanted[encoder], encoder
 
 
 @pytest.mark.parametrize("experiment", ["paper_rgb", "paper_fusion"])
