@@ -133,7 +133,7 @@ def test_fusion_table_grid(hydra_conf):
     assert {(f, s) for f, s, _, d in seen if f in fusions and not d} == {(f, s) for f in fusions for s in (True, False)}
     assert ("gated_local_attention", True, ("rgb", "ndvi", "nir"), 0.25) in seen
     assert ("stacked_gated_local_attention", True, ("rgb", "ndvi", "nir"), 0.0) in seen
-    assert ("stacked_gated_local_attention", True, ("rgb", "ndvi", "nir"), 0.5) in seen
+    assert ("stacked_gated_local_attention", True, ("rgb", "ndvi", "nir"), 0.25) in seen
 
 
 def test_seeds_repeat_any_sweep(hydra_conf):
